@@ -1,0 +1,28 @@
+//! ganfit: identity-faithful, textured 3D faces from one photo, after GANFIT (Gecer et al.,
+//! CVPR 2019).
+//!
+//! This facade re-exports the workspace's layers — assets, morphable model, texture model,
+//! differentiable renderer, loss networks and optimiser — so that an application needs a single
+//! dependency. Each layer is usable on its own through its module here.
+
+pub use ganfit_assets as assets;
+pub use ganfit_losses as losses;
+pub use ganfit_morphable as morphable;
+pub use ganfit_optim as optim;
+pub use ganfit_render as render;
+pub use ganfit_texture as texture;
+
+/// Every asset id in the manifest with where it resolves now, or why it does not.
+///
+/// Assets that are built from a local source on first use (the converted 3D morphable models)
+/// report "not built yet" until then.
+pub fn asset_report(
+    resolver: &assets::Resolver,
+) -> Vec<(assets::AssetEntry, Result<std::path::PathBuf, assets::AssetError>)> {
+    resolver
+        .manifest()
+        .assets
+        .iter()
+        .map(|entry| (entry.clone(), resolver.resolve(&entry.id)))
+        .collect()
+}
