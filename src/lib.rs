@@ -18,7 +18,10 @@ pub use ganfit_texture as texture;
 /// report "not built yet" until then.
 pub fn asset_report(
     resolver: &assets::Resolver,
-) -> Vec<(assets::AssetEntry, Result<std::path::PathBuf, assets::AssetError>)> {
+) -> Vec<(
+    assets::AssetEntry,
+    Result<std::path::PathBuf, assets::AssetError>,
+)> {
     resolver
         .manifest()
         .assets

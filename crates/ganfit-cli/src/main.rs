@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "ganfit", version, about = "Textured 3D faces from photos (GANFIT)")]
+#[command(
+    name = "ganfit",
+    version,
+    about = "Textured 3D faces from photos (GANFIT)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
