@@ -16,7 +16,9 @@ pub mod download;
 
 pub use error::{AssetError, SearchedPlace};
 pub use manifest::{AssetEntry, Manifest};
-pub use resolver::{AssetSource, BuildError, Resolver, ResolverBuilder, shared_dir_candidates};
+pub use resolver::{
+    AssetSource, BuildError, Resolver, ResolverBuilder, Upstream, shared_dir_candidates,
+};
 pub use verify::sha256_file;
 
 /// Result type of this crate.

@@ -16,8 +16,26 @@ pub trait AssetSource {
 
     /// Converts the source found at `source` and writes the asset to `out`.
     ///
-    /// `out` is a temporary path; the resolver verifies it and moves it into the cache.
+    /// `source` is what [`AssetSource::locate`] returned or, when the source was fetched from
+    /// [`AssetSource::upstream`], the downloaded file. `out` is a temporary path; the resolver
+    /// verifies it and moves it into the cache.
     fn build(&self, source: &Path, out: &Path) -> std::result::Result<(), BuildError>;
+
+    /// Where the source can be downloaded when it is not present locally. The resolver fetches
+    /// it (with the `download` feature) into the cache's `sources/` folder and passes that file
+    /// to [`AssetSource::build`]; the built asset is verified against the manifest as usual.
+    fn upstream(&self) -> Option<Upstream> {
+        None
+    }
+}
+
+/// A downloadable source of an asset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Where to fetch it.
+    pub url: String,
+    /// Name to store it under in the cache's `sources/` folder.
+    pub file_name: String,
 }
 
 /// Turns asset ids into verified file paths. See the crate documentation for the search order.
@@ -150,6 +168,17 @@ impl Resolver {
                 Ok(source_path) => return self.build_into_cache(entry, &source_path, source),
                 Err(places) => searched.extend(places),
             }
+            match (source.upstream(), self.download) {
+                (Some(upstream), true) => {
+                    let downloaded = self.download_source(entry, &upstream)?;
+                    return self.build_into_cache(entry, &downloaded, source);
+                }
+                (Some(upstream), false) => searched.push(place(
+                    "source download (needs the `download` feature)",
+                    upstream.url,
+                )),
+                (None, _) => {}
+            }
         }
         match (&entry.url, self.download) {
             (Some(url), true) => return self.download_into_cache(entry, url),
@@ -186,15 +215,7 @@ impl Resolver {
     ) -> Result<PathBuf> {
         let dir = self.writable_cache(entry)?;
         let target = dir.join(&entry.file);
-        let lock_path = dir.join(format!(".{}.lock", entry.file));
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| AssetError::io("cannot create lock file", &lock_path, e))?;
-        lock.lock()
-            .map_err(|e| AssetError::io("cannot lock", &lock_path, e))?;
+        let lock = lock_beside(&target)?;
         let stamp_dir = self.stamp_dir();
         // Another process may have finished it while this one waited for the lock.
         if target.is_file() {
@@ -263,10 +284,62 @@ impl Resolver {
         })
     }
 
+    /// Fetches a source into `<cache>/sources/`, once: an earlier complete download is reused.
+    #[cfg(feature = "download")]
+    fn download_source(&self, entry: &AssetEntry, upstream: &Upstream) -> Result<PathBuf> {
+        let dir = self.writable_cache(entry)?.join("sources");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| AssetError::io("cannot create cache folder", &dir, e))?;
+        let target = dir.join(&upstream.file_name);
+        let _lock = lock_beside(&target)?;
+        if target.is_file() {
+            return Ok(target);
+        }
+        let tmp = temp_sibling(&target);
+        let fetched = crate::download::fetch(&upstream.url, &tmp, &upstream.file_name)
+            .map_err(|reason| AssetError::Download {
+                id: entry.id.clone(),
+                url: upstream.url.clone(),
+                reason,
+            })
+            .and_then(|()| {
+                std::fs::rename(&tmp, &target)
+                    .map_err(|e| AssetError::io("cannot move into place", &target, e))
+            });
+        if fetched.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        fetched.map(|()| target)
+    }
+
+    #[cfg(not(feature = "download"))]
+    fn download_source(&self, _entry: &AssetEntry, _upstream: &Upstream) -> Result<PathBuf> {
+        unreachable!("downloads are only switched on with the `download` feature")
+    }
+
     #[cfg(not(feature = "download"))]
     fn download_into_cache(&self, _entry: &AssetEntry, _url: &str) -> Result<PathBuf> {
         unreachable!("downloads are only switched on with the `download` feature")
     }
+}
+
+/// Takes an exclusive lock on a `.lock` file beside `path`, held until the file is dropped, so
+/// that concurrent processes produce `path` once.
+fn lock_beside(path: &Path) -> Result<File> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lock_path = path.with_file_name(format!(".{name}.lock"));
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| AssetError::io("cannot create lock file", &lock_path, e))?;
+    lock.lock()
+        .map_err(|e| AssetError::io("cannot lock", &lock_path, e))?;
+    Ok(lock)
 }
 
 fn place(kind: &str, location: impl std::fmt::Display) -> SearchedPlace {

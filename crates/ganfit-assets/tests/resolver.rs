@@ -328,6 +328,59 @@ mod download {
         format!("http://{addr}/toy.bin")
     }
 
+    /// A source that is never present locally and must be fetched from `url`.
+    struct RemoteSource {
+        url: String,
+    }
+
+    impl AssetSource for RemoteSource {
+        fn locate(&self) -> Result<PathBuf, Vec<SearchedPlace>> {
+            Err(vec![])
+        }
+
+        fn build(&self, source: &Path, out: &Path) -> Result<(), BuildError> {
+            // The "conversion": the source is the asset upper-cased.
+            let text = std::fs::read_to_string(source)?;
+            std::fs::write(out, text.to_uppercase())?;
+            Ok(())
+        }
+
+        fn upstream(&self) -> Option<ganfit_assets::Upstream> {
+            Some(ganfit_assets::Upstream {
+                url: self.url.clone(),
+                file_name: "toy-source.txt".into(),
+            })
+        }
+    }
+
+    #[test]
+    fn fetches_a_missing_source_then_builds_from_it() {
+        let cache = tempfile::tempdir().unwrap();
+        let source = RemoteSource {
+            url: serve_once(b"pretend these are model weights\n"),
+        };
+        let upper = CONTENT.to_ascii_uppercase();
+        let resolver = isolated(manifest_for(&upper, None), cache.path())
+            .download(true)
+            .build();
+        let path = resolver.resolve_or_build("toy", &source).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), upper);
+        assert!(cache.path().join("sources/toy-source.txt").is_file());
+
+        let offline = isolated(
+            manifest_for(&upper, None),
+            tempfile::tempdir().unwrap().path(),
+        )
+        .download(false)
+        .build();
+        let err = offline.resolve_or_build("toy", &source).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("source download (needs the `download` feature)"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn downloads_verifies_and_caches() {
         let cache = tempfile::tempdir().unwrap();
