@@ -1,10 +1,14 @@
 //! ganfit: identity-faithful, textured 3D faces from one photo, after GANFIT (Gecer et al.,
 //! CVPR 2019).
 //!
-//! This facade re-exports the workspace's layers — assets, morphable model, texture model,
-//! differentiable renderer, loss networks and optimiser — so that an application needs a single
-//! dependency. Each layer is usable on its own through its module here.
+//! [`Fitter`] is the entry point: `Fitter::builder().build()?.fit(&photo)?`. This facade also
+//! re-exports the workspace's layers — assets, morphable model, texture model, differentiable
+//! renderer, loss networks and optimiser — so that an application needs a single dependency;
+//! each layer is usable on its own through its module here.
 
+mod fitter;
+
+pub use fitter::{Error, FitResult, Fitter, FitterBuilder, Result};
 pub use ganfit_assets as assets;
 pub use ganfit_losses as losses;
 pub use ganfit_morphable as morphable;

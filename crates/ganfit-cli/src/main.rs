@@ -1,9 +1,18 @@
 //! The `ganfit` command line: fits photos and manages the model files the fit needs.
 
-use std::path::PathBuf;
+mod report;
+
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use ganfit::losses::face::load_rgb;
+use ganfit::morphable::export;
+use ganfit::{FitResult, Fitter};
+use image::RgbImage;
+use indicatif::ProgressBar;
+use serde_json::json;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -23,14 +32,51 @@ enum Command {
         /// Photos of one person (PNG, JPEG, TIFF, WebP, BMP).
         #[arg(required = true)]
         photos: Vec<PathBuf>,
-        /// Folder the results are written to.
+        /// Folder the results are written to (one sub-folder per photo when there are several).
         #[arg(long, default_value = "out")]
         out: PathBuf,
+        /// Print nothing but errors.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Texture-model tools.
+    Texture {
+        #[command(subcommand)]
+        command: TextureCommand,
     },
     /// Show where every model file resolves, or fetch and verify the ones named.
     Assets {
         /// Asset ids to resolve (default: list all).
         ids: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TextureCommand {
+    /// Train the progressive-GAN texture model on a folder of UV maps (PNG/JPEG; an alpha
+    /// channel marks valid texels), writing checkpoints, sample grids, a loss log and the
+    /// final generator to --out.
+    Train {
+        /// Folder of UV texture maps, all the same square size.
+        data: PathBuf,
+        /// Output folder.
+        #[arg(long, default_value = "texture-gan")]
+        out: PathBuf,
+        /// Training configuration as JSON (fields of `TrainConfig`; missing ones take defaults).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Continue from this checkpoint instead of starting afresh.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Total steps (overrides the configuration).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Random seed (overrides the configuration).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Print nothing but errors.
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
@@ -48,24 +94,209 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Fit { photos, out } => fit(&photos, &out),
+        Command::Fit { photos, out, quiet } => fit(&photos, &out, quiet),
         Command::Assets { ids } => assets(&ids),
+        Command::Texture {
+            command:
+                TextureCommand::Train {
+                    data,
+                    out,
+                    config,
+                    resume,
+                    steps,
+                    seed,
+                    quiet,
+                },
+        } => train_texture(
+            &data,
+            &out,
+            config.as_deref(),
+            resume.as_deref(),
+            steps,
+            seed,
+            quiet,
+        ),
     }
 }
 
-fn fit(photos: &[PathBuf], _out: &std::path::Path) -> anyhow::Result<()> {
+fn fit(photos: &[PathBuf], out: &Path, quiet: bool) -> anyhow::Result<()> {
+    let spinner = progress(quiet);
+    spinner.set_message("loading models");
+    let fitter = Fitter::builder().build()?;
+    let several = photos.len() > 1;
     for photo in photos {
-        anyhow::ensure!(
-            photo.is_file(),
-            "cannot read photo {}: no such file",
-            photo.display()
-        );
+        let dir = if several {
+            out.join(photo.file_stem().unwrap_or_default())
+        } else {
+            out.to_path_buf()
+        };
+        spinner.set_message(format!("fitting {}", photo.display()));
+        let image = load_rgb(photo)?;
+        let result = fitter.fit(&image)?;
+        let name = photo.file_name().unwrap_or_default().to_string_lossy();
+        write_outputs(&dir, &name, &image, &fitter, &result)
+            .with_context(|| format!("cannot write the results to {}", dir.display()))?;
+        spinner.println(format!("{} -> {}", photo.display(), dir.display()));
+        if !quiet && !spinner.is_hidden() {
+            for (step, time) in &result.timings {
+                spinner.println(format!("  {step}: {:.2} s", time.as_secs_f64()));
+            }
+        }
     }
-    anyhow::bail!(
-        "fitting is not available in this build yet: the optimiser that fits the morphable model, \
-         texture, camera and light to a photo is still being written (see the project's issue \
-         'The GANFIT fit'); `ganfit assets` already shows and fetches the models it will use"
-    )
+    spinner.finish_and_clear();
+    Ok(())
+}
+
+fn progress(quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
+}
+
+fn write_outputs(
+    dir: &Path,
+    photo_name: &str,
+    photo: &RgbImage,
+    fitter: &Fitter,
+    result: &FitResult,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    result.uv_texture.save(dir.join("texture.png"))?;
+    result.uv_observed.save(dir.join("texture_observed.png"))?;
+    export::write_obj(
+        &dir.join("mesh.obj"),
+        &result.mesh,
+        Some(Path::new("texture.png")),
+    )?;
+    export::write_glb(
+        &dir.join("mesh.glb"),
+        &result.mesh,
+        Some(&result.uv_texture),
+    )?;
+    result.render.save(dir.join("render.png"))?;
+    result.frontal_render.save(dir.join("frontal.png"))?;
+    let overlay = overlay(photo, &result.geometry_render);
+    overlay.save(dir.join("overlay.png"))?;
+    std::fs::write(
+        dir.join("landmarks.json"),
+        serde_json::to_string_pretty(&json!({
+            "convention": "iBUG-68 order, pixel coordinates (x right, y down, pixel centres at integers)",
+            "detected": result.detected_landmarks,
+            "fitted": result.fitted_landmarks,
+        }))?,
+    )?;
+    std::fs::write(
+        dir.join("params.json"),
+        serde_json::to_string_pretty(&params_json(fitter, result)?)?,
+    )?;
+    report::write(
+        &dir.join("report.html"),
+        photo_name,
+        photo,
+        &overlay,
+        result,
+    )?;
+    Ok(())
+}
+
+/// The grey geometry render blended half-transparently over the photo.
+fn overlay(photo: &RgbImage, render: &image::RgbaImage) -> RgbImage {
+    RgbImage::from_fn(photo.width(), photo.height(), |x, y| {
+        let p = photo.get_pixel(x, y).0;
+        let r = render.get_pixel(x, y).0;
+        let a = 0.6 * f32::from(r[3]) / 255.0;
+        image::Rgb(
+            [0, 1, 2].map(|c| (f32::from(p[c]) * (1.0 - a) + f32::from(r[c]) * a).round() as u8),
+        )
+    })
+}
+
+fn params_json(fitter: &Fitter, result: &FitResult) -> anyhow::Result<serde_json::Value> {
+    let params = &result.params;
+    let rotation: Vec<f32> = params.rotation.to_vec1()?;
+    let translation: Vec<f32> = params.translation.to_vec1()?;
+    let axis_angle = nalgebra::Vector3::new(rotation[0], rotation[1], rotation[2]).cast::<f64>();
+    let r = nalgebra::Rotation3::new(axis_angle);
+    let k = &params.intrinsics;
+    Ok(json!({
+        "model": fitter.model().name(),
+        "units": "millimetres",
+        "camera": {
+            "convention": "OpenCV: x right, y down, z forward; pixel ≃ K·(R·X + t) for every vertex X of mesh.obj",
+            "K": [[k.fx, 0.0, k.cx], [0.0, k.fy, k.cy], [0.0, 0.0, 1.0]],
+            "R": (0..3).map(|i| (0..3).map(|j| r[(i, j)]).collect::<Vec<_>>()).collect::<Vec<_>>(),
+            "t": translation,
+            "rotation_axis_angle": rotation,
+        },
+        "shape": params.shape.to_vec1::<f32>()?,
+        "expression": params.expression.to_vec1::<f32>()?,
+        "expression_names": fitter.model().expression_names(),
+        "stages": result.stages.iter().map(|s| json!({
+            "name": s.name,
+            "best_loss": s.best_loss,
+            "iterations": s.history.len(),
+        })).collect::<Vec<_>>(),
+    }))
+}
+
+fn train_texture(
+    data: &Path,
+    out: &Path,
+    config: Option<&Path>,
+    resume: Option<&Path>,
+    steps: Option<usize>,
+    seed: Option<u64>,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    use ganfit::texture::{TextureDataset, TrainConfig, Trainer};
+    let device = candle_core::Device::Cpu;
+    let dataset = TextureDataset::from_dir(data, &device)?;
+    let mut trainer = match resume {
+        Some(checkpoint) => Trainer::resume(checkpoint, &dataset, &device)?,
+        None => {
+            let mut config: TrainConfig = match config {
+                Some(path) => serde_json::from_str(
+                    &std::fs::read_to_string(path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                )
+                .with_context(|| {
+                    format!("{} is not a valid training configuration", path.display())
+                })?,
+                None => TrainConfig::default(),
+            };
+            if let Some(steps) = steps {
+                config.total_steps = steps;
+            }
+            if let Some(seed) = seed {
+                config.seed = seed;
+            }
+            Trainer::new(config, &dataset, &device)?
+        }
+    }
+    .with_output_dir(out)?;
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(trainer.config().total_steps as u64)
+    };
+    bar.set_style(indicatif::ProgressStyle::with_template(
+        "{bar:30} {pos}/{len} steps, {msg}, eta {eta}",
+    )?);
+    trainer.run(|progress| {
+        bar.set_position(progress.stats.step as u64 + 1);
+        bar.set_message(format!(
+            "level {} D {:.3} G {:.3}",
+            progress.stats.level, progress.stats.d_loss, progress.stats.g_loss
+        ));
+    })?;
+    bar.finish_and_clear();
+    if !quiet {
+        println!("wrote {}", out.join("generator.safetensors").display());
+    }
+    Ok(())
 }
 
 fn assets(ids: &[String]) -> anyhow::Result<()> {

@@ -1,0 +1,192 @@
+//! The `ganfit` binary end to end: a real fit of the bundled photo, and clean failures.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn ganfit() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ganfit"))
+}
+
+fn astronaut() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/data/astronaut.png")
+}
+
+#[test]
+fn fits_the_astronaut_and_writes_every_output() {
+    let out = tempfile::tempdir().unwrap();
+    let status = ganfit()
+        .args(["fit", "--quiet", "--out"])
+        .arg(out.path())
+        .arg(astronaut())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let dir = out.path();
+
+    let obj = std::fs::read_to_string(dir.join("mesh.obj")).unwrap();
+    let vertices = obj.lines().filter(|l| l.starts_with("v ")).count();
+    let faces = obj.lines().filter(|l| l.starts_with("f ")).count();
+    assert!(vertices > 20_000 && faces > 40_000, "{vertices} {faces}");
+    assert!(obj.contains("mtllib"));
+    let mtl = std::fs::read_to_string(dir.join("mesh.mtl")).unwrap();
+    assert!(mtl.contains("map_Kd texture.png"), "{mtl}");
+    let glb = std::fs::read(dir.join("mesh.glb")).unwrap();
+    assert_eq!(&glb[..4], b"glTF");
+
+    let texture = image::open(dir.join("texture.png")).unwrap();
+    assert_eq!((texture.width(), texture.height()), (1024, 1024));
+    for name in ["render.png", "overlay.png"] {
+        let img = image::open(dir.join(name)).unwrap();
+        assert_eq!((img.width(), img.height()), (512, 512), "{name}");
+    }
+    let render = image::open(dir.join("render.png")).unwrap().to_rgba8();
+    let covered = render.pixels().filter(|p| p.0[3] > 0).count();
+    let transparent = render.pixels().filter(|p| p.0[3] == 0).count();
+    assert!(
+        covered > 10_000 && transparent > 10_000,
+        "{covered} {transparent}"
+    );
+    assert!(image::open(dir.join("frontal.png")).is_ok());
+    let report = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(report.contains("data:image/png;base64,") && report.contains("<polyline"));
+    assert!(
+        !report.contains("src=\"http"),
+        "the report must open offline"
+    );
+
+    let landmarks: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("landmarks.json")).unwrap())
+            .unwrap();
+    let point = |kind: &str, i: usize| -> [f64; 2] {
+        let p = &landmarks[kind][i];
+        [p[0].as_f64().unwrap(), p[1].as_f64().unwrap()]
+    };
+    assert_eq!(landmarks["detected"].as_array().unwrap().len(), 68);
+    // Outer eye corners give the inter-ocular distance the error is measured in.
+    let (l, r) = (point("detected", 36), point("detected", 45));
+    let interocular = ((l[0] - r[0]).powi(2) + (l[1] - r[1]).powi(2)).sqrt();
+    let mut total = 0.0;
+    let mut count = 0;
+    for i in 0..68 {
+        if landmarks["fitted"][i].is_null() {
+            continue;
+        }
+        let (d, f) = (point("detected", i), point("fitted", i));
+        total += ((d[0] - f[0]).powi(2) + (d[1] - f[1]).powi(2)).sqrt();
+        count += 1;
+    }
+    let mean_error = total / f64::from(count) / interocular;
+    eprintln!(
+        "mean landmark error: {:.2} % of the inter-ocular distance",
+        100.0 * mean_error
+    );
+    assert!(count >= 60 && mean_error < 0.03, "{mean_error}");
+
+    let params: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
+    assert_eq!(params["units"], "millimetres");
+    assert_eq!(params["camera"]["K"].as_array().unwrap().len(), 3);
+    // pixel ≃ K·(R·X + t) for the OBJ's vertices: the mesh's centroid must land in the photo,
+    // in front of the camera.
+    let m = |name: &str, i: usize, j: usize| params["camera"][name][i][j].as_f64().unwrap();
+    let t: Vec<f64> = (0..3)
+        .map(|i| params["camera"]["t"][i].as_f64().unwrap())
+        .collect();
+    let mut centroid = [0.0f64; 3];
+    for line in obj.lines().filter(|l| l.starts_with("v ")) {
+        for (c, v) in line.split_whitespace().skip(1).take(3).enumerate() {
+            centroid[c] += v.parse::<f64>().unwrap() / vertices as f64;
+        }
+    }
+    let camera: Vec<f64> = (0..3)
+        .map(|i| (0..3).map(|j| m("R", i, j) * centroid[j]).sum::<f64>() + t[i])
+        .collect();
+    let u = m("K", 0, 0) * camera[0] / camera[2] + m("K", 0, 2);
+    let v = m("K", 1, 1) * camera[1] / camera[2] + m("K", 1, 2);
+    assert!(camera[2] > 0.0 && (0.0..512.0).contains(&u) && (0.0..512.0).contains(&v));
+}
+
+#[test]
+fn a_missing_photo_fails_with_one_line() {
+    let out = ganfit()
+        .args(["fit", "--quiet", "no/such/photo.jpg"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("photo.jpg"), "{stderr}");
+}
+
+#[test]
+fn a_file_that_is_not_an_image_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("notes.png");
+    std::fs::write(&fake, "this is not a picture").unwrap();
+    let out = ganfit()
+        .args(["fit", "--quiet", "--out"])
+        .arg(dir.path().join("out"))
+        .arg(&fake)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn trains_a_tiny_texture_gan_and_resumes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("uv");
+    std::fs::create_dir(&data).unwrap();
+    for i in 0..8u8 {
+        let img = image::RgbaImage::from_fn(8, 8, |x, y| {
+            image::Rgba([i * 30, (x * 30) as u8, (y * 30) as u8, 255])
+        });
+        img.save(data.join(format!("{i}.png"))).unwrap();
+    }
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"generator": {"latent_dim": 8, "channels": [8, 8]}, "batch_size": 4,
+            "phase_steps": 1, "total_steps": 3, "sample_every": 2, "sample_count": 4,
+            "checkpoint_every": 0}"#,
+    )
+    .unwrap();
+    let out = dir.path().join("gan");
+    let run = |extra: &[&std::ffi::OsStr]| {
+        let output = ganfit()
+            .args(["texture", "train", "--quiet", "--out"])
+            .arg(&out)
+            .args(extra)
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    run(&["--config".as_ref(), config.as_os_str()]);
+    for file in ["generator.safetensors", "checkpoint.safetensors", "log.csv"] {
+        assert!(out.join(file).is_file(), "{file} missing");
+    }
+    let log = std::fs::read_to_string(out.join("log.csv")).unwrap();
+    assert_eq!(log.lines().count(), 4, "{log}");
+    let checkpoint = out.join("checkpoint.safetensors");
+    run(&["--resume".as_ref(), checkpoint.as_os_str()]);
+
+    let bad = ganfit()
+        .args(["texture", "train", "--quiet", "--config"])
+        .arg(&data)
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}

@@ -1,0 +1,43 @@
+//! Forward + backward (to the input) of the dlib face-recognition ResNet on a batch of two
+//! 150×150 images — GANFIT's render R and frontal render R̂ — through the identity and content
+//! losses against a fixed photo; the forward pass alone is timed too.
+//!
+//! `cargo bench --release -p ganfit-losses --bench identity -- --warm-up-time 2 --measurement-time 5`
+//! (tools/bench/identity_torch.py times the same network in PyTorch).
+
+use candle_core::{DType, Device, Tensor, Var};
+use criterion::{Criterion, criterion_group, criterion_main};
+use ganfit_losses::identity::{FaceRecognitionNet, INPUT_SIZE};
+use ganfit_losses::losses::{content_loss, identity_loss};
+
+fn bench(c: &mut Criterion) {
+    let device = Device::Cpu;
+    let net = FaceRecognitionNet::load(&device).expect("weights");
+    let shape = (2, 3, INPUT_SIZE, INPUT_SIZE);
+    let images = (Tensor::rand(0f32, 255f32, shape, &device).unwrap())
+        .to_dtype(DType::F32)
+        .unwrap();
+    let photo = net
+        .forward(&Tensor::rand(0f32, 255f32, (1, 3, INPUT_SIZE, INPUT_SIZE), &device).unwrap())
+        .unwrap();
+    let input = Var::from_tensor(&images).unwrap();
+
+    c.bench_function("cpu/dlib_resnet/forward/b2", |b| {
+        b.iter(|| net.embed(&images).unwrap())
+    });
+    c.bench_function("cpu/dlib_resnet/forward_backward/b2", |b| {
+        b.iter(|| {
+            let render = net.forward(input.as_tensor()).unwrap();
+            let loss = (identity_loss(&photo.embedding, &render.embedding).unwrap()
+                + content_loss(&photo.maps, &render.maps).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+            let grads = loss.backward().unwrap();
+            grads.get(input.as_tensor()).unwrap().clone()
+        })
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,49 @@
+//! Reading photos into 8-bit RGB, whatever their format, bit depth, channels and EXIF orientation.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, RgbImage};
+
+use super::{FaceError, Result};
+
+/// Reads an image file as upright 8-bit RGB.
+///
+/// Grayscale is replicated to three channels, alpha is dropped, 16-bit and float samples are
+/// scaled to 8 bits, CMYK JPEGs are converted to RGB, and the EXIF orientation is applied so the
+/// face is upright as a viewer shows it.
+pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
+    let path = path.as_ref();
+    let bytes = std::fs::read(path).map_err(|source| FaceError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    decode_rgb(&bytes, &path.display().to_string())
+}
+
+/// Decodes an in-memory image file as upright 8-bit RGB; see [`load_rgb`]. `origin` names the
+/// bytes in error messages.
+pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
+    let unsupported = |reason: String| FaceError::UnsupportedImage {
+        origin: origin.to_string(),
+        reason,
+    };
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| unsupported(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(unsupported("unrecognised file signature".to_string()));
+    }
+    let to_face_error = |e: ImageError| match e {
+        ImageError::Unsupported(u) => unsupported(u.to_string()),
+        other => FaceError::CorruptImage {
+            origin: origin.to_string(),
+            reason: other.to_string(),
+        },
+    };
+    let mut decoder = reader.into_decoder().map_err(to_face_error)?;
+    let orientation = decoder.orientation().map_err(to_face_error)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(to_face_error)?;
+    image.apply_orientation(orientation);
+    Ok(image.into_rgb8())
+}

@@ -1,0 +1,254 @@
+//! MediaPipe's Face Mesh landmark network (468 points from a 192×192 face crop) and the crop
+//! it expects, following `face_landmark_front_cpu.pbtxt` of MediaPipe 0.10.21.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use ganfit_assets::Resolver;
+use image::RgbImage;
+
+use super::crop::{Border, FaceRoi};
+use super::detector::Detection;
+use super::layers::{Activation, Conv, Padding, Residual, Weights};
+use super::{FaceError, Result};
+
+/// Asset id of the converted landmark-network weights in `weights-manifest.toml`.
+pub const LANDMARKER_ASSET: &str = "mediapipe-face-landmark";
+
+/// Side of the landmark network's square input tensor.
+pub const LANDMARKER_INPUT: usize = 192;
+
+/// Number of Face Mesh points.
+pub const MESH_POINTS: usize = 468;
+
+/// MediaPipe drops landmarks whose face-presence probability is below this.
+const MIN_PRESENCE: f32 = 0.1;
+
+/// The crop MediaPipe feeds the landmark network for a detection: the detection box's centre,
+/// 1.5 × its longer side, rotated so the eyes (keypoints 0 and 1) lie on a horizontal line.
+pub fn roi_from_detection(detection: &Detection) -> FaceRoi {
+    let [x0, y0, x1, y1] = detection.bbox;
+    let ([ex0, ey0], [ex1, ey1]) = (detection.keypoints[0], detection.keypoints[1]);
+    let angle = -(-(ey1 - ey0)).atan2(ex1 - ex0);
+    let two_pi = 2.0 * std::f32::consts::PI;
+    let rotation = angle - two_pi * ((angle + std::f32::consts::PI) / two_pi).floor();
+    FaceRoi {
+        center: [(x0 + x1) / 2.0, (y0 + y1) / 2.0],
+        side: 1.5 * (x1 - x0).max(y1 - y0),
+        rotation,
+    }
+}
+
+/// 468 Face Mesh points of one face.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Landmarks468 {
+    /// (x, y, z) per point. x and y are image pixels; z is depth relative to the face's centre
+    /// in the same pixel scale, smaller is closer to the camera.
+    pub points: Vec<[f32; 3]>,
+    /// The network's probability that the crop holds a face.
+    pub presence: f32,
+    /// The crop the network saw.
+    pub roi: FaceRoi,
+}
+
+impl Landmarks468 {
+    /// The (x, y) image position of point `index`.
+    ///
+    /// # Panics
+    ///
+    /// If `index` is not below [`MESH_POINTS`].
+    pub fn xy(&self, index: usize) -> [f32; 2] {
+        [self.points[index][0], self.points[index][1]]
+    }
+}
+
+struct FaceMeshNet {
+    stem: Conv,
+    stem_activation: Activation,
+    trunk: Vec<Residual>,
+    mesh_blocks: Vec<Residual>,
+    mesh_narrow: Conv,
+    mesh_narrow_activation: Activation,
+    mesh_last_block: Residual,
+    mesh_out: Conv,
+    flag_block: Residual,
+    flag_narrow: Conv,
+    flag_narrow_activation: Activation,
+    flag_last_block: Residual,
+    flag_out: Conv,
+}
+
+/// Strided trunk blocks (1-based, as `depthwise_conv2d_<i>`): 96→48, 48→24, 24→12, 12→6.
+const TRUNK_STRIDE_2: [usize; 4] = [3, 6, 9, 12];
+const TRUNK_BLOCKS: usize = 14;
+
+impl FaceMeshNet {
+    /// Block `depthwise_conv2d_<dw>` + `conv2d_<pw>` + `p_re_lu_<act>`.
+    fn block(w: &Weights, dw: usize, pw: usize, act: usize, stride: usize) -> Result<Residual> {
+        Residual::new(
+            w,
+            &format!("depthwise_conv2d_{dw}"),
+            &format!("conv2d_{pw}"),
+            stride,
+            Activation::prelu(w, &format!("p_re_lu_{act}"))?,
+        )
+    }
+
+    fn load(w: &Weights) -> Result<Self> {
+        let trunk = (1..=TRUNK_BLOCKS)
+            .map(|i| {
+                let stride = if TRUNK_STRIDE_2.contains(&i) { 2 } else { 1 };
+                Self::block(w, i, i + 1, i + 1, stride)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mesh_blocks = vec![
+            Self::block(w, 15, 16, 16, 2)?,
+            Self::block(w, 16, 17, 17, 1)?,
+            Self::block(w, 17, 18, 18, 1)?,
+        ];
+        Ok(Self {
+            stem: Conv::new(w, "conv2d_1", 2, Padding::Same)?,
+            stem_activation: Activation::prelu(w, "p_re_lu_1")?,
+            trunk,
+            mesh_blocks,
+            mesh_narrow: Conv::new(w, "conv2d_19", 1, Padding::Valid)?,
+            mesh_narrow_activation: Activation::prelu(w, "p_re_lu_19")?,
+            mesh_last_block: Self::block(w, 18, 20, 20, 1)?,
+            mesh_out: Conv::new(w, "conv2d_21", 3, Padding::Valid)?,
+            flag_block: Self::block(w, 23, 28, 26, 2)?,
+            flag_narrow: Conv::new(w, "conv2d_29", 1, Padding::Valid)?,
+            flag_narrow_activation: Activation::prelu(w, "p_re_lu_27")?,
+            flag_last_block: Self::block(w, 24, 30, 28, 1)?,
+            flag_out: Conv::new(w, "conv2d_31", 3, Padding::Valid)?,
+        })
+    }
+
+    /// `[1, 3, 192, 192]` in `[0, 1]` → (points `[468, 3]` in input pixels, face logit).
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, f32)> {
+        let mut x = self.stem_activation.forward(&self.stem.forward(x)?)?;
+        for block in &self.trunk {
+            x = block.forward(&x)?;
+        }
+        let mut mesh = x.clone();
+        for block in &self.mesh_blocks {
+            mesh = block.forward(&mesh)?;
+        }
+        let mesh = self
+            .mesh_narrow_activation
+            .forward(&self.mesh_narrow.forward(&mesh)?)?;
+        let mesh = self.mesh_last_block.forward(&mesh)?;
+        let points = self.mesh_out.forward(&mesh)?.reshape((MESH_POINTS, 3))?;
+
+        let flag = self.flag_block.forward(&x)?;
+        let flag = self
+            .flag_narrow_activation
+            .forward(&self.flag_narrow.forward(&flag)?)?;
+        let flag = self.flag_last_block.forward(&flag)?;
+        let logit = self
+            .flag_out
+            .forward(&flag)?
+            .flatten_all()?
+            .to_vec1::<f32>()?[0];
+        Ok((points, logit))
+    }
+}
+
+/// Raw output of the landmark network for one input tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshOutput {
+    /// (x, y, z) per point in the pixels of the 192×192 input.
+    pub points: Vec<[f32; 3]>,
+    /// Face-presence logit (apply a sigmoid for the probability).
+    pub face_logit: f32,
+}
+
+/// Finds the 468 Face Mesh points of a detected face.
+pub struct FaceLandmarker {
+    net: FaceMeshNet,
+    device: Device,
+}
+
+impl std::fmt::Debug for FaceLandmarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaceLandmarker")
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaceLandmarker {
+    /// Loads the embedded default weights through the asset resolver
+    /// (id [`LANDMARKER_ASSET`]), verifying their checksum.
+    pub fn new(device: &Device) -> Result<Self> {
+        Self::from_resolver(&Resolver::new(), device)
+    }
+
+    /// Loads the weights that `resolver` finds for [`LANDMARKER_ASSET`].
+    pub fn from_resolver(resolver: &Resolver, device: &Device) -> Result<Self> {
+        Self::from_file(resolver.resolve(LANDMARKER_ASSET)?, device)
+    }
+
+    /// Loads converted weights from a safetensors file, without checksum verification.
+    pub fn from_file(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let weights = Weights::load(path.as_ref(), device)?;
+        Ok(Self {
+            net: FaceMeshNet::load(&weights)?,
+            device: device.clone(),
+        })
+    }
+
+    /// The network input for the region `roi` of `image`: `[1, 3, 192, 192]`, values in
+    /// `[0, 1]`, edge pixels repeated outside the image.
+    pub fn input_tensor(&self, image: &RgbImage, roi: &FaceRoi) -> Result<Tensor> {
+        roi.sample(
+            image,
+            LANDMARKER_INPUT,
+            Border::Replicate,
+            (0.0, 1.0),
+            &self.device,
+        )
+    }
+
+    /// Runs the network on a prepared `[1, 3, 192, 192]` input.
+    pub fn run_tensor(&self, input: &Tensor) -> Result<MeshOutput> {
+        let (points, face_logit) = self.net.forward(input)?;
+        let points = points
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|p| [p[0], p[1], p[2]])
+            .collect();
+        Ok(MeshOutput { points, face_logit })
+    }
+
+    /// The 468 points of the face in `roi`, in image pixels; fails with
+    /// [`FaceError::LandmarksNotConfident`] when the network sees no face there.
+    pub fn landmarks_in_roi(&self, image: &RgbImage, roi: &FaceRoi) -> Result<Landmarks468> {
+        let output = self.run_tensor(&self.input_tensor(image, roi)?)?;
+        let presence = 1.0 / (1.0 + (-output.face_logit).exp());
+        if presence < MIN_PRESENCE {
+            return Err(FaceError::LandmarksNotConfident {
+                confidence: presence,
+            });
+        }
+        let n = LANDMARKER_INPUT as f32;
+        let points = output
+            .points
+            .iter()
+            .map(|&[x, y, z]| {
+                let [px, py] = roi.tensor_to_image([x, y], n);
+                [px, py, z * roi.side / n]
+            })
+            .collect();
+        Ok(Landmarks468 {
+            points,
+            presence,
+            roi: *roi,
+        })
+    }
+
+    /// The 468 points of a detected face, in image pixels, cropping as MediaPipe does
+    /// ([`roi_from_detection`]).
+    pub fn landmarks(&self, image: &RgbImage, detection: &Detection) -> Result<Landmarks468> {
+        self.landmarks_in_roi(image, &roi_from_detection(detection))
+    }
+}

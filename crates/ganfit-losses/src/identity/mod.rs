@@ -1,0 +1,9 @@
+//! dlib's face-recognition ResNet in candle: the identity embedding and the feature maps that
+//! GANFIT's identity and content losses compare.
+
+pub(crate) mod arch;
+mod net;
+mod ops;
+
+pub use arch::{EMBEDDING_DIM, INPUT_SIZE};
+pub use net::{DLIB_RESNET_ASSET_ID, FaceFeatures, FaceRecognitionNet};

@@ -1,0 +1,300 @@
+//! Bad and unusual input to the face pipeline: every case ends in a converted image or a typed
+//! error with advice, never a panic. Test images are made here from the public-domain astronaut.
+
+use std::io::Cursor;
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use ganfit_losses::face::{FaceChoice, FaceDetector, FaceError, decode_rgb, load_rgb};
+use image::imageops::{FilterType, resize};
+use image::{DynamicImage, ImageFormat, RgbImage};
+
+fn astronaut() -> RgbImage {
+    let candidates = ganfit_assets::shared_dir_candidates("data/faces/astronaut/astronaut.png");
+    let path = candidates
+        .iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("astronaut.png not found; looked at {candidates:?}"));
+    load_rgb(path).unwrap()
+}
+
+fn detector() -> &'static FaceDetector {
+    static DETECTOR: OnceLock<FaceDetector> = OnceLock::new();
+    DETECTOR.get_or_init(|| FaceDetector::new(&Device::Cpu).unwrap())
+}
+
+fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(&mut Cursor::new(&mut bytes), format)
+        .unwrap();
+    bytes
+}
+
+fn mean_abs_difference(a: &RgbImage, b: &RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let sum: f64 = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| f64::from(x.abs_diff(y)))
+        .sum();
+    sum / a.as_raw().len() as f64
+}
+
+#[test]
+fn an_image_without_a_face_is_no_face_found() {
+    let image = RgbImage::from_fn(320, 240, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, 128])
+    });
+    assert!(detector().detect(&image).unwrap().is_empty());
+    let error = detector()
+        .detect_face(&image, FaceChoice::Largest)
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            FaceError::NoFaceFound {
+                width: 320,
+                height: 240
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("at least 40 pixels"));
+}
+
+#[test]
+fn of_several_faces_the_largest_is_chosen_unless_asked_otherwise() {
+    // Two copies of the astronaut's head, one at 2/3 the size of the other, side by side.
+    let head = image::imageops::crop_imm(&astronaut(), 124, 30, 200, 200).to_image();
+    let small = resize(&head, 130, 130, FilterType::Triangle);
+    let mut canvas = RgbImage::from_pixel(330, 200, image::Rgb([90, 90, 90]));
+    image::imageops::replace(&mut canvas, &head, 0, 0);
+    image::imageops::replace(&mut canvas, &small, 200, 35);
+
+    let faces = detector().detect(&canvas).unwrap();
+    assert_eq!(faces.len(), 2, "{faces:?}");
+    let largest = detector()
+        .detect_face(&canvas, FaceChoice::Largest)
+        .unwrap();
+    assert!(
+        largest.bbox[2] < 200.0,
+        "the large face is on the left: {largest:?}"
+    );
+    let other = faces.iter().find(|f| f.bbox[0] > 200.0).unwrap();
+    let index = faces.iter().position(|f| f == other).unwrap();
+    assert_eq!(
+        detector()
+            .detect_face(&canvas, FaceChoice::Index(index))
+            .unwrap(),
+        *other
+    );
+    assert_eq!(
+        detector()
+            .detect_face(&canvas, FaceChoice::MostConfident)
+            .unwrap(),
+        faces[0]
+    );
+    let error = detector()
+        .detect_face(&canvas, FaceChoice::Index(2))
+        .unwrap_err();
+    assert!(
+        matches!(error, FaceError::FaceIndexOutOfRange { index: 2, count: 2 }),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_face_under_40_pixels_is_rejected_with_advice() {
+    let tiny = resize(&astronaut(), 96, 96, FilterType::Triangle);
+    let faces = detector().detect(&tiny).unwrap();
+    assert_eq!(faces.len(), 1, "the detector still sees the tiny face");
+    assert!(faces[0].size() < 40.0);
+    let error = detector()
+        .detect_face(&tiny, FaceChoice::Largest)
+        .unwrap_err();
+    assert!(
+        matches!(error, FaceError::FaceTooSmall { min: 40.0, .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("higher-resolution"));
+}
+
+#[test]
+fn grayscale_is_replicated_to_rgb() {
+    let gray = DynamicImage::ImageRgb8(astronaut()).into_luma8();
+    let decoded = decode_rgb(
+        &encode(&DynamicImage::ImageLuma8(gray.clone()), ImageFormat::Png),
+        "gray",
+    )
+    .unwrap();
+    for (rgb, luma) in decoded.pixels().zip(gray.pixels()) {
+        assert_eq!(rgb.0, [luma.0[0]; 3]);
+    }
+    assert_eq!(detector().detect(&decoded).unwrap().len(), 1);
+}
+
+#[test]
+fn alpha_is_dropped() {
+    let rgb = astronaut();
+    let rgba = DynamicImage::ImageRgb8(rgb.clone()).into_rgba8();
+    let rgba = image::RgbaImage::from_fn(rgba.width(), rgba.height(), |x, y| {
+        let p = rgba.get_pixel(x, y).0;
+        image::Rgba([p[0], p[1], p[2], (x % 256) as u8])
+    });
+    let decoded = decode_rgb(
+        &encode(&DynamicImage::ImageRgba8(rgba), ImageFormat::Png),
+        "rgba",
+    )
+    .unwrap();
+    assert_eq!(decoded, rgb);
+}
+
+#[test]
+fn sixteen_bit_samples_are_scaled_to_eight() {
+    let rgb = astronaut();
+    let deep = DynamicImage::ImageRgb8(rgb.clone()).into_rgb16();
+    assert_eq!(
+        deep.get_pixel(0, 0).0[0],
+        u16::from(rgb.get_pixel(0, 0).0[0]) * 257
+    );
+    let decoded = decode_rgb(
+        &encode(&DynamicImage::ImageRgb16(deep), ImageFormat::Png),
+        "16-bit",
+    )
+    .unwrap();
+    assert_eq!(decoded, rgb);
+}
+
+#[test]
+fn cmyk_jpeg_is_converted_to_rgb() {
+    let rgb = astronaut();
+    let cmyk: Vec<u8> = rgb
+        .pixels()
+        .flat_map(|p| [255 - p.0[0], 255 - p.0[1], 255 - p.0[2], 0])
+        .collect();
+    let mut bytes = Vec::new();
+    jpeg_encoder::Encoder::new(&mut bytes, 95)
+        .encode(
+            &cmyk,
+            rgb.width() as u16,
+            rgb.height() as u16,
+            jpeg_encoder::ColorType::Cmyk,
+        )
+        .unwrap();
+    let decoded = decode_rgb(&bytes, "cmyk.jpg").unwrap();
+    let difference = mean_abs_difference(&decoded, &rgb);
+    assert!(difference < 3.0, "mean difference {difference} levels");
+    assert_eq!(detector().detect(&decoded).unwrap().len(), 1);
+}
+
+/// An EXIF APP1 payload holding only the orientation tag.
+fn exif_orientation(orientation: u16) -> Vec<u8> {
+    let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+    exif.extend(orientation.to_be_bytes());
+    exif.extend([0, 0, 0, 0, 0, 0]);
+    exif
+}
+
+#[test]
+fn exif_orientation_is_applied() {
+    // Stored sideways as a camera held upright writes it: the upright photo turned 90° counter-
+    // clockwise, with orientation 6 (rotate 90° clockwise to display).
+    let upright = astronaut();
+    let stored = image::imageops::rotate270(&upright);
+    let mut bytes = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut bytes, 95);
+    encoder.add_app_segment(1, exif_orientation(6)).unwrap();
+    encoder
+        .encode(
+            stored.as_raw(),
+            stored.width() as u16,
+            stored.height() as u16,
+            jpeg_encoder::ColorType::Rgb,
+        )
+        .unwrap();
+    let decoded = decode_rgb(&bytes, "rotated.jpg").unwrap();
+    let difference = mean_abs_difference(&decoded, &upright);
+    assert!(difference < 3.0, "mean difference {difference} levels");
+
+    let stored_rect =
+        RgbImage::from_fn(40, 20, |x, _| image::Rgb([if x < 20 { 0 } else { 255 }; 3]));
+    let mut bytes = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut bytes, 95);
+    encoder.add_app_segment(1, exif_orientation(6)).unwrap();
+    encoder
+        .encode(stored_rect.as_raw(), 40, 20, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    let decoded = decode_rgb(&bytes, "rect.jpg").unwrap();
+    assert_eq!(decoded.dimensions(), (20, 40));
+    assert!(
+        decoded.get_pixel(10, 5).0[0] < 30,
+        "the stored left half is now on top"
+    );
+    assert!(decoded.get_pixel(10, 35).0[0] > 225);
+}
+
+#[test]
+fn a_truncated_file_is_reported_as_corrupt() {
+    let png = encode(&DynamicImage::ImageRgb8(astronaut()), ImageFormat::Png);
+    let error = decode_rgb(&png[..png.len() / 2], "half.png").unwrap_err();
+    assert!(matches!(error, FaceError::CorruptImage { .. }), "{error}");
+    assert!(error.to_string().contains("truncated"));
+
+    let jpeg = encode(&DynamicImage::ImageRgb8(astronaut()), ImageFormat::Jpeg);
+    let error = decode_rgb(&jpeg[..300], "header-only.jpg").unwrap_err();
+    assert!(matches!(error, FaceError::CorruptImage { .. }), "{error}");
+}
+
+#[test]
+fn a_file_that_is_no_image_is_reported_as_unsupported() {
+    let error = decode_rgb(b"name,age\nada,36\n", "people.csv").unwrap_err();
+    assert!(
+        matches!(error, FaceError::UnsupportedImage { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("PNG or JPEG"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.jpg");
+    let error = load_rgb(&missing).unwrap_err();
+    assert!(matches!(error, FaceError::Io { .. }), "{error}");
+}
+
+#[test]
+fn an_empty_image_is_an_error_not_a_panic() {
+    let empty = RgbImage::new(0, 0);
+    let error = detector().detect(&empty).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            FaceError::EmptyImage {
+                width: 0,
+                height: 0
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[test]
+fn wrong_weights_files_are_reported_with_the_fix() {
+    use ganfit_losses::face::{FaceLandmarker, LANDMARKER_ASSET};
+    let resolver = ganfit_assets::Resolver::new();
+    let landmark_weights = resolver.resolve(LANDMARKER_ASSET).unwrap();
+    let error = FaceDetector::from_file(&landmark_weights, &Device::Cpu).unwrap_err();
+    assert!(matches!(error, FaceError::Weights { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("mediapipe_tflite_to_safetensors.py"),
+        "{error}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.safetensors");
+    std::fs::write(&garbage, b"not a safetensors file").unwrap();
+    let error = FaceLandmarker::from_file(&garbage, &Device::Cpu).unwrap_err();
+    assert!(matches!(error, FaceError::Weights { .. }), "{error}");
+}

@@ -1,0 +1,322 @@
+//! Writing meshes: OBJ + MTL (with a texture path), binary PLY and binary glTF (`.glb`) with an
+//! embedded PNG texture.
+//!
+//! The glTF JSON is written by hand with `serde_json`: it is one mesh, one material and a handful
+//! of accessors, and the Khronos validator checks the output in the tests, so a glTF object-model
+//! crate would add dependencies without adding safety.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use image::ImageEncoder;
+use serde_json::json;
+
+use crate::{MorphableError, Result, TexturedMesh};
+
+/// A mesh whose vertices carry exactly one UV each: vertices on texture seams are duplicated.
+/// Renderers and formats with per-vertex attributes (glTF) need this form.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SeamSplit {
+    /// For each split vertex, the original vertex it copies.
+    pub source_vertex: Vec<u32>,
+    /// The split vertex's texture coordinate (OBJ convention, v up).
+    pub uvs: Vec<[f32; 2]>,
+    /// Triangles over the split vertices.
+    pub triangles: Vec<[u32; 3]>,
+}
+
+impl TexturedMesh {
+    /// Checks that every index is in range.
+    fn check(&self) -> Result<()> {
+        let bad = |what: &str| {
+            Err(MorphableError::Export(format!(
+                "the mesh has a {what} index out of range"
+            )))
+        };
+        if self
+            .triangles
+            .iter()
+            .flatten()
+            .any(|&v| v as usize >= self.positions.len())
+        {
+            return bad("vertex");
+        }
+        if self.uv_triangles.len() != self.triangles.len()
+            || self
+                .uv_triangles
+                .iter()
+                .flatten()
+                .any(|&t| t as usize >= self.uvs.len())
+        {
+            return bad("texture");
+        }
+        Ok(())
+    }
+
+    /// Splits vertices so each has one UV: one split vertex per distinct (vertex, UV) pair, in
+    /// order of first use.
+    pub fn split_seams(&self) -> SeamSplit {
+        let mut index: HashMap<(u32, u32), u32> = HashMap::new();
+        let mut split = SeamSplit::default();
+        for (tri, uv_tri) in self.triangles.iter().zip(&self.uv_triangles) {
+            let mut out = [0u32; 3];
+            for c in 0..3 {
+                let key = (tri[c], uv_tri[c]);
+                out[c] = *index.entry(key).or_insert_with(|| {
+                    split.source_vertex.push(key.0);
+                    split.uvs.push(self.uvs[key.1 as usize]);
+                    (split.source_vertex.len() - 1) as u32
+                });
+            }
+            split.triangles.push(out);
+        }
+        split
+    }
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> MorphableError + '_ {
+    move |e| MorphableError::io("cannot write", path, e)
+}
+
+/// Writes `mesh` as a Wavefront OBJ at `path` plus a material file next to it (same name,
+/// `.mtl`) whose diffuse map is `texture` (written as given, so pass a path relative to the OBJ
+/// for a portable pair). Positions are in millimetres.
+pub fn write_obj(path: &Path, mesh: &TexturedMesh, texture: Option<&Path>) -> Result<()> {
+    mesh.check()?;
+    let mtl_path = path.with_extension("mtl");
+    let mtl_name = mtl_path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| {
+            MorphableError::Export(format!("{} has no usable file name", path.display()))
+        })?;
+    let mut mtl =
+        String::from("# ganfit-morphable\nnewmtl face\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nillum 1\n");
+    if let Some(texture) = texture {
+        mtl += &format!("map_Kd {}\n", texture.display());
+    }
+    std::fs::write(&mtl_path, mtl).map_err(io_error(&mtl_path))?;
+
+    let file = std::fs::File::create(path).map_err(io_error(path))?;
+    let mut w = std::io::BufWriter::new(file);
+    let write = |w: &mut std::io::BufWriter<std::fs::File>| -> std::io::Result<()> {
+        writeln!(
+            w,
+            "# ganfit-morphable, millimetres\nmtllib {mtl_name}\nusemtl face"
+        )?;
+        for p in &mesh.positions {
+            writeln!(w, "v {} {} {}", p[0], p[1], p[2])?;
+        }
+        for t in &mesh.uvs {
+            writeln!(w, "vt {} {}", t[0], t[1])?;
+        }
+        for (v, t) in mesh.triangles.iter().zip(&mesh.uv_triangles) {
+            writeln!(
+                w,
+                "f {}/{} {}/{} {}/{}",
+                v[0] + 1,
+                t[0] + 1,
+                v[1] + 1,
+                t[1] + 1,
+                v[2] + 1,
+                t[2] + 1
+            )?;
+        }
+        w.flush()
+    };
+    write(&mut w).map_err(io_error(path))
+}
+
+/// Writes `mesh` as a binary little-endian PLY (positions in millimetres and triangles; PLY has
+/// no standard per-corner UVs).
+pub fn write_ply(path: &Path, mesh: &TexturedMesh) -> Result<()> {
+    mesh.check()?;
+    let mut bytes = format!(
+        "ply\nformat binary_little_endian 1.0\ncomment ganfit-morphable, millimetres\n\
+         element vertex {}\nproperty float x\nproperty float y\nproperty float z\n\
+         element face {}\nproperty list uchar uint vertex_indices\nend_header\n",
+        mesh.positions.len(),
+        mesh.triangles.len()
+    )
+    .into_bytes();
+    for p in &mesh.positions {
+        p.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+    }
+    for t in &mesh.triangles {
+        bytes.push(3);
+        t.iter().for_each(|i| bytes.extend(i.to_le_bytes()));
+    }
+    std::fs::write(path, bytes).map_err(io_error(path))
+}
+
+/// Unit normals of the split vertices, from the area-weighted normals of the original mesh.
+fn split_normals(mesh: &TexturedMesh, split: &SeamSplit) -> Result<Vec<[f32; 3]>> {
+    let positions: Vec<f32> = mesh.positions.iter().flatten().copied().collect();
+    let vertices = Tensor::from_vec(positions, (mesh.positions.len(), 3), &Device::Cpu)?;
+    let triangles: Vec<u32> = mesh.triangles.iter().flatten().copied().collect();
+    let triangles = Tensor::from_vec(triangles, (mesh.triangles.len(), 3), &Device::Cpu)?;
+    let normals = crate::vertex_normals(&vertices, &triangles)?.to_vec2::<f32>()?;
+    Ok(split
+        .source_vertex
+        .iter()
+        .map(|&v| {
+            let n = &normals[v as usize];
+            let len = (n[0] * n[0] + n[1] * n[1] + n[2] * n[2]).sqrt();
+            // Only vertices of degenerate triangles lack a normal; glTF demands unit vectors.
+            if len > 0.5 {
+                [n[0] / len, n[1] / len, n[2] / len]
+            } else {
+                [0.0, 0.0, 1.0]
+            }
+        })
+        .collect())
+}
+
+/// Appends `data` to the binary chunk as a 4-byte aligned buffer view; returns its index.
+fn push_view(
+    bin: &mut Vec<u8>,
+    views: &mut Vec<serde_json::Value>,
+    data: &[u8],
+    target: Option<u32>,
+) -> usize {
+    while !bin.len().is_multiple_of(4) {
+        bin.push(0);
+    }
+    let mut view = json!({"buffer": 0, "byteOffset": bin.len(), "byteLength": data.len()});
+    if let Some(target) = target {
+        view["target"] = json!(target);
+    }
+    bin.extend_from_slice(data);
+    views.push(view);
+    views.len() - 1
+}
+
+const ARRAY_BUFFER: u32 = 34962;
+const ELEMENT_ARRAY_BUFFER: u32 = 34963;
+const FLOAT: u32 = 5126;
+const UNSIGNED_INT: u32 = 5125;
+
+/// Writes `mesh` as binary glTF 2.0 with normals, texture coordinates and, when given, `texture`
+/// embedded as PNG. Positions are converted to metres (glTF's unit); vertices on UV seams are
+/// split ([`TexturedMesh::split_seams`]).
+pub fn write_glb(
+    path: &Path,
+    mesh: &TexturedMesh,
+    texture: Option<&image::RgbImage>,
+) -> Result<()> {
+    mesh.check()?;
+    if mesh.triangles.is_empty() {
+        return Err(MorphableError::Export(
+            "the mesh has no triangles".to_string(),
+        ));
+    }
+    let split = mesh.split_seams();
+    let normals = split_normals(mesh, &split)?;
+    let positions: Vec<[f32; 3]> = split
+        .source_vertex
+        .iter()
+        .map(|&v| mesh.positions[v as usize].map(|x| x * 1e-3))
+        .collect();
+    let mut min = [f32::INFINITY; 3];
+    let mut max = [f32::NEG_INFINITY; 3];
+    for p in &positions {
+        for c in 0..3 {
+            min[c] = min[c].min(p[c]);
+            max[c] = max[c].max(p[c]);
+        }
+    }
+    let le = |values: &mut dyn Iterator<Item = f32>| {
+        values.flat_map(f32::to_le_bytes).collect::<Vec<u8>>()
+    };
+    let mut bin = Vec::new();
+    let mut views = Vec::new();
+    let indices: Vec<u8> = split
+        .triangles
+        .iter()
+        .flatten()
+        .flat_map(|i| i.to_le_bytes())
+        .collect();
+    let v_indices = push_view(&mut bin, &mut views, &indices, Some(ELEMENT_ARRAY_BUFFER));
+    let v_pos = push_view(
+        &mut bin,
+        &mut views,
+        &le(&mut positions.iter().flatten().copied()),
+        Some(ARRAY_BUFFER),
+    );
+    let v_nrm = push_view(
+        &mut bin,
+        &mut views,
+        &le(&mut normals.iter().flatten().copied()),
+        Some(ARRAY_BUFFER),
+    );
+    // glTF puts the texture origin at the top left, OBJ at the bottom left.
+    let uv = le(&mut split.uvs.iter().flat_map(|t| [t[0], 1.0 - t[1]]));
+    let v_uv = push_view(&mut bin, &mut views, &uv, Some(ARRAY_BUFFER));
+    let n = positions.len();
+    let accessors = json!([
+        {"bufferView": v_indices, "componentType": UNSIGNED_INT, "count": indices.len() / 4, "type": "SCALAR"},
+        {"bufferView": v_pos, "componentType": FLOAT, "count": n, "type": "VEC3", "min": min, "max": max},
+        {"bufferView": v_nrm, "componentType": FLOAT, "count": n, "type": "VEC3"},
+        {"bufferView": v_uv, "componentType": FLOAT, "count": n, "type": "VEC2"},
+    ]);
+    let mut doc = json!({
+        "asset": {"version": "2.0", "generator": "ganfit-morphable"},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0, "name": "face"}],
+        "meshes": [{"name": "face", "primitives": [{
+            "attributes": {"POSITION": 1, "NORMAL": 2, "TEXCOORD_0": 3},
+            "indices": 0, "material": 0, "mode": 4
+        }]}],
+        "materials": [{"name": "face", "pbrMetallicRoughness": {
+            "baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0
+        }}],
+        "accessors": accessors,
+    });
+    if let Some(texture) = texture {
+        let mut png = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut png)
+            .write_image(
+                texture.as_raw(),
+                texture.width(),
+                texture.height(),
+                image::ExtendedColorType::Rgb8,
+            )
+            .map_err(|e| {
+                MorphableError::Export(format!("cannot encode the texture as PNG: {e}"))
+            })?;
+        let v_png = push_view(&mut bin, &mut views, &png, None);
+        doc["images"] = json!([{"bufferView": v_png, "mimeType": "image/png"}]);
+        doc["samplers"] =
+            json!([{"magFilter": 9729, "minFilter": 9729, "wrapS": 33071, "wrapT": 33071}]);
+        doc["textures"] = json!([{"source": 0, "sampler": 0}]);
+        doc["materials"][0]["pbrMetallicRoughness"]["baseColorTexture"] = json!({"index": 0});
+    }
+    while !bin.len().is_multiple_of(4) {
+        bin.push(0);
+    }
+    doc["buffers"] = json!([{"byteLength": bin.len()}]);
+    doc["bufferViews"] = json!(views);
+    let mut json_bytes =
+        serde_json::to_vec(&doc).map_err(|e| MorphableError::Export(e.to_string()))?;
+    while !json_bytes.len().is_multiple_of(4) {
+        json_bytes.push(b' ');
+    }
+    let total = 12 + 8 + json_bytes.len() + 8 + bin.len();
+    let total = u32::try_from(total).map_err(|_| {
+        MorphableError::Export(format!("{total} bytes exceed the 4 GiB limit of .glb"))
+    })?;
+    let mut out = Vec::with_capacity(total as usize);
+    out.extend(b"glTF");
+    out.extend(2u32.to_le_bytes());
+    out.extend(total.to_le_bytes());
+    out.extend((json_bytes.len() as u32).to_le_bytes());
+    out.extend(b"JSON");
+    out.extend(&json_bytes);
+    out.extend((bin.len() as u32).to_le_bytes());
+    out.extend(b"BIN\0");
+    out.extend(&bin);
+    std::fs::write(path, out).map_err(io_error(path))
+}

@@ -1,0 +1,191 @@
+//! Exports: OBJ + MTL, PLY, and .glb checked by the Khronos glTF validator.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+use common::{ict, sfm};
+use ganfit_morphable::TexturedMesh;
+use ganfit_morphable::export::{write_glb, write_obj, write_ply};
+
+fn checker_texture() -> image::RgbImage {
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        if (x / 8 + y / 8) % 2 == 0 {
+            image::Rgb([230, 190, 160])
+        } else {
+            image::Rgb([90, 60, 50])
+        }
+    })
+}
+
+fn smile(model: &ganfit_morphable::MorphableModel) -> Tensor {
+    let p_s = Tensor::new(common::pseudo_random(model.shape_modes(), 8), &Device::Cpu).unwrap();
+    let p_e = Tensor::new(vec![0.5f32; model.expression_modes()], &Device::Cpu).unwrap();
+    model.instance(&p_s, &p_e).unwrap()
+}
+
+#[test]
+fn obj_and_mtl_hold_every_vertex_uv_and_triangle() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = sfm();
+    let mesh = model.mesh(&smile(model)).unwrap();
+    let path = dir.path().join("face.obj");
+    write_obj(&path, &mesh, Some(Path::new("face_albedo.png"))).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let count = |prefix: &str| text.lines().filter(|l| l.starts_with(prefix)).count();
+    assert_eq!(count("v "), 3448);
+    assert_eq!(count("vt "), 3448);
+    assert_eq!(count("f "), 6736);
+    assert!(text.contains("mtllib face.mtl"));
+    let first_v: Vec<f32> = text.lines().find(|l| l.starts_with("v ")).unwrap()[2..]
+        .split(' ')
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(first_v, mesh.positions[0]);
+    let mtl = std::fs::read_to_string(dir.path().join("face.mtl")).unwrap();
+    assert!(mtl.contains("map_Kd face_albedo.png"), "{mtl}");
+}
+
+#[test]
+fn ply_has_a_consistent_header_and_body() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = sfm();
+    let mesh = model.mesh(model.mean()).unwrap();
+    let path = dir.path().join("face.ply");
+    write_ply(&path, &mesh).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let header_end = bytes
+        .windows(11)
+        .position(|w| w == b"end_header\n")
+        .unwrap()
+        + 11;
+    let header = std::str::from_utf8(&bytes[..header_end]).unwrap();
+    assert!(
+        header.contains("element vertex 3448") && header.contains("element face 6736"),
+        "{header}"
+    );
+    assert_eq!(bytes.len() - header_end, 3448 * 12 + 6736 * 13);
+    let x0 = f32::from_le_bytes(bytes[header_end..header_end + 4].try_into().unwrap());
+    assert_eq!(x0, mesh.positions[0][0]);
+}
+
+#[test]
+fn out_of_range_meshes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = TexturedMesh {
+        positions: vec![[0.0; 3]; 2],
+        triangles: vec![[0, 1, 2]],
+        uvs: vec![[0.0; 2]],
+        uv_triangles: vec![[0, 0, 0]],
+    };
+    let err = write_glb(&dir.path().join("x.glb"), &mesh, None).unwrap_err();
+    assert!(
+        err.to_string().contains("vertex index out of range"),
+        "{err}"
+    );
+}
+
+fn validator_script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tools/gltf-validator/validate.mjs")
+}
+
+/// Runs the Khronos validator; `None` when it is not installed (allowed only outside CI).
+fn validate(file: &Path) -> Option<serde_json::Value> {
+    let script = validator_script();
+    let output =
+        validator_available().then(|| Command::new("node").arg(&script).arg(file).output());
+    match output {
+        Some(Ok(out)) => {
+            let report: serde_json::Value =
+                serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+                    panic!(
+                        "validator output is not JSON ({e}): {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    )
+                });
+            Some(report)
+        }
+        _ => {
+            let fix = "install it with `npm ci --prefix tools/gltf-validator` (needs node)";
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the glTF validator is missing: {fix}"
+            );
+            eprintln!("skipping glTF validation: the validator is missing; {fix}");
+            None
+        }
+    }
+}
+
+fn assert_valid_glb(path: &Path, expected_vertices_at_least: u64, triangles: usize) {
+    let Some(report) = validate(path) else { return };
+    let issues = &report["issues"];
+    assert_eq!(
+        issues["numErrors"], 0,
+        "validator errors: {:#}",
+        issues["messages"]
+    );
+    assert_eq!(
+        issues["numWarnings"], 0,
+        "validator warnings: {:#}",
+        issues["messages"]
+    );
+    assert_eq!(report["mimeType"], "model/gltf-binary");
+    let info = &report["info"];
+    assert!(
+        info["totalVertexCount"].as_u64().unwrap() >= expected_vertices_at_least,
+        "{info:#}"
+    );
+    assert_eq!(info["hasTextures"], true, "{info:#}");
+    assert_eq!(info["totalTriangleCount"], triangles, "{info:#}");
+}
+
+#[test]
+fn glb_of_the_ict_skin_with_texture_passes_the_khronos_validator() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ict();
+    let skin = model.region("skin").unwrap();
+    let mesh = skin.mesh(&smile(model)).unwrap();
+    let path = dir.path().join("skin.glb");
+    write_glb(&path, &mesh, Some(&checker_texture())).unwrap();
+    // Seams split some vertices, so the .glb has at least as many as the region.
+    assert_valid_glb(&path, skin.vertex_ids.len() as u64, skin.triangles.len());
+}
+
+#[test]
+fn glb_of_the_sfm_passes_the_khronos_validator_and_a_damaged_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = sfm();
+    let path = dir.path().join("sfm.glb");
+    write_glb(
+        &path,
+        &model.mesh(model.mean()).unwrap(),
+        Some(&checker_texture()),
+    )
+    .unwrap();
+    assert_valid_glb(&path, 3448, 6736);
+
+    // The validator is really looking: an index past the vertices is reported as an error.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let json_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let bin_start = 20 + json_len + 8;
+    bytes[bin_start..bin_start + 4].copy_from_slice(&100_000u32.to_le_bytes());
+    let damaged = dir.path().join("damaged.glb");
+    std::fs::write(&damaged, bytes).unwrap();
+    if let Some(report) = validate(&damaged) {
+        assert!(
+            report["issues"]["numErrors"].as_u64().unwrap() > 0,
+            "{report:#}"
+        );
+    }
+}
+
+fn validator_available() -> bool {
+    validator_script()
+        .parent()
+        .unwrap()
+        .join("node_modules/gltf-validator")
+        .is_dir()
+}

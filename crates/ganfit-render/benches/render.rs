@@ -1,0 +1,214 @@
+//! Rasteriser and renderer throughput on a face-sized synthetic mesh of 18,432 triangles,
+//! with a plainly written per-triangle bounding-box rasteriser timed alongside for the ratio.
+//!
+//! Names are `cpu/<what>/<size>/b<batch>`. Run single-threaded for the per-core target:
+//! `RAYON_NUM_THREADS=1 cargo bench --release -p ganfit-render --bench render -- --warm-up-time 1 --measurement-time 3`
+
+use candle_core::{Device, Tensor, Var};
+use criterion::{Criterion, criterion_group, criterion_main};
+use ganfit_render::{
+    Camera, RasterOptions, Triangles, antialias, interpolate, rasterize, shade_sh, vertex_normals,
+};
+
+/// A 97 x 97 vertex height field shaped like a face-sized cap (about 16 cm wide, bulging
+/// towards the camera), 48 cm in front of a camera whose view it mostly fills: 18,432 triangles.
+fn face_like_mesh() -> (Vec<f32>, Triangles) {
+    let n = 96;
+    let mut verts = Vec::with_capacity((n + 1) * (n + 1) * 3);
+    for j in 0..=n {
+        for i in 0..=n {
+            let (x, y) = (
+                i as f32 / n as f32 * 2.0 - 1.0,
+                j as f32 / n as f32 * 2.0 - 1.0,
+            );
+            let bulge = (1.0 - 0.5 * (x * x + y * y)).max(0.0) * 0.06
+                + 0.004 * (9.0 * x).sin() * (7.0 * y).cos();
+            verts.extend([0.08 * x, 0.1 * y, 0.48 - bulge]);
+        }
+    }
+    let id = |i: usize, j: usize| (j * (n + 1) + i) as u32;
+    let mut tris = Vec::with_capacity(2 * n * n);
+    for j in 0..n {
+        for i in 0..n {
+            tris.push([id(i, j), id(i, j + 1), id(i + 1, j)]);
+            tris.push([id(i + 1, j), id(i, j + 1), id(i + 1, j + 1)]);
+        }
+    }
+    let nv = verts.len() / 3;
+    (verts, Triangles::new(tris, nv).unwrap())
+}
+
+fn camera(size: usize) -> Camera {
+    let c = (size as f64 - 1.0) / 2.0;
+    Camera::new(
+        2.4 * size as f64,
+        2.4 * size as f64,
+        c,
+        c,
+        size,
+        size,
+        0.05,
+        2.0,
+    )
+    .unwrap()
+}
+
+/// The textbook rasteriser: for every triangle, every pixel centre in its screen bounding box,
+/// 2D edge functions after the perspective divide, 1/w-corrected barycentrics, depth test.
+fn reference_rasterize(clip: &[f32], tris: &[[u32; 3]], h: usize, w: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; h * w * 4];
+    for (t, tri) in tris.iter().enumerate() {
+        let v = tri.map(|i| {
+            let c = &clip[i as usize * 4..i as usize * 4 + 4];
+            let sx = ((c[0] / c[3]) + 1.0) * 0.5 * w as f32 - 0.5;
+            let sy = ((c[1] / c[3]) + 1.0) * 0.5 * h as f32 - 0.5;
+            [sx, sy, c[2] / c[3], 1.0 / c[3]]
+        });
+        let area =
+            (v[1][0] - v[0][0]) * (v[2][1] - v[0][1]) - (v[2][0] - v[0][0]) * (v[1][1] - v[0][1]);
+        if area == 0.0 {
+            continue;
+        }
+        let x0 = v
+            .iter()
+            .map(|p| p[0])
+            .fold(f32::INFINITY, f32::min)
+            .ceil()
+            .max(0.0) as usize;
+        let x1 = v
+            .iter()
+            .map(|p| p[0])
+            .fold(f32::NEG_INFINITY, f32::max)
+            .floor()
+            .min(w as f32 - 1.0);
+        let y0 = v
+            .iter()
+            .map(|p| p[1])
+            .fold(f32::INFINITY, f32::min)
+            .ceil()
+            .max(0.0) as usize;
+        let y1 = v
+            .iter()
+            .map(|p| p[1])
+            .fold(f32::NEG_INFINITY, f32::max)
+            .floor()
+            .min(h as f32 - 1.0);
+        if x1 < 0.0 || y1 < 0.0 {
+            continue;
+        }
+        for y in y0..=y1 as usize {
+            for x in x0..=x1 as usize {
+                let (px, py) = (x as f32, y as f32);
+                let edge = |a: [f32; 4], b: [f32; 4]| {
+                    ((b[0] - a[0]) * (py - a[1]) - (b[1] - a[1]) * (px - a[0])) / area
+                };
+                let b = [edge(v[1], v[2]), edge(v[2], v[0]), edge(v[0], v[1])];
+                if b.iter().any(|&b| b < 0.0) {
+                    continue;
+                }
+                let z = b[0] * v[0][2] + b[1] * v[1][2] + b[2] * v[2][2];
+                let o = &mut out[(y * w + x) * 4..(y * w + x) * 4 + 4];
+                if o[3] != 0.0 && z >= o[2] {
+                    continue;
+                }
+                let inv_w = b[0] * v[0][3] + b[1] * v[1][3] + b[2] * v[2][3];
+                o.copy_from_slice(&[
+                    b[0] * v[0][3] / inv_w,
+                    b[1] * v[1][3] / inv_w,
+                    z,
+                    (t + 1) as f32,
+                ]);
+            }
+        }
+    }
+    out
+}
+
+fn benches(c: &mut Criterion) {
+    let (verts, tris) = face_like_mesh();
+    let nv = tris.num_vertices();
+    let dev = Device::Cpu;
+    // Few samples: the 512² batch-8 cases take a good fraction of a second each.
+    let mut group = c.benchmark_group("cpu");
+    group.sample_size(10);
+    for size in [224usize, 512] {
+        let cam = camera(size);
+        for batch in [1usize, 8] {
+            let points = Tensor::from_slice(&verts, (1, nv, 3), &dev)
+                .unwrap()
+                .repeat((batch, 1, 1))
+                .unwrap();
+            let clip = cam.to_clip(&points).unwrap();
+            let var = Var::from_tensor(&clip).unwrap();
+            let colors = Tensor::full(0.7f32, (nv, 3), &dev).unwrap();
+            let sh = Tensor::rand(0.0f32, 0.3, (batch, 3, 9), &dev).unwrap();
+            let normals = vertex_normals(&points, &tris).unwrap();
+            let opts = RasterOptions::default();
+            let id = |what: &str| format!("{what}/{size}/b{batch}");
+
+            group.bench_function(id("raster_fwd"), |b| {
+                b.iter(|| rasterize(&clip, &tris, size, size, opts).unwrap())
+            });
+            group.bench_function(id("raster_fwd_bwd"), |b| {
+                b.iter(|| {
+                    let rast = rasterize(var.as_tensor(), &tris, size, size, opts).unwrap();
+                    rast.sum_all().unwrap().backward().unwrap()
+                })
+            });
+            // Raster + interpolated normals and colour + SH shading + antialias.
+            let render = |clip: &Tensor| {
+                let rast = rasterize(clip, &tris, size, size, opts).unwrap();
+                let n = interpolate(&normals, &rast, &tris)
+                    .unwrap()
+                    .reshape((batch, size * size, 3))
+                    .unwrap();
+                let a = interpolate(&colors, &rast, &tris)
+                    .unwrap()
+                    .reshape((batch, size * size, 3))
+                    .unwrap();
+                let img = shade_sh(&a, &n, &sh)
+                    .unwrap()
+                    .reshape((batch, size, size, 3))
+                    .unwrap();
+                antialias(&img, &rast, clip, &tris).unwrap()
+            };
+            group.bench_function(id("render_fwd"), |b| b.iter(|| render(&clip)));
+            group.bench_function(id("render_fwd_bwd"), |b| {
+                b.iter(|| {
+                    render(var.as_tensor())
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                })
+            });
+            if batch == 1 {
+                let flat: Vec<f32> = clip.flatten_all().unwrap().to_vec1().unwrap();
+                group.bench_function(id("reference_raster_fwd"), |b| {
+                    b.iter(|| reference_rasterize(&flat, tris.as_slice(), size, size))
+                });
+                // The two rasterisers must agree on coverage for the ratio to mean anything.
+                let ours: Vec<f32> = rasterize(&clip, &tris, size, size, opts)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let theirs = reference_rasterize(&flat, tris.as_slice(), size, size);
+                let differ = ours
+                    .chunks(4)
+                    .zip(theirs.chunks(4))
+                    .filter(|(a, b)| (a[3] > 0.0) != (b[3] > 0.0))
+                    .count();
+                let covered = ours.chunks(4).filter(|a| a[3] > 0.0).count();
+                eprintln!(
+                    "{size}x{size}: {covered} pixels covered, coverage differs from the reference at {differ}"
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(render, benches);
+criterion_main!(render);

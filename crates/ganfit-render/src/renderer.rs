@@ -1,0 +1,199 @@
+//! The composed renderer: mesh + appearance + light + camera -> image, mask, depth, normals.
+
+use candle_core::{D, Tensor};
+
+use crate::antialias::antialias;
+use crate::camera::{Camera, camera_from_world};
+use crate::error::{RenderError, Result};
+use crate::interpolate::interpolate;
+use crate::raster::{RasterOptions, rasterize};
+use crate::shading::{PhongLight, normalize, shade_phong, shade_sh, vertex_normals};
+use crate::texture::{WrapMode, texture};
+use crate::triangles::Triangles;
+
+/// Switches for [`Renderer`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RenderOptions {
+    /// Drop back-facing triangles (see [`RasterOptions::cull_backfaces`]).
+    pub cull_backfaces: bool,
+    /// Antialias silhouettes of the image and mask, which gives them position gradients.
+    pub antialias: bool,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        Self {
+            cull_backfaces: false,
+            antialias: true,
+        }
+    }
+}
+
+/// Where surface colour comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum Appearance<'a> {
+    /// Per-vertex colours `[V, C]` or `[B, V, C]`.
+    VertexColors(&'a Tensor),
+    /// A texture `[Ht, Wt, C]` or `[B, Ht, Wt, C]` sampled at interpolated texture coordinates.
+    Texture {
+        /// The texture (row 0 at `v = 0`, see [`crate::texture`]).
+        texture: &'a Tensor,
+        /// Texture coordinates `[Vt, 2]`, one row per UV vertex.
+        uv: &'a Tensor,
+        /// UV triangles (same count and order as the mesh's), or `None` when the mesh
+        /// triangles index `uv` directly (then `Vt = V`).
+        uv_triangles: Option<&'a Triangles>,
+        /// Addressing outside `[0, 1]`.
+        wrap: WrapMode,
+    },
+}
+
+/// How the surface is lit.
+#[derive(Clone, Copy, Debug)]
+pub enum Lighting<'a> {
+    /// The albedo as is.
+    Unlit,
+    /// Lambertian with `[B, C, 9]` spherical-harmonic coefficients in camera space (see
+    /// [`crate::shade_sh`]).
+    SphericalHarmonics(&'a Tensor),
+    /// One directional plus ambient light in camera space (see [`crate::shade_phong`]); needs
+    /// three colour channels.
+    Phong(&'a PhongLight),
+}
+
+/// One batch to draw.
+#[derive(Clone, Copy, Debug)]
+pub struct Scene<'a> {
+    /// World-space vertex positions `[B, V, 3]` or `[V, 3]`.
+    pub vertices: &'a Tensor,
+    /// Camera-from-world rotation as axis-angle `[B, 3]`.
+    pub rotation: &'a Tensor,
+    /// Camera-from-world translation `[B, 3]`.
+    pub translation: &'a Tensor,
+    /// Surface colour.
+    pub appearance: Appearance<'a>,
+    /// Light.
+    pub lighting: Lighting<'a>,
+}
+
+/// What [`Renderer::render`] returns; every image is `[B, H, W, _]` with row 0 at the top.
+#[derive(Clone, Debug)]
+pub struct Rendering {
+    /// Shaded colour on a black background, antialiased if enabled.
+    pub image: Tensor,
+    /// Coverage in `[0, 1]`, `[B, H, W, 1]`: 1 on the mesh, fractional on antialiased silhouettes.
+    pub mask: Tensor,
+    /// Camera-space depth (z) of the visible surface, 0 on the background, `[B, H, W, 1]`.
+    pub depth: Tensor,
+    /// Unit camera-space normals of the visible surface, 0 on the background, `[B, H, W, 3]`.
+    pub normals: Tensor,
+    /// The rasteriser output (see [`crate::rasterize`]).
+    pub rast: Tensor,
+    /// Camera-space vertex positions `[B, V, 3]` (e.g. for projecting landmarks).
+    pub camera_vertices: Tensor,
+}
+
+/// Draws a fixed mesh topology through a fixed camera; everything else varies per call.
+#[derive(Clone, Debug)]
+pub struct Renderer {
+    triangles: Triangles,
+    camera: Camera,
+    options: RenderOptions,
+}
+
+impl Renderer {
+    /// A renderer for meshes with `triangles`, seen through `camera`.
+    pub fn new(triangles: Triangles, camera: Camera, options: RenderOptions) -> Self {
+        Self {
+            triangles,
+            camera,
+            options,
+        }
+    }
+
+    /// The camera.
+    pub fn camera(&self) -> &Camera {
+        &self.camera
+    }
+
+    /// Renders a batch. All float inputs must share one dtype (f32 or f64); gradients flow to
+    /// vertices, pose, colours or texture, and light.
+    pub fn render(&self, scene: &Scene<'_>) -> Result<Rendering> {
+        let tris = &self.triangles;
+        let cam = &self.camera;
+        let camera_vertices = camera_from_world(scene.vertices, scene.rotation, scene.translation)?;
+        let clip = cam.to_clip(&camera_vertices)?;
+        let raster = RasterOptions {
+            cull_backfaces: self.options.cull_backfaces,
+        };
+        let rast = rasterize(&clip, tris, cam.height, cam.width, raster)?;
+        let (batch, h, w, _) = rast.dims4()?;
+        let flat = |t: &Tensor| -> Result<Tensor> {
+            let c = t.dim(D::Minus1)?;
+            Ok(t.reshape((batch, h * w, c))?)
+        };
+
+        let normals = normalize(&interpolate(
+            &vertex_normals(&camera_vertices, tris)?,
+            &rast,
+            tris,
+        )?)?;
+        let albedo = match scene.appearance {
+            Appearance::VertexColors(colors) => interpolate(colors, &rast, tris)?,
+            Appearance::Texture {
+                texture: tex,
+                uv,
+                uv_triangles,
+                wrap,
+            } => {
+                let uv_tris = uv_triangles.unwrap_or(tris);
+                if uv_tris.len() != tris.len() {
+                    return Err(RenderError::Shape {
+                        what: "uv_triangles",
+                        expected: format!("{} triangles, one per mesh triangle", tris.len()),
+                        got: vec![uv_tris.len(), 3],
+                    });
+                }
+                let uv_px = interpolate(uv, &rast, uv_tris)?;
+                texture(tex, &uv_px, wrap)?
+            }
+        };
+        let channels = albedo.dim(D::Minus1)?;
+        let shaded = match scene.lighting {
+            Lighting::Unlit => albedo,
+            Lighting::SphericalHarmonics(coeffs) => {
+                shade_sh(&flat(&albedo)?, &flat(&normals)?, coeffs)?
+            }
+            Lighting::Phong(light) => {
+                let towards_camera =
+                    normalize(&interpolate(&camera_vertices, &rast, tris)?.neg()?)?;
+                shade_phong(
+                    &flat(&albedo)?,
+                    &flat(&normals)?,
+                    &flat(&towards_camera)?,
+                    light,
+                )?
+            }
+        }
+        .reshape((batch, h, w, channels))?;
+
+        let covered = rast.narrow(3, 3, 1)?.gt(0.0)?.to_dtype(rast.dtype())?;
+        let image = shaded.broadcast_mul(&covered)?;
+        let (image, mask) = if self.options.antialias {
+            // One pass for both, so the pair analysis runs once.
+            let both = antialias(&Tensor::cat(&[&image, &covered], 3)?, &rast, &clip, tris)?;
+            (both.narrow(3, 0, channels)?, both.narrow(3, channels, 1)?)
+        } else {
+            (image, covered)
+        };
+        let depth = interpolate(&camera_vertices.narrow(2, 2, 1)?.contiguous()?, &rast, tris)?;
+        Ok(Rendering {
+            image,
+            mask,
+            depth,
+            normals,
+            rast,
+            camera_vertices,
+        })
+    }
+}

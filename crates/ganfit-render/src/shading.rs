@@ -1,0 +1,196 @@
+//! Normals and shading models, written as plain candle tensor ops.
+//!
+//! Shading is element-wise arithmetic with no data-dependent indexing, so candle's own ops and
+//! autograd give exact gradients with no hand-written backward to get wrong, at a cost linear in
+//! the pixel count that is small next to rasterisation; custom kernels would buy little here.
+
+use candle_core::{D, Tensor};
+
+use crate::error::{RenderError, Result};
+use crate::kernel::check_float;
+use crate::triangles::Triangles;
+
+/// Keeps normalisation of zero vectors (background pixels) finite: they stay zero.
+const NORM_EPS: f64 = 1e-12;
+
+/// Cross product along the last dim (size 3) of two broadcast-compatible tensors.
+fn cross3(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let c = |t: &Tensor, i| t.narrow(D::Minus1, i, 1);
+    let (ax, ay, az) = (c(a, 0)?, c(a, 1)?, c(a, 2)?);
+    let (bx, by, bz) = (c(b, 0)?, c(b, 1)?, c(b, 2)?);
+    let x = ((&ay * &bz)? - (&az * &by)?)?;
+    let y = ((&az * &bx)? - (&ax * &bz)?)?;
+    let z = ((&ax * &by)? - (&ay * &bx)?)?;
+    Ok(Tensor::cat(&[x, y, z], D::Minus1)?)
+}
+
+/// Rescales the last dim to unit length; zero vectors stay (almost exactly) zero.
+pub fn normalize(v: &Tensor) -> Result<Tensor> {
+    let norm = (v.sqr()?.sum_keepdim(D::Minus1)? + NORM_EPS)?.sqrt()?;
+    Ok(v.broadcast_div(&norm)?)
+}
+
+fn dot_last(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.broadcast_mul(b)?.sum_keepdim(D::Minus1)?)
+}
+
+/// Unit vertex normals `[B, V, 3]` of a mesh with positions `[B, V, 3]`: the area-weighted sum
+/// of the face normals `(v1 - v0) × (v2 - v0)` around each vertex (outward for counter-clockwise
+/// faces seen from outside). Vertices used by no triangle get zero normals.
+pub fn vertex_normals(positions: &Tensor, triangles: &Triangles) -> Result<Tensor> {
+    check_float(positions, "positions", "[B, V, 3]", 3, Some(3))?;
+    if positions.dim(1)? != triangles.num_vertices() {
+        return Err(RenderError::Shape {
+            what: "positions",
+            expected: format!("[B, {}, 3]", triangles.num_vertices()),
+            got: positions.dims().to_vec(),
+        });
+    }
+    let device = positions.device();
+    let corner = |k: usize| -> Result<Tensor> {
+        let idx: Vec<u32> = triangles.as_slice().iter().map(|t| t[k]).collect();
+        Ok(Tensor::from_vec(idx, triangles.len(), device)?)
+    };
+    let (i0, i1, i2) = (corner(0)?, corner(1)?, corner(2)?);
+    let p0 = positions.index_select(&i0, 1)?;
+    let e1 = (positions.index_select(&i1, 1)? - &p0)?;
+    let e2 = (positions.index_select(&i2, 1)? - &p0)?;
+    let face = cross3(&e1, &e2)?;
+    let all = Tensor::cat(&[&i0, &i1, &i2], 0)?;
+    let spread = Tensor::cat(&[&face, &face, &face], 1)?;
+    let summed = positions.zeros_like()?.index_add(&all, &spread, 1)?;
+    normalize(&summed)
+}
+
+/// Band constants: `Y_lm` normalisation times the Lambertian convolution factor of its band
+/// (π, 2π/3, π/4), for the terms `1`, `y|z|x`, `xy|yz|xz`, `3z² - 1` and `x² - y²`.
+const SH_DC: f64 = 0.282_094_8 * std::f64::consts::PI;
+const SH_LINEAR: f64 = 0.488_602_5 * 2.0 * std::f64::consts::PI / 3.0;
+const SH_CROSS: f64 = 1.092_548_4 * std::f64::consts::PI / 4.0;
+const SH_ZONAL: f64 = 0.315_391_6 * std::f64::consts::PI / 4.0;
+const SH_SQUARE: f64 = 0.546_274_2 * std::f64::consts::PI / 4.0;
+
+/// Real spherical-harmonic basis up to band 2 for unit normals `[.., 3]`, with the Lambertian
+/// (clamped-cosine) convolution folded in (Ramamoorthi & Hanrahan 2001), shape `[.., 9]`.
+///
+/// Order: `1, y, z, x, xy, yz, 3z² - 1, xz, x² - y²` (m = -l..l per band), in whatever frame
+/// the normals are given (camera space in [`crate::Renderer`]). With coefficients `L_k`,
+/// `Σ_k L_k · basis_k(n)` is the irradiance from the environment `Σ_k L_k Y_k`.
+pub fn sh_irradiance_basis(normals: &Tensor) -> Result<Tensor> {
+    let c = |i| normals.narrow(D::Minus1, i, 1);
+    let (x, y, z) = (c(0)?, c(1)?, c(2)?);
+    let terms = [
+        (x.ones_like()? * SH_DC)?,
+        (&y * SH_LINEAR)?,
+        (&z * SH_LINEAR)?,
+        (&x * SH_LINEAR)?,
+        ((&x * &y)? * SH_CROSS)?,
+        ((&y * &z)? * SH_CROSS)?,
+        ((z.sqr()? * 3.0)? - 1.0)?.affine(SH_ZONAL, 0.0)?,
+        ((&x * &z)? * SH_CROSS)?,
+        ((x.sqr()? - y.sqr()?)? * SH_SQUARE)?,
+    ];
+    Ok(Tensor::cat(&terms, D::Minus1)?)
+}
+
+/// The `[9, 16]` map from SH coefficients to the symmetric 4x4 matrix `M` with
+/// `Σ_k L_k basis_k(n) = ñᵀ M ñ`, `ñ = (x, y, z, 1)` (Ramamoorthi & Hanrahan's quadratic form).
+fn sh_quadratic_form() -> [[f64; 16]; 9] {
+    let mut w = [[0.0; 16]; 9];
+    let mut put = |k: usize, i: usize, j: usize, v: f64| {
+        w[k][4 * i + j] += v / 2.0;
+        w[k][4 * j + i] += v / 2.0;
+    };
+    put(0, 3, 3, SH_DC);
+    put(1, 1, 3, SH_LINEAR);
+    put(2, 2, 3, SH_LINEAR);
+    put(3, 0, 3, SH_LINEAR);
+    put(4, 0, 1, SH_CROSS);
+    put(5, 1, 2, SH_CROSS);
+    put(6, 2, 2, 3.0 * SH_ZONAL);
+    put(6, 3, 3, -SH_ZONAL);
+    put(7, 0, 2, SH_CROSS);
+    put(8, 0, 0, SH_SQUARE);
+    put(8, 1, 1, -SH_SQUARE);
+    w
+}
+
+/// Lambertian shading under second-order spherical-harmonic lighting.
+///
+/// * `albedo`: `[B, N, C]`, `normals`: `[B, N, 3]` (unit), `coeffs`: `[B, C, 9]` per channel in
+///   the order of [`sh_irradiance_basis`].
+///
+/// Returns `albedo ⊙ (basis(n) · coeffsᵀ)`, `[B, N, C]`, evaluated as the equivalent quadratic
+/// form `ñᵀ M_c ñ` (one matrix product instead of nine per-pixel terms). (Deep3DFaceRecon's
+/// coefficients use the same basis up to per-term constant factors and signs; rescale when
+/// importing them.)
+pub fn shade_sh(albedo: &Tensor, normals: &Tensor, coeffs: &Tensor) -> Result<Tensor> {
+    check_float(albedo, "albedo", "[B, N, C]", 3, None)?;
+    check_float(normals, "normals", "[B, N, 3]", 3, Some(3))?;
+    check_float(coeffs, "sh coeffs", "[B, C, 9]", 3, Some(9))?;
+    let (batch, n, _) = normals.dims3()?;
+    let channels = coeffs.dim(1)?;
+    let form: Vec<f64> = sh_quadratic_form().iter().flatten().copied().collect();
+    let form = Tensor::from_vec(form, (9, 16), coeffs.device())?.to_dtype(coeffs.dtype())?;
+    // [B, C, 16] -> [B, C, 4 (row), 4 (col)] -> [B, 4 (row), C * 4]
+    let m = coeffs
+        .broadcast_matmul(&form)?
+        .reshape((batch, channels, 4, 4))?
+        .transpose(1, 2)?
+        .reshape((batch, 4, channels * 4))?;
+    let homogeneous = Tensor::cat(&[normals, &normals.narrow(2, 0, 1)?.ones_like()?], 2)?;
+    let rows = homogeneous.matmul(&m)?.reshape((batch, n, channels, 4))?;
+    let irradiance = rows.broadcast_mul(&homogeneous.unsqueeze(2)?)?.sum(3)?;
+    Ok((albedo * irradiance)?)
+}
+
+/// One directional light plus ambient light, GANFIT's illumination model, each `[B, 3]` (RGB or
+/// xyz) so that the batch can have its own lights, all differentiable.
+#[derive(Clone, Debug)]
+pub struct PhongLight {
+    /// Direction from the surface towards the light (normalised internally), `[B, 3]`.
+    pub direction: Tensor,
+    /// Directional light colour, `[B, 3]`.
+    pub color: Tensor,
+    /// Ambient light colour, `[B, 3]`.
+    pub ambient: Tensor,
+    /// Specular strength; 0 turns the specular term off.
+    pub specular: f64,
+    /// Phong exponent of the specular lobe (> 1 keeps its gradient finite at the lobe's edge).
+    pub shininess: f64,
+}
+
+/// Phong shading: `albedo ⊙ (ambient + color · max(0, n·l)) + specular · color · max(0, r·v)^shininess`
+/// with `r = 2 (n·l) n - l` the reflected light direction.
+///
+/// * `albedo`: `[B, N, 3]`, `normals`: `[B, N, 3]` (unit), `view`: `[B, N, 3]` unit vectors
+///   from the surface towards the camera.
+pub fn shade_phong(
+    albedo: &Tensor,
+    normals: &Tensor,
+    view: &Tensor,
+    light: &PhongLight,
+) -> Result<Tensor> {
+    check_float(albedo, "albedo", "[B, N, 3]", 3, Some(3))?;
+    check_float(normals, "normals", "[B, N, 3]", 3, Some(3))?;
+    check_float(view, "view", "[B, N, 3]", 3, Some(3))?;
+    for (what, t) in [
+        ("light direction", &light.direction),
+        ("light color", &light.color),
+        ("ambient", &light.ambient),
+    ] {
+        check_float(t, what, "[B, 3]", 2, Some(3))?;
+    }
+    let l = normalize(&light.direction)?.unsqueeze(1)?;
+    let color = light.color.unsqueeze(1)?;
+    let n_dot_l = dot_last(normals, &l)?;
+    let diffuse = n_dot_l.relu()?.broadcast_mul(&color)?;
+    let lit = diffuse.broadcast_add(&light.ambient.unsqueeze(1)?)?;
+    let shaded = (albedo * lit)?;
+    if light.specular == 0.0 {
+        return Ok(shaded);
+    }
+    let reflected = (normals.broadcast_mul(&(n_dot_l * 2.0)?)?.broadcast_sub(&l))?;
+    let lobe = dot_last(&reflected, view)?.relu()?.powf(light.shininess)?;
+    Ok((shaded + lobe.broadcast_mul(&color)?.affine(light.specular, 0.0)?)?)
+}

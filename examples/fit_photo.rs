@@ -1,0 +1,44 @@
+//! Fits one photo with the default models and writes the mesh, its texture and a render: the
+//! library version of `ganfit fit`.
+//!
+//! ```sh
+//! cargo run --release --example fit_photo -- examples/data/astronaut.png out/example
+//! ```
+
+use std::path::PathBuf;
+
+use ganfit::Fitter;
+use ganfit::losses::face::load_rgb;
+use ganfit::morphable::export;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args_os().skip(1);
+    let photo = PathBuf::from(args.next().ok_or("usage: fit_photo PHOTO [OUT_DIR]")?);
+    let out = PathBuf::from(args.next().unwrap_or_else(|| "out/example".into()));
+
+    let fitter = Fitter::builder().build()?;
+    let image = load_rgb(&photo)?;
+    let result = fitter.fit(&image)?;
+
+    std::fs::create_dir_all(&out)?;
+    result.uv_texture.save(out.join("texture.png"))?;
+    export::write_obj(
+        &out.join("mesh.obj"),
+        &result.mesh,
+        Some("texture.png".as_ref()),
+    )?;
+    result.render.save(out.join("render.png"))?;
+    for (step, time) in &result.timings {
+        println!("{step:>20}: {:.2} s", time.as_secs_f64());
+    }
+    for stage in &result.stages {
+        println!(
+            "{:>20}: loss {:.3e} after {} iterations",
+            stage.name,
+            stage.best_loss,
+            stage.history.len()
+        );
+    }
+    println!("wrote {}", out.display());
+    Ok(())
+}
