@@ -16,6 +16,20 @@ pub use ganfit_optim as optim;
 pub use ganfit_render as render;
 pub use ganfit_texture as texture;
 
+/// Resolves `id` to a verified file, converting it first (into the cache, from its local or,
+/// with the `download` feature, upstream source) when it is one of the morphable models that
+/// are built on first use.
+pub fn prepare_asset(
+    resolver: &assets::Resolver,
+    id: &str,
+) -> Result<std::path::PathBuf, assets::AssetError> {
+    match id {
+        morphable::ICT_ASSET_ID => resolver.resolve_or_build(id, &morphable::IctSource::default()),
+        morphable::SFM_ASSET_ID => resolver.resolve_or_build(id, &morphable::SfmSource),
+        _ => resolver.resolve(id),
+    }
+}
+
 /// Every asset id in the manifest with where it resolves now, or why it does not.
 ///
 /// Assets that are built from a local source on first use (the converted 3D morphable models)

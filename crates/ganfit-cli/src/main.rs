@@ -315,7 +315,7 @@ fn assets(ids: &[String]) -> anyhow::Result<()> {
         return Ok(());
     }
     for id in ids {
-        let path = resolver.resolve(id)?;
+        let path = ganfit::prepare_asset(&resolver, id)?;
         println!("{id}: {}", path.display());
     }
     Ok(())

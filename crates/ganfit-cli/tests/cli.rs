@@ -190,3 +190,29 @@ fn trains_a_tiny_texture_gan_and_resumes_it() {
         .unwrap();
     assert!(!bad.status.success());
 }
+
+#[test]
+fn assets_lists_every_manifest_entry_and_prepares_the_named_ones() {
+    let list = ganfit().arg("assets").output().unwrap();
+    assert!(list.status.success());
+    let text = String::from_utf8(list.stdout).unwrap();
+    for id in [
+        "dlib-face-recognition-resnet-v1",
+        "mediapipe-face-landmark",
+        "ict-face-model",
+    ] {
+        assert!(text.contains(id), "{text}");
+    }
+    let sfm = ganfit()
+        .args(["assets", "sfm-face-model"])
+        .output()
+        .unwrap();
+    assert!(
+        sfm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sfm.stderr)
+    );
+    let unknown = ganfit().args(["assets", "no-such-model"]).output().unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown asset id"));
+}
