@@ -106,11 +106,7 @@ pub fn unwrap_photo(
     let camera = ganfit_render::Camera::new(k.fx, k.fy, k.cx, k.cy, width, height, 1.0, 1e5)?;
     let clip = camera.to_clip(&camera_vertices)?;
     let photo_rast = rasterize(&clip, &triangles, height, width, RasterOptions::default())?;
-    let photo_depth = interpolate(
-        &camera_vertices.narrow(2, 2, 1)?.contiguous()?,
-        &photo_rast,
-        &triangles,
-    )?;
+    let photo_depth = interpolate(&camera_vertices.narrow(2, 2, 1)?, &photo_rast, &triangles)?;
 
     let covered: Vec<f32> = uv_rast.narrow(3, 3, 1)?.flatten_all()?.to_vec1()?;
     let surface: Vec<f32> = surface.flatten_all()?.to_vec1()?;
