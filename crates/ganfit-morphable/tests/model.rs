@@ -402,3 +402,54 @@ fn subset_models_match_the_whole_model_on_their_vertices() {
     ));
     assert!(model.subset_model("out of range", &[u32::MAX]).is_err());
 }
+
+/// Child half of the test below: prints where the sources are found in its environment.
+#[test]
+#[ignore = "run by sources_follow_the_environment_variables in a child process"]
+fn child_locate_sources() {
+    use ganfit_assets::AssetSource;
+    if std::env::var_os("GANFIT_TEST_CHILD").is_none() {
+        return;
+    }
+    println!("ICT={}", IctSource::default().locate().unwrap().display());
+    println!("SFM={}", SfmSource.locate().unwrap().display());
+}
+
+#[cfg(unix)]
+#[test]
+fn sources_follow_the_environment_variables() {
+    use ganfit_assets::AssetSource;
+    let ict = tempfile::tempdir().unwrap();
+    let sfm = tempfile::tempdir().unwrap();
+    for (source, dir) in [
+        (IctSource::default().locate().unwrap(), ict.path()),
+        (SfmSource.locate().unwrap(), sfm.path()),
+    ] {
+        for entry in std::fs::read_dir(source).unwrap() {
+            let entry = entry.unwrap();
+            std::os::unix::fs::symlink(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_locate_sources",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("GANFIT_TEST_CHILD", "1")
+        .env("GANFIT_ICT_DIR", ict.path())
+        .env("GANFIT_SFM_DIR", sfm.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(
+        stdout.contains(&format!("ICT={}", ict.path().display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("SFM={}", sfm.path().display())),
+        "{stdout}"
+    );
+}
