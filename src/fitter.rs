@@ -219,10 +219,7 @@ impl Fitter {
         let texture =
             ganfit_optim::unwrap_photo(&self.model, &vertices, &params, &photo, self.texture_size)?;
         lap("texture", &mut timings);
-        let view = View {
-            model: &self.model,
-            texture: &texture,
-        };
+        let view = View::new(&self.model, &texture)?;
         let render = view.render(&vertices, &params, image.width(), image.height(), false)?;
         let geometry_render =
             view.render(&vertices, &params, image.width(), image.height(), true)?;
@@ -315,6 +312,21 @@ fn to_byte(v: f32) -> u8 {
 struct View<'a> {
     model: &'a MorphableModel,
     texture: &'a UvTexture,
+    /// The skin's mesh and UV triangles (see [`ganfit_optim::skin_triangles`]).
+    triangles: Triangles,
+    uv_triangles: Triangles,
+}
+
+impl<'a> View<'a> {
+    fn new(model: &'a MorphableModel, texture: &'a UvTexture) -> Result<Self> {
+        let (skin, skin_uv) = ganfit_optim::skin_triangles(model);
+        Ok(View {
+            model,
+            texture,
+            triangles: Triangles::new(skin, model.n_vertices())?,
+            uv_triangles: Triangles::new(skin_uv, model.uvs().len())?,
+        })
+    }
 }
 
 impl View<'_> {
@@ -328,9 +340,6 @@ impl View<'_> {
     ) -> Result<RgbaImage> {
         let device = Device::Cpu;
         let model = self.model;
-        let (skin, skin_uv) = ganfit_optim::skin_triangles(model);
-        let triangles = Triangles::new(skin, model.n_vertices())?;
-        let uv_triangles = Triangles::new(skin_uv, model.uvs().len())?;
         // The texture op puts v = 0 at the top row; the model's UVs are OBJ-style (v up).
         let uv: Vec<f32> = model
             .uvs()
@@ -355,14 +364,14 @@ impl View<'_> {
                 Appearance::Texture {
                     texture: &texture,
                     uv: &uv,
-                    uv_triangles: Some(&uv_triangles),
+                    uv_triangles: Some(&self.uv_triangles),
                     wrap: WrapMode::Clamp,
                 },
                 Lighting::Unlit,
             )
         };
         let renderer = Renderer::new(
-            triangles,
+            self.triangles.clone(),
             camera,
             RenderOptions {
                 cull_backfaces: true,

@@ -80,6 +80,20 @@ fn render(
     (rendering.image, rendering.mask)
 }
 
+/// Euclidean distance between two vectors.
+fn distance(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn squared_error(a: &Tensor, b: &Tensor) -> Tensor {
     (a - b)
         .unwrap()
@@ -136,25 +150,8 @@ fn adam_recovers_a_known_pose_of_the_face() {
         rotation_opt.step(&grads).unwrap();
         translation_opt.step(&grads).unwrap();
     }
-    let degrees = ((rotation.as_tensor() - &true_rotation).unwrap())
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-        .to_degrees();
-    let millimetres = ((translation.as_tensor() - &true_translation).unwrap())
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .sqrt()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let degrees = distance(rotation.as_tensor(), &true_rotation).to_degrees();
+    let millimetres = distance(translation.as_tensor(), &true_translation);
     eprintln!("pose error: {degrees:.3} deg, {millimetres:.3} mm");
     assert!(degrees < 1.0, "rotation off by {degrees} deg");
     assert!(millimetres < 1.0, "translation off by {millimetres} mm");
