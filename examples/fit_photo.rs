@@ -28,6 +28,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("texture.png".as_ref()),
     )?;
     result.render.save(out.join("render.png"))?;
+    result.frontal_render.save(out.join("frontal.png"))?;
+    if let Some(albedo) = &result.albedo {
+        albedo.save(out.join("albedo.png"))?;
+    }
     for (step, time) in &result.timings {
         println!("{step:>20}: {:.2} s", time.as_secs_f64());
     }
@@ -38,6 +42,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             stage.best_loss,
             stage.history.len()
         );
+        for (record, when) in [
+            (stage.history.first(), "first"),
+            (stage.history.last(), "last"),
+        ] {
+            let terms: Vec<String> = record
+                .into_iter()
+                .flat_map(|r| &r.terms)
+                .map(|(name, value)| format!("{name} {value:.2e}"))
+                .collect();
+            println!("{:>20}  {when}: {}", "", terms.join(", "));
+        }
     }
     println!("wrote {}", out.display());
     Ok(())

@@ -1,15 +1,23 @@
 //! The `Fitter`: photo in, fitted 3D face out.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker};
-use ganfit_morphable::{MorphableModel, TexturedMesh};
-use ganfit_optim::{AlignmentConfig, FitParams, ImageLandmarks, StageReport, UvTexture};
-use ganfit_render::{
-    Appearance, Lighting, PhongLight, RenderOptions, Renderer, Scene, Triangles, WrapMode,
+use ganfit_losses::face::{
+    FaceChoice, FaceDetector, FaceLandmarker, ICT_VERTEX_FROM_MESH, Landmarks468,
 };
+use ganfit_losses::identity::FaceRecognitionNet;
+use ganfit_morphable::{MorphableModel, TexturedMesh};
+use ganfit_optim::{
+    AlignmentConfig, FitParams, ImageLandmarks, Intrinsics, LossWeights, PhotoView, RefineConfig,
+    StageReport, TextureSource, UvTexture, VertexObservation,
+};
+use ganfit_render::{Appearance, Lighting, PhongLight, RenderOptions, Renderer, Scene, WrapMode};
+use ganfit_texture::TextureModel;
 use image::{RgbImage, RgbaImage};
+
+use crate::atlas::{DEFAULT_IRIS, HeadLayout};
 
 /// Everything that can go wrong while building a [`Fitter`] or fitting a photo.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +31,9 @@ pub enum Error {
     /// Reading the photo, or finding the face and its landmarks, failed.
     #[error(transparent)]
     Face(#[from] ganfit_losses::face::FaceError),
+    /// The identity network failed to load or run.
+    #[error(transparent)]
+    Loss(#[from] ganfit_losses::LossError),
     /// The optimisation failed.
     #[error(transparent)]
     Optim(#[from] ganfit_optim::OptimError),
@@ -46,7 +57,14 @@ pub struct FitterBuilder {
     device: Option<Device>,
     resolver: Option<ganfit_assets::Resolver>,
     model: Option<MorphableModel>,
+    identity_net: Option<FaceRecognitionNet>,
+    texture_model: Option<Arc<dyn TextureModel>>,
     alignment: Option<AlignmentConfig>,
+    refine: Option<RefineConfig>,
+    iterations: Option<usize>,
+    loss_weights: Option<LossWeights>,
+    seed: u64,
+    intrinsics: Option<Intrinsics>,
     face_choice: FaceChoice,
     texture_size: Option<usize>,
 }
@@ -77,6 +95,54 @@ impl FitterBuilder {
         self
     }
 
+    /// The face-recognition network of the identity and content losses (default: dlib's
+    /// ResNet from the weights manifest).
+    pub fn identity_net(mut self, net: FaceRecognitionNet) -> Self {
+        self.identity_net = Some(net);
+        self
+    }
+
+    /// A learned texture model (the texture GAN, or PCA) whose latent the fit optimises. By
+    /// default the fit optimises a free UV map under smoothness and symmetry priors.
+    pub fn texture_model(mut self, model: Arc<dyn TextureModel>) -> Self {
+        self.texture_model = Some(model);
+        self
+    }
+
+    /// Iterations, weights, learning rates and resolutions of the full objective (the stage
+    /// after the landmark alignment).
+    pub fn refine(mut self, config: RefineConfig) -> Self {
+        self.refine = Some(config);
+        self
+    }
+
+    /// Iterations of the full objective (overrides [`FitterBuilder::refine`]'s); 0 stops after
+    /// the landmark alignment.
+    pub fn iterations(mut self, iterations: usize) -> Self {
+        self.iterations = Some(iterations);
+        self
+    }
+
+    /// The λ's of the full objective (overrides [`FitterBuilder::refine`]'s).
+    pub fn loss_weights(mut self, weights: LossWeights) -> Self {
+        self.loss_weights = Some(weights);
+        self
+    }
+
+    /// Seed of the fit's only random choice, the texture model's starting latent (default 0).
+    /// The fit is deterministic for a seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// The photos' camera intrinsics, when known (a calibrated camera): used as given instead
+    /// of guessed from the image size and fitted. Overrides [`FitterBuilder::alignment`]'s.
+    pub fn intrinsics(mut self, intrinsics: Intrinsics) -> Self {
+        self.intrinsics = Some(intrinsics);
+        self
+    }
+
     /// Which face to fit when the photo shows several (default: the largest).
     pub fn face_choice(mut self, choice: FaceChoice) -> Self {
         self.face_choice = choice;
@@ -92,7 +158,20 @@ impl FitterBuilder {
     /// Loads the models and checks the configuration.
     pub fn build(self) -> Result<Fitter> {
         // Options are checked before the models load, so a mistake fails fast.
-        let alignment = self.alignment.unwrap_or_default();
+        let mut alignment = self.alignment.unwrap_or_default();
+        if let Some(intrinsics) = self.intrinsics {
+            alignment.intrinsics = Some(intrinsics);
+        }
+        if let Some(k) = alignment.intrinsics
+            && (![k.fx, k.fy, k.cx, k.cy].iter().all(|v| v.is_finite())
+                || k.fx <= 0.0
+                || k.fy <= 0.0)
+        {
+            return Err(Error::Config(format!(
+                "intrinsics need positive finite focal lengths and a finite principal point, \
+                 got {k:?}"
+            )));
+        }
         if alignment.camera_iterations + alignment.shape_iterations == 0 {
             return Err(Error::Config(
                 "the alignment stage has no iterations".to_string(),
@@ -104,7 +183,45 @@ impl FitterBuilder {
                 "texture size {texture_size} is outside 16..=8192 texels"
             )));
         }
+        let mut refine = self.refine.unwrap_or_default();
+        if let Some(iterations) = self.iterations {
+            refine.iterations = iterations;
+        }
+        if let Some(weights) = self.loss_weights {
+            refine.weights = weights;
+        }
+        let weights = [
+            refine.weights.identity,
+            refine.weights.frontal_identity,
+            refine.weights.content,
+            refine.weights.pixel,
+            refine.weights.landmark,
+            refine.weights.shape_prior,
+            refine.weights.expression_prior,
+            refine.weights.light_prior,
+            refine.weights.texture_prior,
+            refine.weights.texture_symmetry,
+        ];
+        if weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
+            return Err(Error::Config(format!(
+                "loss weights must be finite and non-negative, got {:?}",
+                refine.weights
+            )));
+        }
+        if refine.iterations > 0 && weights.iter().all(|w| *w == 0.0) {
+            return Err(Error::Config(
+                "every loss weight is zero: the full objective would have nothing to minimise"
+                    .to_string(),
+            ));
+        }
         let device = self.device.unwrap_or(Device::Cpu);
+        if let Some(texture_model) = &self.texture_model
+            && !texture_model.device().same_device(&device)
+        {
+            return Err(Error::Config(
+                "the texture model lives on another device than the fitter".to_string(),
+            ));
+        }
         let resolver = self.resolver.unwrap_or_default();
         let model = match self.model {
             Some(model) => model,
@@ -119,27 +236,58 @@ impl FitterBuilder {
                 ganfit_morphable::LANDMARK_COUNT
             )));
         }
+        refine.seed = self.seed;
+        let identity_net = match self.identity_net {
+            Some(net) => Some(net),
+            None if refine.iterations > 0 => {
+                Some(FaceRecognitionNet::from_resolver(&resolver, &device)?)
+            }
+            // Only the full objective uses it: spare the load.
+            None => None,
+        };
         Ok(Fitter {
             texture_size,
             detector: FaceDetector::from_resolver(&resolver, &device)?,
             landmarker: FaceLandmarker::from_resolver(&resolver, &device)?,
             model,
+            identity_net,
+            texture_model: self.texture_model,
             alignment,
+            refine,
             face_choice: self.face_choice,
         })
     }
 }
 
 /// Fits a morphable model to photos. Build one with [`Fitter::builder`], then call
-/// [`Fitter::fit`] for each photo.
+/// [`Fitter::fit`] for each photo, or [`Fitter::fit_many`] for several photos of one person.
 #[derive(Debug)]
 pub struct Fitter {
     model: MorphableModel,
     detector: FaceDetector,
     landmarker: FaceLandmarker,
+    identity_net: Option<FaceRecognitionNet>,
+    texture_model: Option<Arc<dyn TextureModel>>,
     alignment: AlignmentConfig,
+    refine: RefineConfig,
     face_choice: FaceChoice,
     texture_size: usize,
+}
+
+/// What a fit reports while it runs, e.g. to drive a progress bar.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Progress<'a> {
+    /// A step of the fit begins.
+    Step(&'a str),
+    /// One iteration of the full objective ran.
+    Iteration {
+        /// Iteration index, from 0.
+        iteration: usize,
+        /// Iterations planned.
+        of: usize,
+        /// Its total loss.
+        loss: f64,
+    },
 }
 
 /// What a fit produces.
@@ -147,15 +295,21 @@ pub struct Fitter {
 pub struct FitResult {
     /// Camera, identity and expression.
     pub params: FitParams,
+    /// Spherical-harmonic light of the photo `[3, 9]` (camera space), when the full objective
+    /// ran.
+    pub light: Option<Tensor>,
     /// Fitted vertices `[N, 3]` in millimetres, model coordinates (apply the camera's pose to
     /// get camera coordinates).
     pub vertices: Tensor,
     /// The fitted mesh, ready to export.
     pub mesh: TexturedMesh,
-    /// The photo projected onto the mesh's UV layout (image orientation, row 0 at the top).
+    /// The UV texture (image orientation, row 0 at the top): the photo where it sees the
+    /// surface, the fitted albedo (scaled to the photo's brightness) elsewhere.
     pub uv_texture: RgbImage,
     /// Which texels of `uv_texture` were seen in the photo (255) or filled in (0).
     pub uv_observed: image::GrayImage,
+    /// The albedo UV map the full objective fitted (without the photo's shading), when it ran.
+    pub albedo: Option<RgbImage>,
     /// The textured reconstruction rendered through the fitted camera, the photo's size,
     /// transparent where empty.
     pub render: RgbaImage,
@@ -175,6 +329,34 @@ pub struct FitResult {
     pub timings: Vec<(String, Duration)>,
 }
 
+impl FitResult {
+    /// Mean distance between the fitted and the detected landmarks, as a fraction of the
+    /// detected inter-ocular distance (outer eye corners, iBUG 36 and 45); `NaN` when the
+    /// model has none of the landmarks.
+    pub fn landmark_error(&self) -> f64 {
+        let detected = &self.detected_landmarks;
+        let distance = |a: [f32; 2], b: [f32; 2]| f64::from((a[0] - b[0]).hypot(a[1] - b[1]));
+        let (Some(&left), Some(&right)) = (detected.get(36), detected.get(45)) else {
+            return f64::NAN;
+        };
+        let errors: Vec<f64> = self
+            .fitted_landmarks
+            .iter()
+            .zip(detected)
+            .filter_map(|(fitted, &d)| fitted.map(|f| distance(f, d)))
+            .collect();
+        errors.iter().sum::<f64>() / errors.len() as f64 / distance(left, right)
+    }
+}
+
+/// One photo's state between the steps of a fit.
+struct Observed {
+    detected: Vec<[f32; 2]>,
+    landmarks: ImageLandmarks,
+    photo: Tensor,
+    alignment: ganfit_optim::Alignment,
+}
+
 impl Fitter {
     /// A builder with every option at its default.
     pub fn builder() -> FitterBuilder {
@@ -188,37 +370,198 @@ impl Fitter {
 
     /// Fits one photo.
     pub fn fit(&self, image: &RgbImage) -> Result<FitResult> {
+        self.fit_with_progress(image, |_| {})
+    }
+
+    /// Fits one photo, reporting progress to `observer`.
+    pub fn fit_with_progress(
+        &self,
+        image: &RgbImage,
+        observer: impl FnMut(Progress<'_>),
+    ) -> Result<FitResult> {
+        let mut results = self.fit_many_with_progress(std::slice::from_ref(image), observer)?;
+        Ok(results.remove(0))
+    }
+
+    /// Fits several photos of one person: they share identity and texture, each has its own
+    /// expression, camera and light. Returns one result per photo, in order.
+    pub fn fit_many(&self, images: &[RgbImage]) -> Result<Vec<FitResult>> {
+        self.fit_many_with_progress(images, |_| {})
+    }
+
+    /// [`Fitter::fit_many`], reporting progress to `observer`.
+    pub fn fit_many_with_progress(
+        &self,
+        images: &[RgbImage],
+        mut observer: impl FnMut(Progress<'_>),
+    ) -> Result<Vec<FitResult>> {
+        if images.is_empty() {
+            return Err(Error::Config("no photos to fit".to_string()));
+        }
         let mut timings = Vec::new();
         let mut clock = Instant::now();
         let mut lap = |name: &str, timings: &mut Vec<(String, Duration)>| {
             timings.push((name.to_string(), clock.elapsed()));
             clock = Instant::now();
         };
-        let face = self.detector.detect_face(image, self.face_choice)?;
-        lap("face detection", &mut timings);
-        let mesh_points = self.landmarker.landmarks(image, &face)?;
-        let detected = mesh_points.to_ibug68().to_vec();
-        lap("landmarks", &mut timings);
+        let mut observed = Vec::with_capacity(images.len());
+        for image in images {
+            observer(Progress::Step("face detection"));
+            let face = self.detector.detect_face(image, self.face_choice)?;
+            lap("face detection", &mut timings);
+            observer(Progress::Step("landmarks"));
+            let mesh_points = self.landmarker.landmarks(image, &face)?;
+            let detected = mesh_points.to_ibug68().to_vec();
+            lap("landmarks", &mut timings);
+            let landmarks = ImageLandmarks {
+                points: detected
+                    .iter()
+                    .map(|p| Some([f64::from(p[0]), f64::from(p[1])]))
+                    .collect(),
+                dense: dense_observations(&self.model, &mesh_points),
+                width: image.width(),
+                height: image.height(),
+            };
+            observer(Progress::Step("landmark alignment"));
+            let alignment =
+                ganfit_optim::align_to_landmarks(&self.model, &landmarks, &self.alignment)?;
+            lap("landmark alignment", &mut timings);
+            observed.push(Observed {
+                detected,
+                landmarks,
+                photo: photo_tensor(image, self.model.device())?,
+                alignment,
+            });
+        }
 
-        let landmarks = ImageLandmarks {
-            points: detected
-                .iter()
-                .map(|p| Some([f64::from(p[0]), f64::from(p[1])]))
-                .collect(),
-            width: image.width(),
-            height: image.height(),
+        let refined = match &self.identity_net {
+            Some(net) if self.refine.iterations > 0 => {
+                observer(Progress::Step("full objective"));
+                let first = &observed[0];
+                let params = &first.alignment.params;
+                let vertices = self.model.instance(&params.shape, &params.expression)?;
+                let initial = ganfit_optim::unwrap_photo(
+                    &self.model,
+                    &vertices,
+                    params,
+                    &first.photo,
+                    self.refine.texture_size,
+                )?;
+                let views: Vec<PhotoView<'_>> = observed
+                    .iter()
+                    .map(|o| PhotoView {
+                        image: &o.photo,
+                        landmarks: &o.landmarks,
+                        params: &o.alignment.params,
+                    })
+                    .collect();
+                let source = match &self.texture_model {
+                    Some(model) => TextureSource::Model(model.as_ref()),
+                    None => TextureSource::FreeUv,
+                };
+                let of = self.refine.iterations;
+                let refinement = ganfit_optim::refine(
+                    &self.model,
+                    net,
+                    &views,
+                    &initial,
+                    source,
+                    &self.refine,
+                    |record| {
+                        observer(Progress::Iteration {
+                            iteration: record.iteration,
+                            of,
+                            loss: record.total,
+                        })
+                    },
+                )?;
+                lap("full objective", &mut timings);
+                Some(refinement)
+            }
+            _ => None,
         };
-        let alignment = ganfit_optim::align_to_landmarks(&self.model, &landmarks, &self.alignment)?;
-        lap("landmark alignment", &mut timings);
 
-        let params = alignment.params;
+        observer(Progress::Step("texture and renders"));
+        let mut results = Vec::with_capacity(images.len());
+        for (index, (image, observed)) in images.iter().zip(observed).enumerate() {
+            let mut stages = observed.alignment.stages;
+            let (params, light, albedo) = match &refined {
+                Some(r) => {
+                    stages.push(r.report.clone());
+                    (
+                        r.params[index].clone(),
+                        Some(r.lights[index].clone()),
+                        Some(albedo_image(&r.albedo)?),
+                    )
+                }
+                None => (observed.alignment.params, None, None),
+            };
+            let mut result = self.finish(image, &observed.photo, params, albedo)?;
+            result.light = light;
+            result.detected_landmarks = observed.detected;
+            result.stages = stages;
+            lap("texture and renders", &mut timings);
+            result.timings = timings.clone();
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    /// Renders a fitted face from the front (like [`FitResult::frontal_render`]) with another
+    /// expression, e.g. one fitted to another photo: `expression` holds blendshape weights of
+    /// this fitter's model.
+    pub fn render_frontal(
+        &self,
+        result: &FitResult,
+        expression: &Tensor,
+        size: u32,
+    ) -> Result<RgbaImage> {
+        if size == 0 {
+            return Err(Error::Config(
+                "a render needs at least one pixel".to_string(),
+            ));
+        }
+        let (width, height) = result.uv_texture.dimensions();
+        let texture = UvTexture {
+            size: width as usize,
+            rgb: result
+                .uv_texture
+                .as_raw()
+                .iter()
+                .map(|&v| f32::from(v) / 255.0)
+                .collect(),
+            observed: vec![1.0; (width * height) as usize],
+        };
+        if width != height {
+            return Err(Error::Config(format!(
+                "the result's texture is {width}×{height}; fitted textures are square"
+            )));
+        }
+        let vertices = self.model.instance(
+            &result.params.shape,
+            &expression
+                .to_dtype(DType::F32)?
+                .to_device(self.model.device())?,
+        )?;
+        View::new(&self.model, &texture)?.render_frontal(&vertices, size)
+    }
+
+    /// Geometry, texture and renders of a fitted photo.
+    fn finish(
+        &self,
+        image: &RgbImage,
+        photo: &Tensor,
+        params: FitParams,
+        albedo: Option<RgbImage>,
+    ) -> Result<FitResult> {
         let vertices = self.model.instance(&params.shape, &params.expression)?;
         let fitted_landmarks = project_landmarks(&self.model, &vertices, &params)?;
         let mesh = self.model.mesh(&vertices)?;
-        let photo = photo_tensor(image, self.model.device())?;
-        let texture =
-            ganfit_optim::unwrap_photo(&self.model, &vertices, &params, &photo, self.texture_size)?;
-        lap("texture", &mut timings);
+        let mut texture =
+            ganfit_optim::unwrap_photo(&self.model, &vertices, &params, photo, self.texture_size)?;
+        if let Some(albedo) = &albedo {
+            fill_from_albedo(&mut texture, albedo);
+        }
         let view = View::new(&self.model, &texture)?;
         let render = view.render(&vertices, &params, image.width(), image.height(), false)?;
         let geometry_render =
@@ -227,9 +570,9 @@ impl Fitter {
             .model
             .instance(&params.shape, &params.expression.zeros_like()?)?;
         let frontal_render = view.render_frontal(&neutral, FRONTAL_SIZE)?;
-        lap("renders", &mut timings);
         Ok(FitResult {
             params,
+            light: None,
             vertices,
             mesh,
             uv_texture: texture_image(&texture),
@@ -242,15 +585,60 @@ impl Fitter {
                     ])
                 },
             ),
+            albedo,
             render,
             geometry_render,
             frontal_render,
-            detected_landmarks: detected,
+            detected_landmarks: Vec::new(),
             fitted_landmarks,
-            stages: alignment.stages,
-            timings,
+            stages: Vec::new(),
+            timings: Vec::new(),
         })
     }
+}
+
+/// MediaPipe's 468 face-mesh points as observations of their ICT vertices, when fitting the
+/// ICT model (the correspondence is ICT's own; other models get none).
+fn dense_observations(model: &MorphableModel, mesh: &Landmarks468) -> Vec<VertexObservation> {
+    let is_ict = model.name().starts_with("ICT Face Model")
+        && ICT_VERTEX_FROM_MESH
+            .iter()
+            .all(|&v| (v as usize) < model.n_vertices());
+    if !is_ict {
+        return Vec::new();
+    }
+    ICT_VERTEX_FROM_MESH
+        .iter()
+        .zip(&mesh.points)
+        .map(|(&vertex, p)| VertexObservation {
+            vertex,
+            pixel: [f64::from(p[0]), f64::from(p[1])],
+        })
+        .collect()
+}
+
+/// `[T, T, 3]` in `[0, 1]` → an RGB image.
+fn albedo_image(albedo: &Tensor) -> Result<RgbImage> {
+    let (h, w, _) = albedo.dims3()?;
+    let values: Vec<f32> = albedo.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(RgbImage::from_fn(w as u32, h as u32, |x, y| {
+        let i = (y as usize * w + x as usize) * 3;
+        image::Rgb([0, 1, 2].map(|c| to_byte(values[i + c])))
+    }))
+}
+
+/// Gives the texels the photo did not see the fitted albedo (see
+/// [`UvTexture::fill_unobserved`]): the far side of a turned head gets the person's skin, not
+/// an average colour.
+fn fill_from_albedo(texture: &mut UvTexture, albedo: &RgbImage) {
+    let size = texture.size as u32;
+    let albedo = image::imageops::resize(albedo, size, size, image::imageops::FilterType::Triangle);
+    let albedo: Vec<f32> = albedo
+        .as_raw()
+        .iter()
+        .map(|&v| f32::from(v) / 255.0)
+        .collect();
+    texture.fill_unobserved(Some(&albedo));
 }
 
 /// Pixels of the model's landmark vertices under the fitted camera.
@@ -311,20 +699,18 @@ fn to_byte(v: f32) -> u8 {
 /// The textured mesh, ready to draw through any camera.
 struct View<'a> {
     model: &'a MorphableModel,
-    texture: &'a UvTexture,
-    /// The skin's mesh and UV triangles (see [`ganfit_optim::skin_triangles`]).
-    triangles: Triangles,
-    uv_triangles: Triangles,
+    /// Triangles and atlas coordinates of the whole head, eyes and mouth included.
+    layout: HeadLayout,
+    /// The UV map beside the palette of eyes, mouth and the head off the UV tile.
+    atlas: Tensor,
 }
 
 impl<'a> View<'a> {
-    fn new(model: &'a MorphableModel, texture: &'a UvTexture) -> Result<Self> {
-        let (skin, skin_uv) = ganfit_optim::skin_triangles(model);
+    fn new(model: &'a MorphableModel, texture: &UvTexture) -> Result<Self> {
         Ok(View {
             model,
-            texture,
-            triangles: Triangles::new(skin, model.n_vertices())?,
-            uv_triangles: Triangles::new(skin_uv, model.uvs().len())?,
+            layout: HeadLayout::new(model, &model.mean_rows()?)?,
+            atlas: HeadLayout::atlas(&texture.rgb, texture.size, DEFAULT_IRIS)?,
         })
     }
 }
@@ -337,19 +723,15 @@ impl View<'_> {
         translation: &Tensor,
         camera: ganfit_render::Camera,
         shaded_geometry: bool,
+        whole_head: bool,
     ) -> Result<RgbaImage> {
         let device = Device::Cpu;
-        let model = self.model;
-        // The texture op puts v = 0 at the top row; the model's UVs are OBJ-style (v up).
-        let uv: Vec<f32> = model
-            .uvs()
-            .iter()
-            .flat_map(|&[u, v]| [u, 1.0 - v])
-            .collect();
-        let uv = Tensor::from_vec(uv, (model.uvs().len(), 2), &device)?;
-        let size = self.texture.size;
-        let texture = Tensor::from_slice(&self.texture.rgb, (size, size, 3), &device)?;
-        let grey = Tensor::full(0.75f32, (model.n_vertices(), 3), &device)?;
+        let (triangles, uv_triangles) = if whole_head {
+            (&self.layout.triangles, &self.layout.uv_triangles)
+        } else {
+            (&self.layout.skin.0, &self.layout.skin.1)
+        };
+        let grey = Tensor::full(0.75f32, (self.model.n_vertices(), 3), &device)?;
         let light = PhongLight {
             direction: Tensor::new(&[[0.3f32, -0.4, -1.0]], &device)?,
             color: Tensor::new(&[[0.7f32, 0.7, 0.7]], &device)?,
@@ -362,19 +744,20 @@ impl View<'_> {
         } else {
             (
                 Appearance::Texture {
-                    texture: &texture,
-                    uv: &uv,
-                    uv_triangles: Some(&self.uv_triangles),
+                    texture: &self.atlas,
+                    uv: &self.layout.uv,
+                    uv_triangles: Some(uv_triangles),
                     wrap: WrapMode::Clamp,
                 },
                 Lighting::Unlit,
             )
         };
         let renderer = Renderer::new(
-            self.triangles.clone(),
+            triangles.clone(),
             camera,
             RenderOptions {
-                cull_backfaces: true,
+                // The mouth and eye sockets are seen from inside; the depth test suffices.
+                cull_backfaces: false,
                 antialias: true,
             },
         );
@@ -406,6 +789,7 @@ impl View<'_> {
         shaded_geometry: bool,
     ) -> Result<RgbaImage> {
         let k = &params.intrinsics;
+        let (near, far) = ganfit_optim::DEPTH_RANGE_MM;
         let camera = ganfit_render::Camera::new(
             k.fx,
             k.fy,
@@ -413,55 +797,30 @@ impl View<'_> {
             k.cy,
             width as usize,
             height as usize,
-            1.0,
-            1e5,
+            near,
+            far,
         )?;
+        // Skin only: laid onto the photo, the photo's own eyes and teeth show through.
         self.draw(
             vertices,
             &params.rotation,
             &params.translation,
             camera,
             shaded_geometry,
+            false,
         )
     }
 
-    /// Seen from straight ahead at 1 m with the head filling about 70 % of the frame. The
-    /// models are y-up, z-towards-the-viewer; the camera is OpenCV's (y down, z forward), hence
-    /// the half turn about x.
+    /// Seen from straight ahead (see [`ganfit_optim::frontal_camera`]), framing the face.
     fn render_frontal(&self, vertices: &Tensor, size: u32) -> Result<RgbaImage> {
-        let device = vertices.device();
-        let face = self.model.vertex_set("face").unwrap_or(&[]);
-        let all: Vec<Vec<f32>> = vertices.to_dtype(DType::F32)?.to_vec2()?;
-        let chosen: Vec<&Vec<f32>> = if face.is_empty() {
-            all.iter().collect()
-        } else {
-            face.iter().map(|&i| &all[i as usize]).collect()
-        };
-        let (mut lo, mut hi) = ([f32::INFINITY; 3], [f32::NEG_INFINITY; 3]);
-        for p in &chosen {
-            for a in 0..3 {
-                lo[a] = lo[a].min(p[a]);
-                hi[a] = hi[a].max(p[a]);
+        let framed = match self.model.vertex_set("face") {
+            Ok(face) => {
+                let ids = Tensor::from_slice(face, face.len(), vertices.device())?;
+                vertices.index_select(&ids, 0)?
             }
-        }
-        let centre = [0, 1, 2].map(|a| (lo[a] + hi[a]) / 2.0);
-        let extent = (hi[0] - lo[0]).max(hi[1] - lo[1]).max(1.0);
-        let distance = 1000.0f32;
-        let focal = 0.7 * size as f32 * distance / extent;
-        let rotation = Tensor::new(&[std::f32::consts::PI, 0.0, 0.0], device)?;
-        // R·c = (c_x, -c_y, -c_z) for the half turn about x; cancel it and step back.
-        let translation = Tensor::new(&[-centre[0], centre[1], centre[2] + distance], device)?;
-        let half = f64::from(size) / 2.0 - 0.5;
-        let camera = ganfit_render::Camera::new(
-            f64::from(focal),
-            f64::from(focal),
-            half,
-            half,
-            size as usize,
-            size as usize,
-            1.0,
-            1e5,
-        )?;
-        self.draw(vertices, &rotation, &translation, camera, false)
+            Err(_) => vertices.clone(),
+        };
+        let (camera, rotation, translation) = ganfit_optim::frontal_camera(&framed, size as usize)?;
+        self.draw(vertices, &rotation, &translation, camera, false, true)
     }
 }

@@ -6,9 +6,12 @@
 //! renderer, loss networks and optimiser — so that an application needs a single dependency;
 //! each layer is usable on its own through its module here.
 
+mod atlas;
+pub mod evaluate;
 mod fitter;
+pub mod synthetic;
 
-pub use fitter::{Error, FitResult, Fitter, FitterBuilder, Result};
+pub use fitter::{Error, FitResult, Fitter, FitterBuilder, Progress, Result};
 pub use ganfit_assets as assets;
 pub use ganfit_losses as losses;
 pub use ganfit_morphable as morphable;

@@ -1,15 +1,17 @@
 //! The `ganfit` command line: fits photos and manages the model files the fit needs.
 
+mod bench;
 mod report;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
+use candle_core::Device;
 use clap::{Parser, Subcommand};
 use ganfit::losses::face::load_rgb;
 use ganfit::morphable::export;
-use ganfit::{FitResult, Fitter};
+use ganfit::{FitResult, Fitter, Progress};
 use image::RgbImage;
 use indicatif::ProgressBar;
 use serde_json::json;
@@ -35,6 +37,20 @@ enum Command {
         /// Folder the results are written to (one sub-folder per photo when there are several).
         #[arg(long, default_value = "out")]
         out: PathBuf,
+        /// Iterations of the full objective after the landmark alignment (0: landmarks only).
+        #[arg(long)]
+        iterations: Option<usize>,
+        /// Where the models run: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with the `cuda`
+        /// feature).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Seed of the fit's random choices; the same seed gives the same result.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The photos show one person: fit them together, sharing identity and texture
+        /// (otherwise each photo is fitted on its own).
+        #[arg(long)]
+        same_person: bool,
         /// Print nothing but errors.
         #[arg(long)]
         quiet: bool,
@@ -43,6 +59,11 @@ enum Command {
     Texture {
         #[command(subcommand)]
         command: TextureCommand,
+    },
+    /// Measure accuracy: synthetic ground truth, a peer and real photos.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
     },
     /// Show where every model file resolves, or fetch and verify the ones named.
     Assets {
@@ -94,8 +115,23 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Fit { photos, out, quiet } => fit(&photos, &out, quiet),
+        Command::Fit {
+            photos,
+            out,
+            iterations,
+            device,
+            seed,
+            same_person,
+            quiet,
+        } => {
+            let mut builder = Fitter::builder().device(parse_device(&device)?).seed(seed);
+            if let Some(iterations) = iterations {
+                builder = builder.iterations(iterations);
+            }
+            fit(builder, &photos, &out, same_person, quiet)
+        }
         Command::Assets { ids } => assets(&ids),
+        Command::Bench { command } => bench::run(command),
         Command::Texture {
             command:
                 TextureCommand::Train {
@@ -119,31 +155,87 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn fit(photos: &[PathBuf], out: &Path, quiet: bool) -> anyhow::Result<()> {
-    let spinner = progress(quiet);
-    spinner.set_message("loading models");
-    let fitter = Fitter::builder().build()?;
+fn parse_device(name: &str) -> anyhow::Result<Device> {
+    let cuda = |ordinal: usize| {
+        Device::new_cuda(ordinal).with_context(|| {
+            format!("cannot use `{name}`: build with `--features cuda` on a machine with a GPU")
+        })
+    };
+    match name.split_once(':') {
+        None if name == "cpu" => Ok(Device::Cpu),
+        None if name == "cuda" => cuda(0),
+        Some(("cuda", ordinal)) => cuda(
+            ordinal
+                .parse()
+                .with_context(|| format!("`{ordinal}` is not a GPU number"))?,
+        ),
+        _ => anyhow::bail!("unknown device `{name}`: use cpu, cuda or cuda:N"),
+    }
+}
+
+fn fit(
+    builder: ganfit::FitterBuilder,
+    photos: &[PathBuf],
+    out: &Path,
+    same_person: bool,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    let bar = progress(quiet);
+    bar.set_message("loading models");
+    let fitter = builder.build()?;
     let several = photos.len() > 1;
-    for photo in photos {
-        let dir = if several {
+    let dir_of = |photo: &Path| {
+        if several {
             out.join(photo.file_stem().unwrap_or_default())
         } else {
             out.to_path_buf()
-        };
-        spinner.set_message(format!("fitting {}", photo.display()));
-        let image = load_rgb(photo)?;
-        let result = fitter.fit(&image)?;
-        let name = photo.file_name().unwrap_or_default().to_string_lossy();
-        write_outputs(&dir, &name, &image, &fitter, &result)
-            .with_context(|| format!("cannot write the results to {}", dir.display()))?;
-        spinner.println(format!("{} -> {}", photo.display(), dir.display()));
-        if !quiet && !spinner.is_hidden() {
+        }
+    };
+    // Read every photo first: a bad file fails before minutes of fitting.
+    let images = photos
+        .iter()
+        .map(|photo| load_rgb(photo).map_err(anyhow::Error::from))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let groups: Vec<(Vec<&PathBuf>, Vec<RgbImage>)> = if same_person {
+        vec![(photos.iter().collect(), images)]
+    } else {
+        photos
+            .iter()
+            .map(|p| vec![p])
+            .zip(images.into_iter().map(|i| vec![i]))
+            .collect()
+    };
+    for (paths, images) in groups {
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        let label = names.join(", ");
+        let results = fitter.fit_many_with_progress(&images, |progress| match progress {
+            Progress::Step(step) => bar.set_message(format!("{label}: {step}")),
+            Progress::Iteration {
+                iteration,
+                of,
+                loss,
+            } => bar.set_message(format!(
+                "{label}: full objective {}/{of}, loss {loss:.4}",
+                iteration + 1
+            )),
+        })?;
+        for ((photo, image), result) in paths.iter().zip(&images).zip(&results) {
+            let dir = dir_of(photo);
+            let name = photo.file_name().unwrap_or_default().to_string_lossy();
+            write_outputs(&dir, &name, image, &fitter, result)
+                .with_context(|| format!("cannot write the results to {}", dir.display()))?;
+            bar.println(format!("{} -> {}", photo.display(), dir.display()));
+        }
+        if let Some(result) = results.first()
+            && !quiet
+            && !bar.is_hidden()
+        {
             for (step, time) in &result.timings {
-                spinner.println(format!("  {step}: {:.2} s", time.as_secs_f64()));
+                bar.println(format!("  {step}: {:.2} s", time.as_secs_f64()));
             }
         }
     }
-    spinner.finish_and_clear();
+    bar.finish_and_clear();
     Ok(())
 }
 
@@ -166,6 +258,9 @@ fn write_outputs(
     std::fs::create_dir_all(dir)?;
     result.uv_texture.save(dir.join("texture.png"))?;
     result.uv_observed.save(dir.join("texture_observed.png"))?;
+    if let Some(albedo) = &result.albedo {
+        albedo.save(dir.join("albedo.png"))?;
+    }
     export::write_obj(
         &dir.join("mesh.obj"),
         &result.mesh,
@@ -232,6 +327,13 @@ fn params_json(fitter: &Fitter, result: &FitResult) -> anyhow::Result<serde_json
             "rotation_axis_angle": rotation,
         },
         "shape": params.shape.to_vec1::<f32>()?,
+        "light_sh": match &result.light {
+            Some(light) => json!({
+                "convention": "Lambertian spherical harmonics, camera space, RGB x 9 (ganfit_render::shade_sh)",
+                "coefficients": light.to_vec2::<f32>()?,
+            }),
+            None => serde_json::Value::Null,
+        },
         "expression": params.expression.to_vec1::<f32>()?,
         "expression_names": fitter.model().expression_names(),
         "stages": result.stages.iter().map(|s| json!({

@@ -37,6 +37,8 @@ fn fits_the_astronaut_and_writes_every_output() {
     let glb = std::fs::read(dir.join("mesh.glb")).unwrap();
     assert_eq!(&glb[..4], b"glTF");
 
+    let albedo = image::open(dir.join("albedo.png")).unwrap();
+    assert!(albedo.width() >= 64 && albedo.width() == albedo.height());
     let texture = image::open(dir.join("texture.png")).unwrap();
     assert_eq!((texture.width(), texture.height()), (1024, 1024));
     for name in ["render.png", "overlay.png"] {
@@ -90,6 +92,9 @@ fn fits_the_astronaut_and_writes_every_output() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("params.json")).unwrap()).unwrap();
     assert_eq!(params["units"], "millimetres");
     assert_eq!(params["camera"]["K"].as_array().unwrap().len(), 3);
+    let light = params["light_sh"]["coefficients"].as_array().unwrap();
+    assert_eq!(light.len(), 3);
+    assert!(light.iter().all(|row| row.as_array().unwrap().len() == 9));
     // pixel ≃ K·(R·X + t) for the OBJ's vertices: the mesh's centroid must land in the photo,
     // in front of the camera.
     let m = |name: &str, i: usize, j: usize| params["camera"][name][i][j].as_f64().unwrap();
@@ -120,6 +125,29 @@ fn a_missing_photo_fails_with_one_line() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("photo.jpg"), "{stderr}");
+}
+
+#[test]
+fn an_unavailable_device_or_bad_option_fails_with_one_line() {
+    for args in [
+        &["--device", "cuda"][..],
+        &["--device", "tpu"],
+        &["--device", "cuda:x"],
+    ] {
+        let out = ganfit()
+            .args(["fit", "--quiet"])
+            .args(args)
+            .arg(astronaut())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

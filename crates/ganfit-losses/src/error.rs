@@ -71,6 +71,15 @@ pub enum LossError {
         actual: Vec<usize>,
     },
 
+    /// An input tensor has the right shape but values a loss cannot use.
+    #[error("{what} {reason}")]
+    InputValue {
+        /// Which input.
+        what: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+
     /// Landmarks cannot define an alignment.
     #[error("cannot align the face: {reason}")]
     Alignment {

@@ -5,8 +5,9 @@
 //!   identity descriptor and the intermediate feature maps.
 //! * [`align`]: the similarity transform from facial landmarks to dlib's canonical 150×150 chip
 //!   and a differentiable bilinear warp that applies it.
-//! * [`losses`]: the identity loss (1 − cosine of descriptors) and the content loss (distance
-//!   of feature maps).
+//! * [`losses`]: GANFIT's loss terms, one value per render: identity (1 − cosine of
+//!   descriptors), content (distance of feature maps), pixel (masked mean RGB distance),
+//!   landmark (squared distance normalised by the face's size) and the Gaussian prior.
 //! * [`face`]: MediaPipe's face detector and 468-point landmark network, the iBUG 68 subset, and
 //!   photo loading.
 //! * [`gradcheck`]: central finite-difference checks of candle gradients.

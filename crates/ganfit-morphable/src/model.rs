@@ -159,6 +159,17 @@ impl MorphableModel {
         &self.info.expression_names
     }
 
+    /// The mean shape as one `[x, y, z]` row per vertex, millimetres.
+    pub fn mean_rows(&self) -> Result<Vec<[f32; 3]>> {
+        Ok(self
+            .mean
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|v| [v[0], v[1], v[2]])
+            .collect())
+    }
+
     /// The mean shape, `[N, 3]` millimetres.
     pub fn mean(&self) -> &Tensor {
         &self.mean

@@ -10,18 +10,29 @@
 
 mod align;
 mod pose;
+mod refine;
 mod schedule;
 mod stage;
 mod unwrap;
 
-pub use align::{Alignment, AlignmentConfig, FitParams, ImageLandmarks, align_to_landmarks};
+pub use align::{
+    Alignment, AlignmentConfig, FitParams, ImageLandmarks, VertexObservation, align_to_landmarks,
+};
 pub use pose::{Intrinsics, Pose, pose_from_landmarks};
+pub use refine::{
+    LossWeights, PhotoView, RefineConfig, Refinement, TextureSource, frontal_camera, refine,
+};
 pub use schedule::Schedule;
 pub use stage::{
     DivergenceGuard, EarlyStop, IterationRecord, Loss, ParamGroup, StageConfig, StageReport,
     StopReason, run_stage,
 };
 pub use unwrap::{UvTexture, skin_triangles, unwrap_photo};
+
+/// Nearest and farthest depth, millimetres, that the fit's cameras draw. A face is more than
+/// a centimetre and less than ten metres from the camera; a range no wider keeps the
+/// rasteriser's depth test fine enough to tell eyeballs from the sockets around them.
+pub const DEPTH_RANGE_MM: (f64, f64) = (10.0, 1e4);
 
 /// Errors of the optimisation loop.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +64,14 @@ pub enum OptimError {
     #[error(transparent)]
     Render(#[from] ganfit_render::RenderError),
 
+    /// A loss network or loss term rejected its input (boxed: it is large and rare).
+    #[error(transparent)]
+    Loss(Box<ganfit_losses::LossError>),
+
+    /// The texture model failed (boxed: it is large and rare).
+    #[error(transparent)]
+    Texture(Box<ganfit_texture::TextureError>),
+
     /// The landmarks cannot determine a camera.
     #[error("cannot initialise the camera from the landmarks: {0}")]
     DegenerateLandmarks(String),
@@ -60,4 +79,16 @@ pub enum OptimError {
     /// The caller passed inconsistent input.
     #[error("invalid optimiser input: {0}")]
     InvalidInput(String),
+}
+
+impl From<ganfit_losses::LossError> for OptimError {
+    fn from(error: ganfit_losses::LossError) -> Self {
+        OptimError::Loss(Box::new(error))
+    }
+}
+
+impl From<ganfit_texture::TextureError> for OptimError {
+    fn from(error: ganfit_texture::TextureError) -> Self {
+        OptimError::Texture(Box::new(error))
+    }
 }

@@ -53,7 +53,8 @@ pub fn skin_triangles(model: &MorphableModel) -> (Vec<[u32; 3]>, Vec<[u32; 3]>) 
 
 /// Projects `photo` (`[H, W, 3]`, values in `[0, 1]`) onto the UV layout of `model` posed as
 /// `vertices` (`[N, 3]`) under `params`' camera, at `size × size` texels. Texels not seen in the
-/// photo get the mean colour of those that were, so renders show no holes.
+/// photo are filled from the seen ones (see [`UvTexture::fill_unobserved`]), so renders show no
+/// holes.
 pub fn unwrap_photo(
     model: &MorphableModel,
     vertices: &Tensor,
@@ -103,7 +104,8 @@ pub fn unwrap_photo(
 
     // What the photo's camera sees: depth per pixel.
     let k = &params.intrinsics;
-    let camera = ganfit_render::Camera::new(k.fx, k.fy, k.cx, k.cy, width, height, 1.0, 1e5)?;
+    let (near, far) = crate::DEPTH_RANGE_MM;
+    let camera = ganfit_render::Camera::new(k.fx, k.fy, k.cx, k.cy, width, height, near, far)?;
     let clip = camera.to_clip(&camera_vertices)?;
     let photo_rast = rasterize(&clip, &triangles, height, width, RasterOptions::default())?;
     let photo_depth = interpolate(&camera_vertices.narrow(2, 2, 1)?, &photo_rast, &triangles)?;
@@ -146,12 +148,13 @@ pub fn unwrap_photo(
         rgb[texel * 3..texel * 3 + 3].copy_from_slice(&colour);
         observed[texel] = 1.0;
     }
-    fill_unobserved(&mut rgb, &observed);
-    Ok(UvTexture {
+    let mut texture = UvTexture {
         size,
         rgb,
         observed,
-    })
+    };
+    texture.fill_unobserved(None);
+    Ok(texture)
 }
 
 /// Bilinear sample of an `[H, W, 3]` image at pixel-centre coordinates (x, y), clamped.
@@ -169,19 +172,170 @@ fn bilinear(pixels: &[f32], width: usize, height: usize, x: f32, y: f32) -> [f32
     })
 }
 
-/// Gives every unobserved texel the mean colour of the observed ones.
-fn fill_unobserved(rgb: &mut [f32], observed: &[f32]) {
-    let seen = observed.iter().filter(|&&o| o > 0.0).count();
-    if seen == 0 {
-        return;
-    }
-    let mut mean = [0.0f32; 3];
-    for (texel, _) in observed.iter().enumerate().filter(|(_, o)| **o > 0.0) {
-        for c in 0..3 {
-            mean[c] += rgb[texel * 3 + c] / seen as f32;
+impl UvTexture {
+    /// Fills the texels the photo did not see: near seen ones with their average (a
+    /// normalised convolution over a few texels, which closes the specks a depth test leaves),
+    /// farther away with `background` (`size × size × 3`, e.g. a fitted albedo), scaled per
+    /// channel to the photo's brightness where both exist, or with the seen texels' mean
+    /// colour when there is no background. Seen texels keep the photo's colour exactly.
+    pub fn fill_unobserved(&mut self, background: Option<&[f32]>) {
+        let texels = self.size * self.size;
+        let seen = self.observed.iter().filter(|&&o| o > 0.0).count();
+        if seen == 0 || background.is_some_and(|b| b.len() != texels * 3) {
+            return;
+        }
+        let mut sums = [[0.0f64; 3]; 2];
+        for texel in (0..texels).filter(|&t| self.observed[t] > 0.0) {
+            for c in 0..3 {
+                sums[0][c] += f64::from(self.rgb[texel * 3 + c]);
+                sums[1][c] += f64::from(background.map_or(1.0, |b| b[texel * 3 + c]));
+            }
+        }
+        // Without a background the fill is the mean colour: a constant 1 times that gain.
+        let gain = [0, 1, 2].map(|c| {
+            if sums[1][c] > 0.0 {
+                (sums[0][c] / sums[1][c]) as f32
+            } else {
+                1.0
+            }
+        });
+
+        let radius = (self.size / 256).max(1);
+        let mut density = self.observed.clone();
+        let mut weighted: Vec<f32> = (0..texels * 3)
+            .map(|i| self.rgb[i] * self.observed[i / 3])
+            .collect();
+        for _ in 0..2 {
+            box_blur(&mut density, self.size, 1, radius);
+            box_blur(&mut weighted, self.size, 3, radius);
+        }
+        for texel in (0..texels).filter(|&t| self.observed[t] == 0.0) {
+            // Full trust in the neighbours' average where at least half the window was seen.
+            let trust = (2.0 * density[texel]).min(1.0);
+            for c in 0..3 {
+                let far = background.map_or(1.0, |b| b[texel * 3 + c]) * gain[c];
+                let near = if density[texel] > 0.0 {
+                    weighted[texel * 3 + c] / density[texel]
+                } else {
+                    far
+                };
+                self.rgb[texel * 3 + c] = (trust * near + (1.0 - trust) * far).clamp(0.0, 1.0);
+            }
         }
     }
-    for (texel, _) in observed.iter().enumerate().filter(|(_, o)| **o == 0.0) {
-        rgb[texel * 3..texel * 3 + 3].copy_from_slice(&mean);
+}
+
+/// Replaces each value of a `size × size × channels` image by the mean over a
+/// `(2·radius + 1)²` window (shrunk at the borders), as two running-sum passes.
+fn box_blur(values: &mut [f32], size: usize, channels: usize, radius: usize) {
+    let mut line = vec![0.0f32; size * channels];
+    for pass in 0..2 {
+        for outer in 0..size {
+            // Pass 0 runs along rows, pass 1 along columns.
+            let index = |inner: usize| {
+                let (row, column) = if pass == 0 {
+                    (outer, inner)
+                } else {
+                    (inner, outer)
+                };
+                (row * size + column) * channels
+            };
+            for c in 0..channels {
+                let mut sum = 0.0f64;
+                let mut count = 0usize;
+                for inner in 0..radius.min(size) {
+                    sum += f64::from(values[index(inner) + c]);
+                    count += 1;
+                }
+                for inner in 0..size {
+                    if inner + radius < size {
+                        sum += f64::from(values[index(inner + radius) + c]);
+                        count += 1;
+                    }
+                    if inner > radius {
+                        sum -= f64::from(values[index(inner - radius - 1) + c]);
+                        count -= 1;
+                    }
+                    line[inner * channels + c] = (sum / count as f64) as f32;
+                }
+            }
+            for inner in 0..size {
+                let at = index(inner);
+                values[at..at + channels].copy_from_slice(&line[inner * channels..][..channels]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn texture(size: usize, observed: impl Fn(usize, usize) -> bool) -> UvTexture {
+        let mut rgb = vec![0.0; size * size * 3];
+        let mut seen = vec![0.0; size * size];
+        for row in 0..size {
+            for column in 0..size {
+                if observed(row, column) {
+                    let t = row * size + column;
+                    rgb[t * 3..t * 3 + 3].copy_from_slice(&[0.8, 0.6, 0.4]);
+                    seen[t] = 1.0;
+                }
+            }
+        }
+        UvTexture {
+            size,
+            rgb,
+            observed: seen,
+        }
+    }
+
+    #[test]
+    fn a_speck_takes_its_neighbours_colour_and_far_texels_the_scaled_background() {
+        // Left half seen except one speck; the right half never.
+        let mut t = texture(64, |row, column| column < 32 && (row, column) != (20, 10));
+        let background = vec![0.5f32; 64 * 64 * 3];
+        t.fill_unobserved(Some(&background));
+        let at = |row: usize, column: usize| &t.rgb[(row * 64 + column) * 3..][..3];
+        for (got, want) in at(20, 10).iter().zip([0.8, 0.6, 0.4]) {
+            assert!((got - want).abs() < 1e-5, "speck {got} vs {want}");
+        }
+        // Far from anything seen: background 0.5 times the gain photo/background = 0.8/0.5 …
+        for (got, want) in at(40, 60).iter().zip([0.8, 0.6, 0.4]) {
+            assert!((got - want).abs() < 1e-5, "far {got} vs {want}");
+        }
+        assert!(
+            t.observed[20 * 64 + 10] == 0.0,
+            "filling does not mark texels seen"
+        );
+    }
+
+    #[test]
+    fn a_background_shows_its_own_pattern_where_nothing_was_seen() {
+        let mut t = texture(32, |_, column| column < 8);
+        let background: Vec<f32> = (0..32 * 32 * 3)
+            .map(|i| if (i / 3) % 2 == 0 { 0.2 } else { 0.6 })
+            .collect();
+        t.fill_unobserved(Some(&background));
+        // Blue: the seen colour 0.4 equals the background's mean, so the gain is 1.
+        let far = |texel: usize| t.rgb[texel * 3 + 2];
+        let (even, odd) = (far(31 * 32 + 30), far(31 * 32 + 31));
+        assert!(
+            odd > even * 2.5,
+            "the background's pattern survives: {even} {odd}"
+        );
+    }
+
+    #[test]
+    fn box_blur_keeps_a_constant_and_averages_a_step() {
+        let mut constant = vec![0.3f32; 10 * 10];
+        box_blur(&mut constant, 10, 1, 2);
+        assert!(constant.iter().all(|v| (v - 0.3).abs() < 1e-6));
+        let mut step: Vec<f32> = (0..100)
+            .map(|i| if i % 10 < 5 { 0.0 } else { 1.0 })
+            .collect();
+        box_blur(&mut step, 10, 1, 1);
+        // Column 4 sees columns 3, 4, 5: one of three is 1.
+        assert!((step[4] - 1.0 / 3.0).abs() < 1e-6, "{}", step[4]);
     }
 }

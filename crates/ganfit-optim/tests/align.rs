@@ -73,6 +73,7 @@ fn synthesise(model: &MorphableModel, seed: usize, yaw_degrees: f64) -> Syntheti
     Synthetic {
         landmarks: ImageLandmarks {
             points,
+            dense: Vec::new(),
             width: 512,
             height: 512,
         },
@@ -130,6 +131,7 @@ fn wrong_landmark_count_is_a_typed_error() {
     let model = sfm();
     let landmarks = ImageLandmarks {
         points: vec![Some([1.0, 2.0]); 5],
+        dense: Vec::new(),
         width: 100,
         height: 100,
     };

@@ -1,13 +1,15 @@
-//! Rasteriser and renderer throughput on a face-sized synthetic mesh of 18,432 triangles,
+//! Rasteriser and renderer throughput on a face-sized synthetic mesh of 18,432 triangles (the
+//! rasteriser alone, the ops composed by hand, and `Renderer::render`),
 //! with a plainly written per-triangle bounding-box rasteriser timed alongside for the ratio.
 //!
 //! Names are `cpu/<what>/<size>/b<batch>`. Run single-threaded for the per-core target:
-//! `RAYON_NUM_THREADS=1 cargo bench --release -p ganfit-render --bench render -- --warm-up-time 1 --measurement-time 3`
+//! `RAYON_NUM_THREADS=1 cargo bench -p ganfit-render --bench render -- --warm-up-time 1 --measurement-time 3`
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit_render::{
-    Camera, RasterOptions, Triangles, antialias, interpolate, rasterize, shade_sh, vertex_normals,
+    Appearance, Camera, Lighting, RasterOptions, RenderOptions, Renderer, Scene, Triangles,
+    WrapMode, antialias, interpolate, rasterize, shade_sh, vertex_normals,
 };
 
 /// A 97 x 97 vertex height field shaped like a face-sized cap (about 16 cm wide, bulging
@@ -177,6 +179,68 @@ fn benches(c: &mut Criterion) {
                 b.iter(|| {
                     render(var.as_tensor())
                         .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                })
+            });
+            // The composed renderer as the fit calls it: gradients to the vertices, pose, vertex
+            // colours and light.
+            let renderer = Renderer::new(tris.clone(), cam, RenderOptions::default());
+            let world = Var::from_tensor(&points).unwrap();
+            let rotation = Var::from_tensor(
+                &Tensor::new(&[[0.02f32, -0.03, 0.01]], &dev)
+                    .unwrap()
+                    .repeat((batch, 1))
+                    .unwrap(),
+            )
+            .unwrap();
+            let translation = Var::zeros((batch, 3), candle_core::DType::F32, &dev).unwrap();
+            let albedo =
+                Var::from_tensor(&colors.unsqueeze(0).unwrap().repeat((batch, 1, 1)).unwrap())
+                    .unwrap();
+            let light = Var::from_tensor(&sh).unwrap();
+            let scene = || Scene {
+                vertices: world.as_tensor(),
+                rotation: rotation.as_tensor(),
+                translation: translation.as_tensor(),
+                appearance: Appearance::VertexColors(albedo.as_tensor()),
+                lighting: Lighting::SphericalHarmonics(light.as_tensor()),
+            };
+            group.bench_function(id("renderer_fwd"), |b| {
+                b.iter(|| renderer.render(&scene()).unwrap().image)
+            });
+            group.bench_function(id("renderer_fwd_bwd"), |b| {
+                b.iter(|| {
+                    let out = renderer.render(&scene()).unwrap();
+                    (out.image.mean_all().unwrap() + out.mask.mean_all().unwrap())
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                })
+            });
+            // As the fit's texture stage calls it: a 512² UV texture (here the mesh's planar
+            // projection) under SH light, gradients to the texture as well.
+            let uv: Vec<f32> = verts
+                .chunks(3)
+                .flat_map(|p| [p[0] / 0.16 + 0.5, p[1] / 0.2 + 0.5])
+                .collect();
+            let uv = Tensor::from_vec(uv, (nv, 2), &dev).unwrap();
+            let tex = Var::from_tensor(&Tensor::rand(0.2f32, 0.9, (1, 512, 512, 3), &dev).unwrap())
+                .unwrap();
+            let textured = || Scene {
+                appearance: Appearance::Texture {
+                    texture: tex.as_tensor(),
+                    uv: &uv,
+                    uv_triangles: None,
+                    wrap: WrapMode::Clamp,
+                },
+                ..scene()
+            };
+            group.bench_function(id("renderer_textured_fwd_bwd"), |b| {
+                b.iter(|| {
+                    let out = renderer.render(&textured()).unwrap();
+                    (out.image.mean_all().unwrap() + out.mask.mean_all().unwrap())
                         .unwrap()
                         .backward()
                         .unwrap()

@@ -1,13 +1,15 @@
 //! Analytic antialiasing of silhouette edges, which gives the image a gradient with respect to
 //! where the silhouettes are (the rasteriser alone has none: coverage is piecewise constant).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, WithDType};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
 use crate::kernel::{
-    Real, add_into, check_float, check_rast, cross, data, dispatch_float, dot, piece_len,
-    pixel_centre, triangle_at,
+    Real, check_float, check_rast, cpu_tensor, cross, data, dispatch_float, dot, pixel_centre,
+    triangle_at, with_data,
 };
 use crate::raster::{check_vertex_count, corners};
 use crate::triangles::{NO_NEIGHBOUR, Triangles};
@@ -28,8 +30,10 @@ use crate::triangles::{NO_NEIGHBOUR, Triangles};
 /// * `rast`: `[B, H, W, 4]` from [`crate::rasterize`] with the same `clip_pos` and `triangles`.
 /// * `clip_pos`: `[B, V, 4]` clip-space positions; gradients flow to them through `α`.
 ///
-/// Returns `[B, H, W, C]` with gradients to `color` and `clip_pos` (`rast` gets zeros). Edges with a
-/// corner behind the camera (`w ≤ 0`) are left aliased.
+/// Returns `[B, H, W, C]` with gradients to `color` and `clip_pos` (`rast` is only read: the
+/// crossings are piecewise constant in it, so it gets no gradient from here). Edges with a
+/// corner behind the camera (`w ≤ 0`) are left aliased. The silhouette analysis runs once, in
+/// the forward pass, and the backward pass reuses it.
 pub fn antialias(
     color: &Tensor,
     rast: &Tensor,
@@ -53,19 +57,113 @@ pub fn antialias(
             got: color.dtype(),
         });
     }
-    let op = Antialias {
-        triangles: triangles.clone(),
-    };
-    Ok(color
-        .contiguous()?
-        .apply_op3(&rast.contiguous()?, &clip_pos.contiguous()?, op)?)
+    let silhouettes = Silhouettes::find(rast, clip_pos, triangles)?;
+    blend(color, clip_pos, &silhouettes, false)
 }
 
-struct Antialias {
-    triangles: Triangles,
+/// `color`, masked by coverage first if `mask`, with the silhouette crossings blended in; a
+/// differentiable function of `color` and `clip_pos`.
+pub(crate) fn blend(
+    color: &Tensor,
+    clip_pos: &Tensor,
+    silhouettes: &Arc<Silhouettes>,
+    mask: bool,
+) -> Result<Tensor> {
+    let op = Blend {
+        silhouettes: silhouettes.clone(),
+        mask,
+    };
+    Ok(color.contiguous()?.apply_op2(&clip_pos.contiguous()?, op)?)
+}
+
+/// The antialiased coverage `[B, H, W, 1]`, differentiable with respect to `clip_pos`.
+pub(crate) fn coverage(clip_pos: &Tensor, silhouettes: &Arc<Silhouettes>) -> Result<Tensor> {
+    let op = Coverage {
+        silhouettes: silhouettes.clone(),
+    };
+    Ok(clip_pos.contiguous()?.apply_op1(op)?)
+}
+
+/// The silhouette crossings of a rasterised batch and its coverage: everything antialiasing
+/// needs from `rast`, found once and shared by the forward and backward passes of [`blend`]
+/// and [`coverage`] (the crossings are piecewise constant in the positions, their weights are
+/// exact functions of them and are differentiated analytically).
+pub(crate) struct Silhouettes {
+    h: usize,
+    w: usize,
+    nv: usize,
+    images: Vec<ImageSilhouettes>,
+}
+
+/// One image's crossings (in the dtype of the call, widened to f64 exactly) and coverage.
+struct ImageSilhouettes {
+    crossings: Vec<Crossing<f64>>,
+    covered: Vec<bool>,
+}
+
+impl Silhouettes {
+    /// Analyses `rast` (`[B, H, W, 4]`) drawn from `clip_pos` (`[B, V, 4]`) and `triangles`;
+    /// with `find_crossings` false only the coverage is recorded (no antialiasing).
+    pub(crate) fn analyse(
+        rast: &Tensor,
+        clip_pos: &Tensor,
+        triangles: &Triangles,
+        find_crossings: bool,
+    ) -> Result<Arc<Self>> {
+        let (batch, h, w) = check_rast(rast)?;
+        let nv = clip_pos.dim(1)?;
+        fn run<T: Real>(
+            rast: &Tensor,
+            clip: &Tensor,
+            triangles: &Triangles,
+            find_crossings: bool,
+            (batch, h, w, nv): (usize, usize, usize, usize),
+        ) -> candle_core::Result<Vec<ImageSilhouettes>> {
+            with_data::<T, _>(rast, |rast| {
+                with_data::<T, _>(clip, |clip| {
+                    Ok((0..batch)
+                        .into_par_iter()
+                        .map(|b| {
+                            let pixels = h * w;
+                            let image = &rast[b * pixels * 4..(b + 1) * pixels * 4];
+                            let covered =
+                                image.chunks_exact(4).map(|px| px[3] >= T::one()).collect();
+                            let crossings = if find_crossings {
+                                let verts = &clip[b * nv * 4..(b + 1) * nv * 4];
+                                Scene::new(image, verts, triangles, h, w).crossings()
+                            } else {
+                                Vec::new()
+                            };
+                            ImageSilhouettes { crossings, covered }
+                        })
+                        .collect())
+                })
+            })
+        }
+        let dims = (batch, h, w, nv);
+        let images = match rast.dtype() {
+            DType::F32 => run::<f32>(rast, clip_pos, triangles, find_crossings, dims)?,
+            _ => run::<f64>(rast, clip_pos, triangles, find_crossings, dims)?,
+        };
+        Ok(Arc::new(Self { h, w, nv, images }))
+    }
+
+    fn find(rast: &Tensor, clip_pos: &Tensor, triangles: &Triangles) -> Result<Arc<Self>> {
+        Self::analyse(rast, clip_pos, triangles, true)
+    }
+
+    /// The plain coverage `[B, H, W, 1]` in `dtype`, with no gradient.
+    pub(crate) fn covered(&self, dtype: DType) -> Result<Tensor> {
+        let shape = (self.images.len(), self.h, self.w, 1);
+        Ok(match dtype {
+            DType::F32 => cpu_tensor(self.coverage_image::<f32>(), shape)?,
+            _ => cpu_tensor(self.coverage_image::<f64>(), shape)?,
+        })
+    }
 }
 
 /// A silhouette edge between two adjacent pixels and how it blends them.
+#[derive(Clone, Copy)]
 struct Crossing<T> {
     /// Pixel whose colour is blended.
     target: usize,
@@ -193,42 +291,40 @@ impl<T: Real> Scene<'_, T> {
         })
     }
 
-    /// The (up to four) crossings involving pixel `i`.
-    fn crossings_at(&self, i: usize) -> impl Iterator<Item = Crossing<T>> + '_ {
-        let (x, y) = (i % self.w, i / self.w);
-        let left = (x > 0).then(|| (i - 1, i));
-        let right = (x + 1 < self.w).then(|| (i, i + 1));
-        let up = (y > 0).then(|| (i - self.w, i));
-        let down = (y + 1 < self.h).then(|| (i, i + self.w));
-        [left, right, up, down]
-            .into_iter()
-            .flatten()
-            .filter_map(|(p, q)| self.crossing(p, q))
+    /// Every crossing of the image, each pixel pair once (with its left or top pixel first).
+    fn crossings(&self) -> Vec<Crossing<f64>> {
+        let (h, w) = (self.h, self.w);
+        let widen = |x: Crossing<T>| Crossing {
+            target: x.target,
+            source: x.source,
+            weight: x.weight.to_f64(),
+            edge: x.edge,
+            d_weight: x.d_weight.map(|d| d.map(|v| v.to_f64())),
+        };
+        (0..h)
+            .into_par_iter()
+            .flat_map_iter(|y| {
+                (0..w).flat_map(move |x| {
+                    let i = y * w + x;
+                    let right = (x + 1 < w).then(|| self.crossing(i, i + 1)).flatten();
+                    let down = (y + 1 < h).then(|| self.crossing(i, i + w)).flatten();
+                    right.into_iter().chain(down).map(widen)
+                })
+            })
+            .collect()
     }
 }
 
-impl Antialias {
-    /// Image `b`'s slices of the inputs and its silhouette edges.
-    #[allow(clippy::too_many_arguments)]
-    fn scene<'a, T: Real>(
-        &'a self,
-        rast: &'a [T],
-        clip: &'a [T],
-        b: usize,
-        pixels: usize,
-        nv: usize,
-        h: usize,
-        w: usize,
-    ) -> Scene<'a, T> {
-        let verts = &clip[b * nv * 4..(b + 1) * nv * 4];
-        let tris = self.triangles.as_slice();
+impl<'a, T: Real> Scene<'a, T> {
+    /// One image's rast `[H, W, 4]`, clip positions `[V, 4]` and its silhouette edges.
+    fn new(rast: &'a [T], verts: &'a [T], triangles: &'a Triangles, h: usize, w: usize) -> Self {
+        let tris = triangles.as_slice();
         let facings: Vec<bool> = tris
             .iter()
             .map(|tri| facing(&corners(verts, tri)))
             .collect();
         // Boundary edges, and edges whose two triangles face opposite ways, can be silhouettes.
-        let silhouettes = self
-            .triangles
+        let silhouettes = triangles
             .neighbours()
             .iter()
             .zip(&facings)
@@ -241,7 +337,7 @@ impl Antialias {
             })
             .collect();
         Scene {
-            rast: &rast[b * pixels * 4..(b + 1) * pixels * 4],
+            rast,
             verts,
             tris,
             silhouettes,
@@ -251,125 +347,130 @@ impl Antialias {
     }
 }
 
-/// Sizes of an antialiasing call.
-#[derive(Clone, Copy)]
-struct Dims {
-    h: usize,
-    w: usize,
-    c: usize,
-    nv: usize,
+/// [`blend`]: (color `[B, H, W, C]`, clip_pos) -> blended color.
+struct Blend {
+    silhouettes: Arc<Silhouettes>,
+    /// Multiply the colour by the coverage before blending.
+    mask: bool,
 }
 
-impl Dims {
-    fn new(image: &Shape, clip: &Shape) -> candle_core::Result<Self> {
-        let (_, h, w, c) = image.dims4()?;
-        let (_, nv, _) = clip.dims3()?;
-        Ok(Self { h, w, c, nv })
-    }
+/// [`coverage`]: clip_pos -> antialiased coverage `[B, H, W, 1]`.
+struct Coverage {
+    silhouettes: Arc<Silhouettes>,
 }
 
-impl Antialias {
-    fn forward<T: Real>(&self, color: &[T], rast: &[T], clip: &[T], d: Dims) -> Vec<T> {
-        let Dims { h, w, c, nv } = d;
-        let pixels = h * w;
-        let mut out = color.to_vec();
-        out.par_chunks_mut((pixels * c).max(1))
-            .enumerate()
-            .for_each(|(b, image)| {
-                let scene = self.scene(rast, clip, b, pixels, nv, h, w);
-                let src = &color[b * pixels * c..(b + 1) * pixels * c];
-                image
-                    .par_chunks_mut(c.max(1))
-                    .enumerate()
-                    .for_each(|(i, dst)| {
-                        for x in scene.crossings_at(i).filter(|x| x.target == i) {
-                            for ch in 0..c {
-                                dst[ch] += x.weight * (src[x.source * c + ch] - src[i * c + ch]);
-                            }
-                        }
-                    });
-            });
-        out
+impl Silhouettes {
+    fn pixels(&self) -> usize {
+        self.h * self.w
     }
 
-    /// d color: the identity plus the blend weights, gathered per pixel.
-    fn color_grad<T: Real>(&self, rast: &[T], clip: &[T], grad: &[T], d: Dims) -> Vec<T> {
-        let Dims { h, w, c, nv } = d;
-        let pixels = h * w;
-        let mut out = grad.to_vec();
-        out.par_chunks_mut((pixels * c).max(1))
-            .enumerate()
-            .for_each(|(b, image)| {
-                let scene = self.scene(rast, clip, b, pixels, nv, h, w);
-                let g = &grad[b * pixels * c..(b + 1) * pixels * c];
-                image
-                    .par_chunks_mut(c.max(1))
-                    .enumerate()
-                    .for_each(|(i, dst)| {
-                        for x in scene.crossings_at(i) {
-                            let from = if x.target == i { i } else { x.target };
-                            let scale = if x.target == i { -x.weight } else { x.weight };
-                            for ch in 0..c {
-                                dst[ch] += scale * g[from * c + ch];
-                            }
-                        }
-                    });
-            });
-        out
-    }
-
-    /// d clip_pos: each crossing once (from its left or top pixel), scattered to the edge.
-    fn position_grad<T: Real>(
+    /// Image `b`'s colour at pixel `i`, channel `ch`, masked by coverage if `mask`.
+    fn masked<T: Real>(
         &self,
         color: &[T],
-        rast: &[T],
-        clip: &[T],
-        grad: &[T],
-        d: Dims,
-    ) -> Vec<T> {
-        let Dims { h, w, c, nv } = d;
-        let pixels = h * w;
-        let mut out = vec![T::zero(); clip.len()];
-        out.par_chunks_mut((nv * 4).max(1))
+        c: usize,
+        b: usize,
+        mask: bool,
+    ) -> impl Fn(usize, usize) -> T {
+        let covered = &self.images[b].covered;
+        let image = &color[b * self.pixels() * c..(b + 1) * self.pixels() * c];
+        move |i, ch| {
+            if !mask || covered[i] {
+                image[i * c + ch]
+            } else {
+                T::zero()
+            }
+        }
+    }
+
+    /// The blended colours of every image.
+    fn forward<T: Real>(&self, color: &[T], c: usize, mask: bool) -> Vec<T> {
+        let per_image = self.pixels() * c;
+        let mut out = vec![T::zero(); self.images.len() * per_image];
+        out.par_chunks_mut(per_image.max(1))
             .enumerate()
-            .for_each(|(b, dst)| {
-                let scene = self.scene(rast, clip, b, pixels, nv, h, w);
-                let col = &color[b * pixels * c..(b + 1) * pixels * c];
-                let g = &grad[b * pixels * c..(b + 1) * pixels * c];
-                let sum = (0..pixels)
-                    .into_par_iter()
-                    .with_min_len(piece_len(pixels))
-                    .fold(
-                        || vec![T::zero(); nv * 4],
-                        |mut acc, i| {
-                            let (x, y) = (i % w, i / w);
-                            let pairs = [(x + 1 < w).then(|| i + 1), (y + 1 < h).then(|| i + w)];
-                            for x in pairs
-                                .into_iter()
-                                .flatten()
-                                .filter_map(|q| scene.crossing(i, q))
-                            {
-                                let (t, s) = (x.target * c, x.source * c);
-                                let g_weight = (0..c).fold(T::zero(), |a, ch| {
-                                    a + g[t + ch] * (col[s + ch] - col[t + ch])
-                                });
-                                for (v, dw) in x.edge.into_iter().zip(x.d_weight) {
-                                    acc[v * 4] += g_weight * dw[0];
-                                    acc[v * 4 + 1] += g_weight * dw[1];
-                                    acc[v * 4 + 3] += g_weight * dw[2];
-                                }
-                            }
-                            acc
-                        },
-                    )
-                    .reduce(|| vec![T::zero(); nv * 4], add_into);
-                dst.copy_from_slice(&sum);
+            .for_each(|(b, out)| {
+                let col = self.masked(color, c, b, mask);
+                for (i, px) in out.chunks_exact_mut(c.max(1)).enumerate() {
+                    for (ch, o) in px.iter_mut().enumerate() {
+                        *o = col(i, ch);
+                    }
+                }
+                for x in &self.images[b].crossings {
+                    let weight = T::of(x.weight);
+                    for ch in 0..c {
+                        out[x.target * c + ch] += weight * (col(x.source, ch) - col(x.target, ch));
+                    }
+                }
             });
         out
     }
+
+    /// d color: the identity plus the blend weights, zero where masked away.
+    fn color_grad<T: Real>(&self, grad: &[T], c: usize, mask: bool) -> Vec<T> {
+        let per_image = self.pixels() * c;
+        let mut out = grad.to_vec();
+        out.par_chunks_mut(per_image.max(1))
+            .enumerate()
+            .for_each(|(b, out)| {
+                let g = &grad[b * per_image..(b + 1) * per_image];
+                let image = &self.images[b];
+                for x in &image.crossings {
+                    let weight = T::of(x.weight);
+                    for ch in 0..c {
+                        let moved = weight * g[x.target * c + ch];
+                        out[x.target * c + ch] -= moved;
+                        out[x.source * c + ch] += moved;
+                    }
+                }
+                if mask {
+                    for (px, &covered) in out.chunks_exact_mut(c.max(1)).zip(&image.covered) {
+                        if !covered {
+                            px.fill(T::zero());
+                        }
+                    }
+                }
+            });
+        out
+    }
+
+    /// d clip_pos: each crossing's weight gradient scattered to its edge's two vertices.
+    fn position_grad<T: Real>(&self, color: &[T], grad: &[T], c: usize, mask: bool) -> Vec<T> {
+        let per_clip = self.nv * 4;
+        let mut out = vec![T::zero(); self.images.len() * per_clip];
+        out.par_chunks_mut(per_clip.max(1))
+            .enumerate()
+            .for_each(|(b, out)| {
+                let col = self.masked(color, c, b, mask);
+                let g = &grad[b * self.pixels() * c..(b + 1) * self.pixels() * c];
+                for x in &self.images[b].crossings {
+                    let g_weight = (0..c).fold(T::zero(), |a, ch| {
+                        a + g[x.target * c + ch] * (col(x.source, ch) - col(x.target, ch))
+                    });
+                    for (v, dw) in x.edge.into_iter().zip(x.d_weight) {
+                        out[v * 4] += g_weight * T::of(dw[0]);
+                        out[v * 4 + 1] += g_weight * T::of(dw[1]);
+                        out[v * 4 + 3] += g_weight * T::of(dw[2]);
+                    }
+                }
+            });
+        out
+    }
+
+    /// Coverage of every pixel as a one-channel image.
+    fn coverage_image<T: Real>(&self) -> Vec<T> {
+        self.images
+            .iter()
+            .flat_map(|im| {
+                im.covered
+                    .iter()
+                    .map(|&c| if c { T::one() } else { T::zero() })
+            })
+            .collect()
+    }
 }
 
-impl CustomOp3 for Antialias {
+impl CustomOp2 for Blend {
     fn name(&self) -> &'static str {
         "ganfit-antialias"
     }
@@ -378,14 +479,12 @@ impl CustomOp3 for Antialias {
         &self,
         color: &CpuStorage,
         color_l: &Layout,
-        rast: &CpuStorage,
-        rast_l: &Layout,
-        clip: &CpuStorage,
-        clip_l: &Layout,
+        _clip: &CpuStorage,
+        _clip_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::new(color_l.shape(), clip_l.shape())?;
+        let c = color_l.shape().dims4()?.3;
         dispatch_float!(color, T => {
-            let out = self.forward::<T>(data(color, color_l)?, data(rast, rast_l)?, data(clip, clip_l)?, d);
+            let out = self.silhouettes.forward::<T>(data(color, color_l)?, c, self.mask);
             Ok((T::to_cpu_storage_owned(out), color_l.shape().clone()))
         })
     }
@@ -393,79 +492,146 @@ impl CustomOp3 for Antialias {
     fn bwd(
         &self,
         color: &Tensor,
-        rast: &Tensor,
         clip: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let triangles = self.triangles.clone();
-        let grad_color = rast.apply_op3_no_bwd(clip, &grad, &ColorGrad(Antialias { triangles }))?;
-        // Colour and its gradient travel as one tensor so that a three-input op sees all four.
-        let color_and_grad = Tensor::cat(&[color, &grad], 3)?;
-        let triangles = self.triangles.clone();
-        let grad_clip =
-            color_and_grad.apply_op3_no_bwd(rast, clip, &PositionGrad(Antialias { triangles }))?;
-        // rast gets no gradient, but candle's backward needs one for every tracked input.
-        Ok((Some(grad_color), Some(rast.zeros_like()?), Some(grad_clip)))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let c = color.dims4()?.3;
+        fn run<T: Real>(
+            op: &Blend,
+            color: &Tensor,
+            clip: &Tensor,
+            grad: &Tensor,
+            c: usize,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            let s = &op.silhouettes;
+            with_data::<T, _>(color, |col| {
+                with_data::<T, _>(grad, |g| {
+                    let d_color = s.color_grad(g, c, op.mask);
+                    let d_clip = s.position_grad(col, g, c, op.mask);
+                    Ok((
+                        Some(cpu_tensor(d_color, color.shape())?),
+                        Some(cpu_tensor(d_clip, clip.shape())?),
+                    ))
+                })
+            })
+        }
+        match color.dtype() {
+            DType::F32 => run::<f32>(self, color, clip, grad, c),
+            _ => run::<f64>(self, color, clip, grad, c),
+        }
     }
 }
 
-/// d color of [`Antialias`]: (rast, clip_pos, d out) -> d color.
-struct ColorGrad(Antialias);
-
-impl CustomOp3 for ColorGrad {
+impl CustomOp1 for Coverage {
     fn name(&self) -> &'static str {
-        "ganfit-antialias-color-grad"
+        "ganfit-antialias-coverage"
     }
 
     fn cpu_fwd(
         &self,
-        rast: &CpuStorage,
-        rast_l: &Layout,
         clip: &CpuStorage,
-        clip_l: &Layout,
-        grad: &CpuStorage,
-        grad_l: &Layout,
+        _clip_l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = Dims::new(grad_l.shape(), clip_l.shape())?;
-        dispatch_float!(rast, T => {
-            let out = self.0.color_grad::<T>(data(rast, rast_l)?, data(clip, clip_l)?, data(grad, grad_l)?, d);
-            Ok((T::to_cpu_storage_owned(out), grad_l.shape().clone()))
+        let s = &self.silhouettes;
+        let shape = Shape::from((s.images.len(), s.h, s.w, 1));
+        dispatch_float!(clip, T => {
+            let out = s.forward::<T>(&s.coverage_image::<T>(), 1, false);
+            Ok((T::to_cpu_storage_owned(out), shape))
         })
+    }
+
+    fn bwd(
+        &self,
+        clip: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        fn run<T: Real>(
+            s: &Silhouettes,
+            clip: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<Tensor> {
+            with_data::<T, _>(grad, |g| {
+                let d_clip = s.position_grad(&s.coverage_image::<T>(), g, 1, false);
+                cpu_tensor(d_clip, clip.shape())
+            })
+        }
+        let s = &self.silhouettes;
+        Ok(Some(match clip.dtype() {
+            DType::F32 => run::<f32>(s, clip, grad)?,
+            _ => run::<f64>(s, clip, grad)?,
+        }))
     }
 }
 
-/// d clip_pos of [`Antialias`]: (cat(color, d out) along channels, rast, clip_pos) -> d clip_pos.
-struct PositionGrad(Antialias);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::testing::{gradient, max_abs_diff, random};
+    use crate::raster::{RasterOptions, rasterize};
 
-impl CustomOp3 for PositionGrad {
-    fn name(&self) -> &'static str {
-        "ganfit-antialias-position-grad"
-    }
+    /// The renderer's fused masking ([`blend`] with `mask`) and antialiased [`coverage`] equal
+    /// the public [`antialias`] of the premultiplied colour and of the coverage image, on
+    /// outputs and on vector-Jacobian products to colour and positions.
+    #[test]
+    fn masked_blend_and_coverage_match_antialias_of_masked_inputs() {
+        let (h, w, nt) = (14, 12, 6);
+        // Random triangles in front of the camera (w in [1, 2]), NDC within about ±1.2.
+        let raw = random(&[1, 3 * nt, 4], 0.0, 1.0, 11);
+        let v: Vec<f64> = raw.flatten_all().unwrap().to_vec1().unwrap();
+        let clip: Vec<f64> = v
+            .chunks(4)
+            .flat_map(|c| {
+                let cw = 1.0 + c[3];
+                [
+                    (c[0] * 2.4 - 1.2) * cw,
+                    (c[1] * 2.4 - 1.2) * cw,
+                    (c[2] * 1.6 - 0.8) * cw,
+                    cw,
+                ]
+            })
+            .collect();
+        let clip = cpu_tensor(clip, (1, 3 * nt, 4)).unwrap();
+        let tris: Vec<[u32; 3]> = (0..nt as u32)
+            .map(|t| [3 * t, 3 * t + 1, 3 * t + 2])
+            .collect();
+        let tris = Triangles::new(tris, 3 * nt).unwrap();
+        let color = random(&[1, h, w, 2], 0.0, 1.0, 12);
+        let cot = random(&[1, h, w, 2], -1.0, 1.0, 13);
+        let cot1 = random(&[1, h, w, 1], -1.0, 1.0, 14);
+        let rast = rasterize(&clip, &tris, h, w, RasterOptions::default()).unwrap();
+        let sil = Silhouettes::analyse(&rast, &clip, &tris, true).unwrap();
+        assert!(
+            sil.images[0].crossings.len() > 5,
+            "too few silhouette crossings to test"
+        );
+        let covered = sil.covered(DType::F64).unwrap();
 
-    fn cpu_fwd(
-        &self,
-        both: &CpuStorage,
-        both_l: &Layout,
-        rast: &CpuStorage,
-        rast_l: &Layout,
-        clip: &CpuStorage,
-        clip_l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (b, h, w, c2) = both_l.shape().dims4()?;
-        let c = c2 / 2;
-        let d = Dims::new(&Shape::from((b, h, w, c)), clip_l.shape())?;
-        dispatch_float!(both, T => {
-            let both = data::<T>(both, both_l)?;
-            let mut color = Vec::with_capacity(both.len() / 2);
-            let mut grad = Vec::with_capacity(both.len() / 2);
-            for px in both.chunks(c2) {
-                color.extend_from_slice(&px[..c]);
-                grad.extend_from_slice(&px[c..]);
-            }
-            let out = self.0.position_grad::<T>(&color, data(rast, rast_l)?, data(clip, clip_l)?, &grad, d);
-            Ok((T::to_cpu_storage_owned(out), clip_l.shape().clone()))
-        })
+        let fused = |col: &Tensor, c: &Tensor| blend(col, c, &sil, true).unwrap();
+        let reference = |col: &Tensor, c: &Tensor| {
+            antialias(&col.broadcast_mul(&covered).unwrap(), &rast, c, &tris).unwrap()
+        };
+        assert!(max_abs_diff(&fused(&color, &clip), &reference(&color, &clip)) < 1e-12);
+        let vjp = |f: &dyn Fn(&Tensor, &Tensor) -> Tensor| {
+            let loss = |out: Tensor| (out * &cot).unwrap().sum_all().unwrap();
+            (
+                gradient(&color, |col| loss(f(col, &clip))),
+                gradient(&clip, |c| loss(f(&color, c))),
+            )
+        };
+        let (ours, theirs) = (vjp(&fused), vjp(&reference));
+        assert!(max_abs_diff(&ours.0, &theirs.0) < 1e-12);
+        assert!(max_abs_diff(&ours.1, &theirs.1) < 1e-10);
+        assert!(max_abs_diff(&ours.1, &ours.1.zeros_like().unwrap()) > 1e-3);
+
+        let cov = |c: &Tensor| coverage(c, &sil).unwrap();
+        let cov_reference = |c: &Tensor| antialias(&covered, &rast, c, &tris).unwrap();
+        assert!(max_abs_diff(&cov(&clip), &cov_reference(&clip)) < 1e-12);
+        let loss = |out: Tensor| (out * &cot1).unwrap().sum_all().unwrap();
+        let ours = gradient(&clip, |c| loss(cov(c)));
+        let theirs = gradient(&clip, |c| loss(cov_reference(c)));
+        assert!(max_abs_diff(&ours, &theirs) < 1e-10);
+        assert!(max_abs_diff(&ours, &ours.zeros_like().unwrap()) > 1e-3);
     }
 }

@@ -4,7 +4,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithD
 use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
-use crate::kernel::{Real, add_into, check_rast, data, dispatch_float, piece_len, triangle_at};
+use crate::kernel::{
+    PIXEL_CHUNK, Real, add_into, check_rast, data, dispatch_float, piece_len, triangle_at,
+};
 use crate::triangles::Triangles;
 
 /// Interpolates vertex attributes at every pixel: `u · a0 + v · a1 + (1 - u - v) · a2` with the
@@ -95,24 +97,32 @@ impl Interpolate {
         } = dims;
         let tris = self.triangles.as_slice();
         let mut out = vec![T::zero(); rast.len() / 4 * c];
-        out.par_chunks_mut(c.max(1))
-            .zip(rast.par_chunks(4))
+        // Blocks of pixels per task: per-pixel rayon items cost more than the arithmetic.
+        out.par_chunks_mut(PIXEL_CHUNK * c.max(1))
+            .zip(rast.par_chunks(PIXEL_CHUNK * 4))
             .enumerate()
-            .try_for_each(|(i, (dst, px))| {
-                let Some(t) = triangle_at(px[3]) else {
-                    return Ok::<_, candle_core::Error>(());
-                };
-                let tri = corners_of(tris, t)?;
-                let base = if attr_batch == 1 {
-                    0
-                } else {
-                    i / pixels * nv * c
-                };
-                for (wt, v) in weights(px).into_iter().zip(tri) {
-                    let row = &attr[base + v * c..base + v * c + c];
-                    dst.iter_mut().zip(row).for_each(|(d, &a)| *d += wt * a);
+            .try_for_each(|(block, (dst, rast))| {
+                let pixels_before = block * PIXEL_CHUNK;
+                for (j, (dst, px)) in dst
+                    .chunks_exact_mut(c)
+                    .zip(rast.chunks_exact(4))
+                    .enumerate()
+                {
+                    let Some(t) = triangle_at(px[3]) else {
+                        continue;
+                    };
+                    let tri = corners_of(tris, t)?;
+                    let base = if attr_batch == 1 {
+                        0
+                    } else {
+                        (pixels_before + j) / pixels * nv * c
+                    };
+                    for (wt, v) in weights(px).into_iter().zip(tri) {
+                        let row = &attr[base + v * c..base + v * c + c];
+                        dst.iter_mut().zip(row).for_each(|(d, &a)| *d += wt * a);
+                    }
                 }
-                Ok(())
+                Ok::<_, candle_core::Error>(())
             })?;
         Ok(out)
     }
@@ -210,28 +220,36 @@ impl AttrGrad {
             .enumerate()
             .try_for_each(|(b, dst)| {
                 debug_assert!(b < images);
-                let first = b * span;
-                let sum = (first..first + span)
-                    .into_par_iter()
-                    .with_min_len(piece_len(span))
+                let pixels = b * span..(b + 1) * span;
+                let rast = &rast[pixels.start * 4..pixels.end * 4];
+                let grad = &grad[pixels.start * c..pixels.end * c];
+                let sum = rast
+                    .par_chunks(PIXEL_CHUNK * 4)
+                    .zip(grad.par_chunks(PIXEL_CHUNK * c.max(1)))
+                    .with_min_len(piece_len(span.div_ceil(PIXEL_CHUNK)))
                     .try_fold(
                         || vec![T::zero(); per_image],
-                        |mut acc, i| {
-                            let px = &rast[i * 4..i * 4 + 4];
-                            let Some(t) = triangle_at(px[3]) else {
-                                return Ok(acc);
-                            };
-                            let g = &grad[i * c..i * c + c];
-                            for (wt, v) in weights(px).into_iter().zip(corners_of(tris, t)?) {
-                                acc[v * c..v * c + c]
-                                    .iter_mut()
-                                    .zip(g)
-                                    .for_each(|(a, &g)| *a += wt * g);
+                        |mut acc, (rast, grad)| {
+                            for (px, g) in rast.chunks_exact(4).zip(grad.chunks_exact(c)) {
+                                let Some(t) = triangle_at(px[3]) else {
+                                    continue;
+                                };
+                                if g.iter().all(|&g| g == T::zero()) {
+                                    continue;
+                                }
+                                for (wt, v) in weights(px).into_iter().zip(corners_of(tris, t)?) {
+                                    acc[v * c..v * c + c]
+                                        .iter_mut()
+                                        .zip(g)
+                                        .for_each(|(a, &g)| *a += wt * g);
+                                }
                             }
                             Ok::<_, candle_core::Error>(acc)
                         },
                     )
-                    .try_reduce(|| vec![T::zero(); per_image], |a, b| Ok(add_into(a, b)))?;
+                    .try_reduce_with(|a, b| Ok(add_into(a, b)))
+                    .transpose()?
+                    .unwrap_or_else(|| vec![T::zero(); per_image]);
                 dst.copy_from_slice(&sum);
                 Ok::<_, candle_core::Error>(())
             })?;
@@ -280,25 +298,33 @@ impl RastGrad {
             pixels,
         } = d;
         let mut out = vec![T::zero(); rast.len()];
-        out.par_chunks_mut(4)
-            .zip(rast.par_chunks(4))
+        out.par_chunks_mut(PIXEL_CHUNK * 4)
+            .zip(rast.par_chunks(PIXEL_CHUNK * 4))
             .enumerate()
-            .try_for_each(|(i, (dst, px))| {
-                let Some(t) = triangle_at(px[3]) else {
-                    return Ok(());
-                };
-                let [v0, v1, v2] = corners_of(tris, t)?;
-                let base = if attr_batch == 1 {
-                    0
-                } else {
-                    i / pixels * nv * c
-                };
-                let row = |v: usize| &attr[base + v * c..base + v * c + c];
-                let (a0, a1, a2) = (row(v0), row(v1), row(v2));
-                let g = &grad[i * c..i * c + c];
-                for k in 0..c {
-                    dst[0] += g[k] * (a0[k] - a2[k]);
-                    dst[1] += g[k] * (a1[k] - a2[k]);
+            .try_for_each(|(block, (dst, rast))| {
+                let pixels_before = block * PIXEL_CHUNK;
+                for (j, (dst, px)) in dst
+                    .chunks_exact_mut(4)
+                    .zip(rast.chunks_exact(4))
+                    .enumerate()
+                {
+                    let Some(t) = triangle_at(px[3]) else {
+                        continue;
+                    };
+                    let [v0, v1, v2] = corners_of(tris, t)?;
+                    let i = pixels_before + j;
+                    let base = if attr_batch == 1 {
+                        0
+                    } else {
+                        i / pixels * nv * c
+                    };
+                    let row = |v: usize| &attr[base + v * c..base + v * c + c];
+                    let (a0, a1, a2) = (row(v0), row(v1), row(v2));
+                    let g = &grad[i * c..i * c + c];
+                    for k in 0..c {
+                        dst[0] += g[k] * (a0[k] - a2[k]);
+                        dst[1] += g[k] * (a1[k] - a2[k]);
+                    }
                 }
                 Ok::<_, candle_core::Error>(())
             })?;

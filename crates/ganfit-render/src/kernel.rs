@@ -1,6 +1,6 @@
 //! Helpers shared by the CPU kernels: the float trait they are generic over and storage access.
 
-use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor, WithDType};
 use num_traits::Float;
 
 use crate::error::{RenderError, Result};
@@ -83,9 +83,14 @@ pub(crate) fn check_rast(rast: &Tensor) -> Result<(usize, usize, usize)> {
     Ok((b, h, w))
 }
 
-/// Splits `0..n` into about four pieces per thread, so that per-piece scratch buffers stay few.
+/// Pixels per parallel task in per-pixel kernels: per-pixel rayon items would cost more than
+/// the arithmetic they carry.
+pub(crate) const PIXEL_CHUNK: usize = 4096;
+
+/// Splits `0..n` into one piece per thread: per-piece scratch buffers can be as large as a
+/// texture, so there are as few of them as the parallelism allows.
 pub(crate) fn piece_len(n: usize) -> usize {
-    n.div_ceil(4 * rayon::current_num_threads()).max(1)
+    n.div_ceil(rayon::current_num_threads()).max(1)
 }
 
 /// Element-wise sum of per-piece gradient buffers.
@@ -110,4 +115,101 @@ pub(crate) fn cross<T: Real>(a: [T; 3], b: [T; 3]) -> [T; 3] {
 
 pub(crate) fn dot<T: Real>(a: [T; 3], b: [T; 3]) -> T {
     a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
+}
+
+/// Whether the fused CPU kernels can take `t` (else callers fall back to candle tensor ops).
+pub(crate) fn on_cpu_float(t: &Tensor) -> bool {
+    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+}
+
+/// Runs `f` on the contiguous CPU data of `t`, for backward passes that produce several
+/// gradients from one sweep over their inputs.
+pub(crate) fn with_data<T: WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(data(cpu, layout)?),
+        _ => candle_core::bail!("ganfit-render's fused kernels run on the CPU only"),
+    }
+}
+
+/// A CPU tensor of `shape` holding `values`.
+pub(crate) fn cpu_tensor<T: WithDType>(
+    values: Vec<T>,
+    shape: impl Into<Shape>,
+) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+/// Helpers for the crate's unit tests of fused kernels.
+#[cfg(test)]
+pub(crate) mod testing {
+    use candle_core::{Device, Tensor, Var};
+
+    /// Deterministic uniform values in `[lo, hi)` (SplitMix64), as an f64 tensor.
+    pub(crate) fn random(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
+        let mut state = seed;
+        let n: usize = shape.iter().product();
+        let values: Vec<f64> = (0..n)
+            .map(|_| {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                lo + (hi - lo) * ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+            })
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    /// `Σ a ⊙ b`.
+    pub(crate) fn dot(a: &Tensor, b: &Tensor) -> f64 {
+        (a * b).unwrap().sum_all().unwrap().to_scalar().unwrap()
+    }
+
+    /// The gradient of the scalar `f` at `x` by autograd.
+    pub(crate) fn gradient(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> Tensor {
+        let var = Var::from_tensor(x).unwrap();
+        let grads = f(var.as_tensor()).backward().unwrap();
+        grads
+            .get(var.as_tensor())
+            .cloned()
+            .unwrap_or_else(|| x.zeros_like().unwrap())
+    }
+
+    /// Largest difference between autograd and central differences (step 1e-6) of the
+    /// scalar `f` at `x` (f64), relative to max(1, |gradient|).
+    pub(crate) fn finite_difference_error(x: &Tensor, f: impl Fn(&Tensor) -> Tensor) -> f64 {
+        let analytic: Vec<f64> = gradient(x, &f).flatten_all().unwrap().to_vec1().unwrap();
+        let base: Vec<f64> = x.flatten_all().unwrap().to_vec1().unwrap();
+        let at = |i: usize, step: f64| {
+            let mut v = base.clone();
+            v[i] += step;
+            let t = Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap();
+            f(&t).to_scalar::<f64>().unwrap()
+        };
+        let eps = 1e-6;
+        (0..base.len())
+            .map(|i| {
+                let numeric = (at(i, eps) - at(i, -eps)) / (2.0 * eps);
+                (numeric - analytic[i]).abs() / analytic[i].abs().max(1.0)
+            })
+            .fold(0.0, f64::max)
+    }
+
+    /// Largest absolute difference between two tensors of one shape.
+    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
 }

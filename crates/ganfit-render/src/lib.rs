@@ -26,6 +26,7 @@ mod kernel;
 mod raster;
 mod renderer;
 mod shading;
+mod shading_kernels;
 mod texture;
 mod triangles;
 

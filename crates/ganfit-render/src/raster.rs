@@ -2,13 +2,11 @@
 //! barycentrics and their gradients with respect to the clip-space vertex positions.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor};
-use num_traits::Float;
 use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
 use crate::kernel::{
-    Real, add_into, check_float, cross, data, dispatch_float, dot, piece_len, pixel_centre,
-    triangle_at,
+    Real, add_into, check_float, cross, data, dispatch_float, dot, pixel_centre, triangle_at,
 };
 use crate::triangles::Triangles;
 
@@ -108,28 +106,139 @@ struct Setup<T> {
     depth: [T; 3],
     /// Inclusive pixel bounding box `[x0, x1] × [y0, y1]`.
     bbox: [u32; 4],
+    /// Triangle index + 1, as written to the id channel.
+    id: T,
 }
 
 /// Clip-space corners `(x, y, z, w)` of triangle `tri` in one image's vertex array.
 pub(crate) fn corners<T: Real>(verts: &[T], tri: &[u32; 3]) -> [[T; 4]; 3] {
-    tri.map(|i| {
-        let i = i as usize * 4;
-        [verts[i], verts[i + 1], verts[i + 2], verts[i + 3]]
-    })
+    let corner = |i: u32| {
+        let c = &verts[i as usize * 4..i as usize * 4 + 4];
+        [c[0], c[1], c[2], c[3]]
+    };
+    [corner(tri[0]), corner(tri[1]), corner(tri[2])]
 }
 
-fn setup<T: Real>(
+/// Where a vertex lies relative to the view volume's depth range, and which pixel centres
+/// its projection could bound.
+#[derive(Clone, Copy, Default)]
+struct Projected {
+    /// `FRONT`, `BEYOND_FAR` and `BEFORE_NEAR` bits.
+    flags: u8,
+    /// For `FRONT` vertices, the pixel range a bounding box starting or ending at the projection
+    /// would cover: `[first column, last column, first row, last row]` (see [`PixelSpan`]).
+    span: [i32; 4],
+}
+
+/// `w > 0` and `z ≥ -w`: in front of the near plane, so its projection bounds the triangle.
+const FRONT: u8 = 1;
+/// `z > w`.
+const BEYOND_FAR: u8 = 2;
+/// `z < -w`.
+const BEFORE_NEAR: u8 = 4;
+
+/// The pixel centres `c` along one axis of `size` pixels that a bounding box `[lo, hi]` in NDC
+/// may cover, before clamping to the image: `ceil(lo') ..= floor(min(hi', size - 1))`, where
+/// `'` maps NDC to pixel units (centres at integers) with a slack that absorbs rounding, so
+/// that the exact edge tests, not the box, decide about centres on the boundary.
+///
+/// Both ends are monotone in their bound, so for a box spanned by points, the span of the box
+/// is the min (first) and max (last) of the points' own spans: they are computed per vertex.
+struct PixelSpan;
+
+impl PixelSpan {
+    fn first(lo: f64, size: usize) -> i32 {
+        ((lo + 1.0) * size as f64 * 0.5 - 0.5 - 1e-3).ceil() as i32
+    }
+
+    fn last(hi: f64, size: usize) -> i32 {
+        ((hi + 1.0) * size as f64 * 0.5 - 0.5 + 1e-3)
+            .min(size as f64 - 1.0)
+            .floor() as i32
+    }
+
+    /// The clamped range `[first, last]`, or `None` when it holds no pixel.
+    fn clamp(first: i32, last: i32) -> Option<[u32; 2]> {
+        let first = first.max(0);
+        (last >= first).then_some([first as u32, last as u32])
+    }
+}
+
+/// Classifies and projects every vertex once, so that triangle setup shares the divisions.
+fn project_vertices<T: Real>(verts: &[T], width: usize, height: usize) -> Vec<Projected> {
+    let mut out = vec![Projected::default(); verts.len() / 4];
+    out.par_chunks_mut(SETUP_CHUNK)
+        .zip(verts.par_chunks(SETUP_CHUNK * 4))
+        .for_each(|(out, verts)| {
+            for (o, c) in out.iter_mut().zip(verts.chunks_exact(4)) {
+                let front = c[3] > T::zero() && c[2] >= -c[3];
+                let mut flags = u8::from(front) * FRONT;
+                flags |= u8::from(c[2] > c[3]) * BEYOND_FAR;
+                flags |= u8::from(c[2] < -c[3]) * BEFORE_NEAR;
+                o.flags = flags;
+                if front {
+                    let inv_w = T::one() / c[3];
+                    let (x, y) = ((c[0] * inv_w).to_f64(), (c[1] * inv_w).to_f64());
+                    o.span = [
+                        PixelSpan::first(x, width),
+                        PixelSpan::last(x, width),
+                        PixelSpan::first(y, height),
+                        PixelSpan::last(y, height),
+                    ];
+                }
+            }
+        });
+    out
+}
+
+/// Inclusive pixel bounding box `[x0, x1, y0, y1]` of the centres a triangle may cover: the
+/// screen bounds of the triangle clipped to the near plane, or `None` when it covers none.
+fn pixel_bbox<T: Real>(
     v: &[[T; 4]; 3],
-    cull_backfaces: bool,
+    p: [&Projected; 3],
     width: usize,
     height: usize,
+) -> Option<[u32; 4]> {
+    let all = p[0].flags & p[1].flags & p[2].flags;
+    if all & (BEYOND_FAR | BEFORE_NEAR) != 0 {
+        return None;
+    }
+    let span = if all & FRONT != 0 {
+        // The common case: wholly in front of the near plane, so the projections bound it.
+        let first = |k: usize| p[0].span[k].min(p[1].span[k]).min(p[2].span[k]);
+        let last = |k: usize| p[0].span[k].max(p[1].span[k]).max(p[2].span[k]);
+        [first(0), last(1), first(2), last(3)]
+    } else {
+        let (lo, hi) = clipped_bounds(v)?;
+        [
+            PixelSpan::first(lo[0], width),
+            PixelSpan::last(hi[0], width),
+            PixelSpan::first(lo[1], height),
+            PixelSpan::last(hi[1], height),
+        ]
+    };
+    let [x0, x1] = PixelSpan::clamp(span[0], span[1])?;
+    let [y0, y1] = PixelSpan::clamp(span[2], span[3])?;
+    Some([x0, x1, y0, y1])
+}
+
+/// Edge functions and depth plane of a triangle whose bounding box is `bbox`, or `None` when
+/// it is degenerate or culled.
+fn setup<T: Real>(
+    v: &[[T; 4]; 3],
+    bbox: [u32; 4],
+    cull_backfaces: bool,
+    id: T,
 ) -> Option<Setup<T>> {
     // Homogeneous 2D rasterisation: with a_i = (x_i, y_i, w_i) and p = (x, y, 1), the edge
     // function e_i = p · (a_j × a_k) is linear in p and proportional to the clip-space
     // barycentric of corner i, with Σe of the sign of det(a) exactly where w > 0.
-    let bbox = pixel_bbox(v, width, height)?;
-    let a = v.map(|c| [c[0], c[1], c[3]]);
-    let edges = [cross(a[1], a[2]), cross(a[2], a[0]), cross(a[0], a[1])];
+    let a = [
+        [v[0][0], v[0][1], v[0][3]],
+        [v[1][0], v[1][1], v[1][3]],
+        [v[2][0], v[2][1], v[2][3]],
+    ];
+    let mut edges = [cross(a[1], a[2]), cross(a[2], a[0]), cross(a[0], a[1])];
     let det = dot(a[0], edges[0]);
     // det > 0 is clockwise on screen (back-facing) for any w signs, since det equals the
     // camera-space triple product p0 · (p1 × p2) times a positive factor.
@@ -137,64 +246,23 @@ fn setup<T: Real>(
         return None;
     }
     let sign = if det > T::zero() { T::one() } else { -T::one() };
-    let edges = edges.map(|e| e.map(|c| c * sign));
-    let owns_tie = edges.map(|[ea, eb, _]| ea > T::zero() || (ea == T::zero() && eb > T::zero()));
+    for e in &mut edges {
+        for c in e.iter_mut() {
+            *c *= sign;
+        }
+    }
+    let owns = |e: &[T; 3]| e[0] > T::zero() || (e[0] == T::zero() && e[1] > T::zero());
     let inv_det = T::one() / det;
-    let depth = [0, 1, 2].map(|m| {
+    let depth_term = |m: usize| {
         (v[0][2] * edges[0][m] + v[1][2] * edges[1][m] + v[2][2] * edges[2][m]) * sign * inv_det
-    });
+    };
     Some(Setup {
         edges,
-        owns_tie,
-        depth,
-        bbox: bbox.map(|b| b as u32),
+        owns_tie: [owns(&edges[0]), owns(&edges[1]), owns(&edges[2])],
+        depth: [depth_term(0), depth_term(1), depth_term(2)],
+        bbox,
+        id,
     })
-}
-
-/// Pixels whose centres may be covered: the screen bounds of the triangle clipped to the near
-/// plane, or `None` when it lies entirely outside the view volume.
-fn pixel_bbox<T: Real>(v: &[[T; 4]; 3], width: usize, height: usize) -> Option<[usize; 4]> {
-    let all = |f: fn(&[T; 4]) -> bool| v.iter().all(f);
-    if all(|c| c[2] > c[3]) || all(|c| c[2] < -c[3]) {
-        return None;
-    }
-    let (lo, hi) = if all(|c| c[3] > T::zero() && c[2] >= -c[3]) {
-        // The common case: wholly in front of the near plane, so project the corners.
-        let p = v.map(|c| {
-            let inv_w = T::one() / c[3];
-            [c[0] * inv_w, c[1] * inv_w]
-        });
-        let lo = [0, 1].map(|k| Float::min(Float::min(p[0][k], p[1][k]), p[2][k]).to_f64());
-        let hi = [0, 1].map(|k| Float::max(Float::max(p[0][k], p[1][k]), p[2][k]).to_f64());
-        (lo, hi)
-    } else {
-        clipped_bounds(v)?
-    };
-    // Pixel i's centre is at NDC (2i + 1) / size - 1; the slack absorbs rounding so that the
-    // exact edge tests, not the box, decide about centres on the boundary.
-    let range = |lo: f64, hi: f64, size: usize| {
-        let s = size as f64;
-        let first = ceil_at_least_zero((lo + 1.0) * s * 0.5 - 0.5 - 1e-3);
-        let last = floor_at_most(((hi + 1.0) * s * 0.5 - 0.5 + 1e-3).min(s - 1.0))?;
-        (first <= last).then_some((first, last))
-    };
-    let (x0, x1) = range(lo[0], hi[0], width)?;
-    let (y0, y1) = range(lo[1], hi[1], height)?;
-    Some([x0, x1, y0, y1])
-}
-
-// floor/ceil by casts: they are library calls on baseline x86-64, and this runs per triangle.
-fn ceil_at_least_zero(a: f64) -> usize {
-    if a.is_nan() || a <= 0.0 {
-        return 0;
-    }
-    let t = a as usize;
-    t + usize::from((t as f64) < a)
-}
-
-/// `floor(b)`, or `None` when it is negative (or NaN).
-fn floor_at_most(b: f64) -> Option<usize> {
-    (b >= 0.0).then_some(b as usize)
 }
 
 /// NDC bounds of the part of a triangle in front of the near plane (`z >= -w`); the whole
@@ -244,55 +312,106 @@ impl Rasterize {
             .enumerate()
             .for_each(|(b, image)| {
                 let verts = &clip[b * nv * 4..(b + 1) * nv * 4];
-                // Chunks keep the setup parallel for single images without a per-item collect.
-                let tris = self.triangles.as_slice();
-                let setups: Vec<(T, Setup<T>)> = tris
-                    .par_chunks(SETUP_CHUNK)
-                    .enumerate()
-                    .map(|(chunk, tris)| {
-                        let mut out = Vec::with_capacity(tris.len());
-                        for (i, tri) in tris.iter().enumerate() {
-                            if let Some(s) = setup(&corners(verts, tri), self.cull_backfaces, w, h)
-                            {
-                                out.push((T::of((chunk * SETUP_CHUNK + i + 1) as f64), s));
-                            }
-                        }
-                        out
-                    })
-                    .collect::<Vec<_>>()
-                    .concat();
-                let bands = bin_by_band(&setups, h);
+                let projected = project_vertices(verts, w, h);
+                let setups = self.setups(verts, &projected);
+                let bands = Bands::new(&setups, h);
                 image
                     .par_chunks_mut(BAND_ROWS * w * 4)
-                    .zip(bands.par_iter())
                     .enumerate()
-                    .for_each(|(band, (rows, members))| {
-                        for &s in members {
-                            let (id, s) = &setups[s as usize];
-                            draw(rows, band * BAND_ROWS, w, *id, s, &xs, &ys);
+                    .for_each(|(band, rows)| {
+                        for &s in bands.members(band) {
+                            draw(rows, band * BAND_ROWS, w, &setups[s as usize], &xs, &ys);
                         }
                     });
             });
         out
     }
+
+    /// The triangles that may cover a pixel centre, in index order.
+    fn setups<T: Real>(&self, verts: &[T], projected: &[Projected]) -> Vec<Setup<T>> {
+        let (h, w) = (self.height, self.width);
+        let tris = self.triangles.as_slice();
+        let one_chunk = |chunk: usize, tris: &[[u32; 3]], out: &mut Vec<Setup<T>>| {
+            for (i, tri) in tris.iter().enumerate() {
+                let p = [
+                    &projected[tri[0] as usize],
+                    &projected[tri[1] as usize],
+                    &projected[tri[2] as usize],
+                ];
+                let v = corners(verts, tri);
+                let Some(bbox) = pixel_bbox(&v, p, w, h) else {
+                    continue;
+                };
+                let id = T::of((chunk * SETUP_CHUNK + i + 1) as f64);
+                if let Some(s) = setup(&v, bbox, self.cull_backfaces, id) {
+                    out.push(s);
+                }
+            }
+        };
+        if tris.len() <= SETUP_CHUNK || rayon::current_num_threads() == 1 {
+            // One pass straight into the result: no per-chunk vectors to concatenate.
+            let mut out = Vec::with_capacity(tris.len());
+            for (chunk, tris) in tris.chunks(SETUP_CHUNK).enumerate() {
+                one_chunk(chunk, tris, &mut out);
+            }
+            return out;
+        }
+        tris.par_chunks(SETUP_CHUNK)
+            .enumerate()
+            .map(|(chunk, tris)| {
+                let mut out = Vec::with_capacity(tris.len());
+                one_chunk(chunk, tris, &mut out);
+                out
+            })
+            .collect::<Vec<_>>()
+            .concat()
+    }
 }
 
-/// For each band of rows, the indices into `setups` overlapping it, in triangle order.
-fn bin_by_band<T>(setups: &[(T, Setup<T>)], height: usize) -> Vec<Vec<u32>> {
-    let mut bands = vec![Vec::new(); height.div_ceil(BAND_ROWS)];
-    for (i, (_, s)) in setups.iter().enumerate() {
-        for band in &mut bands[s.bbox[2] as usize / BAND_ROWS..=s.bbox[3] as usize / BAND_ROWS] {
-            band.push(i as u32);
+/// For each band of rows, the indices into the setups overlapping it, in triangle order:
+/// a counting sort into one flat list.
+struct Bands {
+    /// Band `k`'s members are `members[start[k]..start[k + 1]]`.
+    start: Vec<u32>,
+    members: Vec<u32>,
+}
+
+impl Bands {
+    fn new<T>(setups: &[Setup<T>], height: usize) -> Self {
+        let n = height.div_ceil(BAND_ROWS);
+        let span = |s: &Setup<T>| s.bbox[2] as usize / BAND_ROWS..=s.bbox[3] as usize / BAND_ROWS;
+        let mut start = vec![0u32; n + 1];
+        for s in setups {
+            for band in span(s) {
+                start[band + 1] += 1;
+            }
         }
+        for k in 0..n {
+            start[k + 1] += start[k];
+        }
+        let mut next = start.clone();
+        let mut members = vec![0u32; start[n] as usize];
+        for (i, s) in setups.iter().enumerate() {
+            for band in span(s) {
+                members[next[band] as usize] = i as u32;
+                next[band] += 1;
+            }
+        }
+        Self { start, members }
     }
-    bands
+
+    fn members(&self, band: usize) -> &[u32] {
+        &self.members[self.start[band] as usize..self.start[band + 1] as usize]
+    }
 }
 
 /// Depth-tests one triangle into the rows `row0..` held by `rows`.
-fn draw<T: Real>(rows: &mut [T], row0: usize, w: usize, id: T, s: &Setup<T>, xs: &[T], ys: &[T]) {
+fn draw<T: Real>(rows: &mut [T], row0: usize, w: usize, s: &Setup<T>, xs: &[T], ys: &[T]) {
     let [x0, x1, y0, y1] = s.bbox.map(|b| b as usize);
     let row_end = row0 + rows.len() / (w * 4);
     let [ea, eb, ec] = s.edges;
+    // A centre on an edge (e = 0, either sign of zero) is inside when the edge owns ties.
+    let inside = |e: T, owns: bool| if owns { e >= T::zero() } else { e > T::zero() };
     for y in y0.max(row0)..=y1.min(row_end - 1) {
         let py = ys[y];
         // Row-then-column evaluation keeps shared edges bit-exact negatives of each other.
@@ -302,9 +421,14 @@ fn draw<T: Real>(rows: &mut [T], row0: usize, w: usize, id: T, s: &Setup<T>, xs:
         for x in x0..=x1 {
             let px = xs[x];
             let e = [ea[0] * px + ra, eb[0] * px + rb, ec[0] * px + rc];
-            let inside = (0..3).all(|i| e[i] > T::zero() || (e[i] == T::zero() && s.owns_tie[i]));
+            if !(inside(e[0], s.owns_tie[0])
+                && inside(e[1], s.owns_tie[1])
+                && inside(e[2], s.owns_tie[2]))
+            {
+                continue;
+            }
             let sum = e[0] + e[1] + e[2];
-            if !inside || sum <= T::zero() {
+            if sum <= T::zero() {
                 continue;
             }
             let z = s.depth[0] * px + z_row;
@@ -315,7 +439,7 @@ fn draw<T: Real>(rows: &mut [T], row0: usize, w: usize, id: T, s: &Setup<T>, xs:
             if px_out[3] != T::zero() && z >= px_out[2] {
                 continue;
             }
-            px_out.copy_from_slice(&[e[0] / sum, e[1] / sum, z, id]);
+            px_out.copy_from_slice(&[e[0] / sum, e[1] / sum, z, s.id]);
         }
     }
 }
@@ -361,6 +485,7 @@ struct RasterizeGrad {
 }
 
 impl RasterizeGrad {
+    #[allow(clippy::too_many_arguments)]
     fn backward<T: Real>(
         &self,
         clip: &[T],
@@ -374,38 +499,42 @@ impl RasterizeGrad {
         let tris = self.triangles.as_slice();
         let xs: Vec<T> = (0..w).map(|i| pixel_centre(i, w)).collect();
         let mut out = vec![T::zero(); batch * nv * 4];
+        // Images run in parallel; a lone image is split into one row range per thread.
+        let pieces = rayon::current_num_threads().div_ceil(batch).max(1);
         out.par_chunks_mut((nv * 4).max(1))
             .enumerate()
             .for_each(|(b, dst)| {
                 let verts = &clip[b * nv * 4..(b + 1) * nv * 4];
-                let image = b * h * w * 4;
+                let image = b * h * w * 4..(b + 1) * h * w * 4;
+                let (rast, grad) = (&rast[image.clone()], &grad[image]);
                 let sum = (0..h)
                     .into_par_iter()
-                    .with_min_len(piece_len(h))
+                    .with_min_len(h.div_ceil(pieces))
                     .fold(
-                        || vec![T::zero(); nv * 4],
+                        || TriangleGrads::new(tris.len()),
                         |mut acc, y| {
                             let py = pixel_centre::<T>(y, h);
-                            for (x, &px) in xs.iter().enumerate() {
-                                let at = image + (y * w + x) * 4;
-                                let Some(t) = triangle_at(rast[at + 3]) else {
-                                    continue;
-                                };
-                                let g = [grad[at], grad[at + 1], grad[at + 2]];
-                                if g.iter().all(|&g| g == T::zero()) {
-                                    continue;
+                            let row = y * w * 4..(y + 1) * w * 4;
+                            let (rast, grad) = (&rast[row.clone()], &grad[row]);
+                            // Runs of one triangle along the row share its constants.
+                            let mut x = 0;
+                            while x < w {
+                                let id = rast[x * 4 + 3];
+                                let start = x;
+                                x += 1;
+                                while x < w && rast[x * 4 + 3] == id {
+                                    x += 1;
                                 }
-                                let p = [px, py, T::one()];
-                                let tri = &tris[t];
-                                let vjp = pixel_vjp(&corners(verts, tri), p, g);
-                                for (k, &vi) in tri.iter().enumerate() {
-                                    let d = &mut acc[vi as usize * 4..vi as usize * 4 + 4];
-                                    d.iter_mut().zip(vjp[k]).for_each(|(d, g)| *d += g);
+                                if let Some(t) = triangle_at(id) {
+                                    let run = start * 4..x * 4;
+                                    let (rast, grad) = (&rast[run.clone()], &grad[run]);
+                                    acc.add_run(t, verts, &tris[t], &xs[start..x], py, rast, grad);
                                 }
                             }
                             acc
                         },
                     )
+                    .map(|acc| acc.to_vertices(verts, tris))
                     .reduce(|| vec![T::zero(); nv * 4], add_into);
                 dst.copy_from_slice(&sum);
             });
@@ -413,37 +542,142 @@ impl RasterizeGrad {
     }
 }
 
-/// Gradient of `g · (u, v, z/w)` at pixel `p` with respect to the three corners `(x, y, z, w)`.
-fn pixel_vjp<T: Real>(v: &[[T; 4]; 3], p: [T; 3], g: [T; 3]) -> [[T; 4]; 3] {
-    let a = v.map(|c| [c[0], c[1], c[3]]);
-    let c = [cross(a[1], a[2]), cross(a[2], a[0]), cross(a[0], a[1])];
-    let e = c.map(|c| dot(p, c));
-    let inv_s = T::one() / (e[0] + e[1] + e[2]);
-    let bary = e.map(|e| e * inv_s);
-    let w_at = bary[0] * v[0][3] + bary[1] * v[1][3] + bary[2] * v[2][3];
-    let z_at = bary[0] * v[0][2] + bary[1] * v[1][2] + bary[2] * v[2][2];
-    let inv_w = T::one() / w_at;
-    let zw = z_at * inv_w;
-    // z/w = Σ b_i z_i / Σ b_i w_i: explicit terms in z_i, w_i plus the path through b.
-    let g_zw = g[2] * inv_w;
-    let g_bary: [T; 3] = std::array::from_fn(|i| {
-        let direct = if i < 2 { g[i] } else { T::zero() };
-        direct + g_zw * (v[i][2] - zw * v[i][3])
-    });
-    let g_dot = g_bary[0] * bary[0] + g_bary[1] * bary[1] + g_bary[2] * bary[2];
-    let g_e = g_bary.map(|gb| (gb - g_dot) * inv_s);
-    // e_i = det(p, a_j, a_k) = a_j · (a_k × p) = a_k · (p × a_j) for (i, j, k) cyclic, so corner
-    // m collects g_e[m-1] (a_{m+1} × p) - g_e[m+1] (a_{m-1} × p) = (…) × p: one cross each.
-    let ga: [[T; 3]; 3] = std::array::from_fn(|m| {
-        let (prev, next) = ((m + 2) % 3, (m + 1) % 3);
-        let lever: [T; 3] =
-            std::array::from_fn(|q| g_e[prev] * a[next][q] - g_e[next] * a[prev][q]);
-        cross(lever, p)
-    });
-    std::array::from_fn(|i| {
-        let scale = g_zw * bary[i];
-        [ga[i][0], ga[i][1], scale, ga[i][2] - scale * zw]
-    })
+/// The rasteriser's gradient summed per triangle, turned into vertex gradients at the end.
+///
+/// The pixel VJP with respect to corner m's `(x, y, w)` is `(Σ_i (g_e[m-1] a[m+1] -
+/// g_e[m+1] a[m-1])) × p` (see `pixel_sums`), which is linear in the pixel terms `g_e[i] p`,
+/// so each triangle only sums those (and two depth terms) over its pixels and does the cross
+/// products once.
+struct TriangleGrads<T> {
+    /// Per triangle, its index into `sums`, or `u32::MAX` before its first pixel.
+    slot: Vec<u32>,
+    sums: Vec<TriangleSums<T>>,
+}
+
+/// One triangle's per-pixel constants and its running sums.
+struct TriangleSums<T> {
+    triangle: u32,
+    /// `Σ_i (a_j × a_k)`: the sum of the edge functions is `p · edge_sum`.
+    edge_sum: [T; 3],
+    inv_det: T,
+    /// Corner `z` and `w`.
+    z: [T; 3],
+    w: [T; 3],
+    /// `Σ g_e[i] p` per corner i.
+    lever: [[T; 3]; 3],
+    /// `Σ g_zw b_i` and `Σ g_zw b_i z/w` per corner i.
+    depth: [T; 3],
+    depth_w: [T; 3],
+}
+
+impl<T: Real> TriangleGrads<T> {
+    fn new(triangles: usize) -> Self {
+        Self {
+            slot: vec![u32::MAX; triangles],
+            sums: Vec::with_capacity(triangles),
+        }
+    }
+
+    /// Adds the VJP of `g · (u, v, z/w)` over a run of pixels of row `py` covered by triangle
+    /// `t`, at columns `xs`, with their `rast` and `grad` values.
+    #[allow(clippy::too_many_arguments)]
+    fn add_run(
+        &mut self,
+        t: usize,
+        verts: &[T],
+        tri: &[u32; 3],
+        xs: &[T],
+        py: T,
+        rast: &[T],
+        grad: &[T],
+    ) {
+        let mut slot = self.slot[t] as usize;
+        if slot == u32::MAX as usize {
+            slot = self.sums.len();
+            self.slot[t] = slot as u32;
+            self.sums.push(TriangleSums::new(t, &corners(verts, tri)));
+        }
+        let s = &mut self.sums[slot];
+        let (edge_sum, inv_det, z, w) = (s.edge_sum, s.inv_det, s.z, s.w);
+        let sum_row = py * edge_sum[1] + edge_sum[2];
+        let zero = T::zero();
+        let (mut lever, mut depth, mut depth_w) = ([[zero; 3]; 3], [zero; 3], [zero; 3]);
+        for ((px, g), &x) in rast.chunks_exact(4).zip(grad.chunks_exact(4)).zip(xs) {
+            if g[0] == zero && g[1] == zero && g[2] == zero {
+                continue;
+            }
+            // With e_i = p · (a_j × a_k) and S = Σe: b_i = e_i / S (the rast u, v), and since
+            // Σ_i w_i (a_j × a_k) = (0, 0, det), the interpolated w is det / S.
+            let sum = x * edge_sum[0] + sum_row;
+            let inv_sum = T::one() / sum;
+            let bary = [px[0], px[1], T::one() - px[0] - px[1]];
+            let zw = px[2];
+            // z/w = Σ b_i z_i / Σ b_i w_i: explicit terms in z_i, w_i plus the path through b.
+            let g_zw = g[2] * sum * inv_det;
+            let g_bary = [
+                g[0] + g_zw * (z[0] - zw * w[0]),
+                g[1] + g_zw * (z[1] - zw * w[1]),
+                g_zw * (z[2] - zw * w[2]),
+            ];
+            let g_dot = g_bary[0] * bary[0] + g_bary[1] * bary[1] + g_bary[2] * bary[2];
+            for i in 0..3 {
+                let g_e = (g_bary[i] - g_dot) * inv_sum;
+                lever[i][0] += g_e * x;
+                lever[i][1] += g_e * py;
+                lever[i][2] += g_e;
+                let scale = g_zw * bary[i];
+                depth[i] += scale;
+                depth_w[i] += scale * zw;
+            }
+        }
+        for (sum, run) in s.lever.iter_mut().zip(lever) {
+            sum.iter_mut().zip(run).for_each(|(a, b)| *a += b);
+        }
+        s.depth.iter_mut().zip(depth).for_each(|(a, b)| *a += b);
+        s.depth_w.iter_mut().zip(depth_w).for_each(|(a, b)| *a += b);
+    }
+
+    /// Scatters the per-triangle sums to a `[V, 4]` gradient.
+    fn to_vertices(&self, verts: &[T], tris: &[[u32; 3]]) -> Vec<T> {
+        let mut out = vec![T::zero(); verts.len()];
+        for s in &self.sums {
+            let tri = &tris[s.triangle as usize];
+            let a = corners(verts, tri).map(|c| [c[0], c[1], c[3]]);
+            for (m, &v) in tri.iter().enumerate() {
+                // e_i = det(p, a_j, a_k) = a_j · (a_k × p) = a_k · (p × a_j) for (i, j, k)
+                // cyclic, so corner m collects (g_e[m-1] a[m+1] - g_e[m+1] a[m-1]) × p, summed.
+                let (prev, next) = ((m + 2) % 3, (m + 1) % 3);
+                let ga = sub(cross(a[next], s.lever[prev]), cross(a[prev], s.lever[next]));
+                let d = &mut out[v as usize * 4..v as usize * 4 + 4];
+                d[0] += ga[0];
+                d[1] += ga[1];
+                d[2] += s.depth[m];
+                d[3] += ga[2] - s.depth_w[m];
+            }
+        }
+        out
+    }
+}
+
+impl<T: Real> TriangleSums<T> {
+    fn new(triangle: usize, v: &[[T; 4]; 3]) -> Self {
+        let a = v.map(|c| [c[0], c[1], c[3]]);
+        let c = [cross(a[1], a[2]), cross(a[2], a[0]), cross(a[0], a[1])];
+        Self {
+            triangle: triangle as u32,
+            edge_sum: std::array::from_fn(|k| c[0][k] + c[1][k] + c[2][k]),
+            inv_det: T::one() / dot(a[0], c[0]),
+            z: v.map(|c| c[2]),
+            w: v.map(|c| c[3]),
+            lever: [[T::zero(); 3]; 3],
+            depth: [T::zero(); 3],
+            depth_w: [T::zero(); 3],
+        }
+    }
+}
+
+fn sub<T: Real>(a: [T; 3], b: [T; 3]) -> [T; 3] {
+    [a[0] - b[0], a[1] - b[1], a[2] - b[2]]
 }
 
 impl CustomOp3 for RasterizeGrad {

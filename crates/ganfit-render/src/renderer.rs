@@ -2,7 +2,7 @@
 
 use candle_core::{D, Tensor};
 
-use crate::antialias::antialias;
+use crate::antialias::{Silhouettes, blend, coverage};
 use crate::camera::{Camera, camera_from_world};
 use crate::error::{RenderError, Result};
 use crate::interpolate::interpolate;
@@ -177,14 +177,13 @@ impl Renderer {
         }
         .reshape((batch, h, w, channels))?;
 
-        let covered = rast.narrow(3, 3, 1)?.gt(0.0)?.to_dtype(rast.dtype())?;
-        let image = shaded.broadcast_mul(&covered)?;
-        let (image, mask) = if self.options.antialias {
-            // One pass for both, so the pair analysis runs once.
-            let both = antialias(&Tensor::cat(&[&image, &covered], 3)?, &rast, &clip, tris)?;
-            (both.narrow(3, 0, channels)?, both.narrow(3, channels, 1)?)
+        // Masking, antialiasing and the mask come from one analysis of the silhouettes.
+        let silhouettes = Silhouettes::analyse(&rast, &clip, tris, self.options.antialias)?;
+        let image = blend(&shaded, &clip, &silhouettes, true)?;
+        let mask = if self.options.antialias {
+            coverage(&clip, &silhouettes)?
         } else {
-            (image, covered)
+            silhouettes.covered(rast.dtype())?
         };
         let depth = interpolate(&camera_vertices.narrow(2, 2, 1)?.contiguous()?, &rast, tris)?;
         Ok(Rendering {

@@ -1,13 +1,15 @@
-//! Normals and shading models, written as plain candle tensor ops.
+//! Normals and shading models.
 //!
-//! Shading is element-wise arithmetic with no data-dependent indexing, so candle's own ops and
-//! autograd give exact gradients with no hand-written backward to get wrong, at a cost linear in
-//! the pixel count that is small next to rasterisation; custom kernels would buy little here.
+//! Each is written as plain candle tensor ops, which define its semantics and run on any
+//! device; on the CPU, [`vertex_normals`], [`normalize`] and [`shade_sh`] run as fused kernels instead
+//! (`shading_kernels`), since a dozen image-sized temporaries per call, and as many again in
+//! the backward pass, cost far more than the arithmetic.
 
 use candle_core::{D, Tensor};
 
 use crate::error::{RenderError, Result};
-use crate::kernel::check_float;
+use crate::kernel::{check_float, on_cpu_float};
+use crate::shading_kernels::{FaceNormalSums, Normalize, ShBands, ShadeSh};
 use crate::triangles::Triangles;
 
 /// Keeps normalisation of zero vectors (background pixels) finite: they stay zero.
@@ -24,8 +26,16 @@ fn cross3(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(Tensor::cat(&[x, y, z], D::Minus1)?)
 }
 
-/// Rescales the last dim to unit length; zero vectors stay (almost exactly) zero.
+/// Rescales the last dim to unit length: `v / sqrt(|v|² + 1e-12)`, so that zero vectors stay
+/// (almost exactly) zero.
 pub fn normalize(v: &Tensor) -> Result<Tensor> {
+    if on_cpu_float(v) && v.rank() > 0 {
+        return Ok(v.contiguous()?.apply_op1(Normalize { eps: NORM_EPS })?);
+    }
+    normalize_with_tensor_ops(v)
+}
+
+pub(crate) fn normalize_with_tensor_ops(v: &Tensor) -> Result<Tensor> {
     let norm = (v.sqr()?.sum_keepdim(D::Minus1)? + NORM_EPS)?.sqrt()?;
     Ok(v.broadcast_div(&norm)?)
 }
@@ -46,6 +56,19 @@ pub fn vertex_normals(positions: &Tensor, triangles: &Triangles) -> Result<Tenso
             got: positions.dims().to_vec(),
         });
     }
+    if on_cpu_float(positions) {
+        let op = FaceNormalSums {
+            triangles: triangles.clone(),
+        };
+        return normalize(&positions.contiguous()?.apply_op1(op)?);
+    }
+    normalize(&face_normal_sums_with_tensor_ops(positions, triangles)?)
+}
+
+pub(crate) fn face_normal_sums_with_tensor_ops(
+    positions: &Tensor,
+    triangles: &Triangles,
+) -> Result<Tensor> {
     let device = positions.device();
     let corner = |k: usize| -> Result<Tensor> {
         let idx: Vec<u32> = triangles.as_slice().iter().map(|t| t[k]).collect();
@@ -58,8 +81,7 @@ pub fn vertex_normals(positions: &Tensor, triangles: &Triangles) -> Result<Tenso
     let face = cross3(&e1, &e2)?;
     let all = Tensor::cat(&[&i0, &i1, &i2], 0)?;
     let spread = Tensor::cat(&[&face, &face, &face], 1)?;
-    let summed = positions.zeros_like()?.index_add(&all, &spread, 1)?;
-    normalize(&summed)
+    Ok(positions.zeros_like()?.index_add(&all, &spread, 1)?)
 }
 
 /// Band constants: `Y_lm` normalisation times the Lambertian convolution factor of its band
@@ -69,6 +91,14 @@ const SH_LINEAR: f64 = 0.488_602_5 * 2.0 * std::f64::consts::PI / 3.0;
 const SH_CROSS: f64 = 1.092_548_4 * std::f64::consts::PI / 4.0;
 const SH_ZONAL: f64 = 0.315_391_6 * std::f64::consts::PI / 4.0;
 const SH_SQUARE: f64 = 0.546_274_2 * std::f64::consts::PI / 4.0;
+
+const SH_BANDS: ShBands = ShBands {
+    dc: SH_DC,
+    linear: SH_LINEAR,
+    cross: SH_CROSS,
+    zonal: SH_ZONAL,
+    square: SH_SQUARE,
+};
 
 /// Real spherical-harmonic basis up to band 2 for unit normals `[.., 3]`, with the Lambertian
 /// (clamped-cosine) convolution folded in (Ramamoorthi & Hanrahan 2001), shape `[.., 9]`.
@@ -128,6 +158,37 @@ pub fn shade_sh(albedo: &Tensor, normals: &Tensor, coeffs: &Tensor) -> Result<Te
     check_float(albedo, "albedo", "[B, N, C]", 3, None)?;
     check_float(normals, "normals", "[B, N, 3]", 3, Some(3))?;
     check_float(coeffs, "sh coeffs", "[B, C, 9]", 3, Some(9))?;
+    let (batch, n, _) = normals.dims3()?;
+    let channels = coeffs.dim(1)?;
+    if albedo.dims() != [batch, n, channels] || coeffs.dim(0)? != batch {
+        return Err(RenderError::Shape {
+            what: "albedo and sh coeffs",
+            expected: format!("[{batch}, {n}, C] and [{batch}, C, 9] to match the normals"),
+            got: albedo.dims().to_vec(),
+        });
+    }
+    if albedo.dtype() != normals.dtype() || coeffs.dtype() != normals.dtype() {
+        return Err(RenderError::DType {
+            what: "albedo and sh coeffs (must match the normals)",
+            got: albedo.dtype(),
+        });
+    }
+    if on_cpu_float(normals) {
+        let op = ShadeSh { bands: SH_BANDS };
+        return Ok(albedo.contiguous()?.apply_op3(
+            &normals.contiguous()?,
+            &coeffs.contiguous()?,
+            op,
+        )?);
+    }
+    shade_sh_with_tensor_ops(albedo, normals, coeffs)
+}
+
+pub(crate) fn shade_sh_with_tensor_ops(
+    albedo: &Tensor,
+    normals: &Tensor,
+    coeffs: &Tensor,
+) -> Result<Tensor> {
     let (batch, n, _) = normals.dims3()?;
     let channels = coeffs.dim(1)?;
     let form: Vec<f64> = sh_quadratic_form().iter().flatten().copied().collect();
@@ -193,4 +254,89 @@ pub fn shade_phong(
     let reflected = (normals.broadcast_mul(&(n_dot_l * 2.0)?)?.broadcast_sub(&l))?;
     let lobe = dot_last(&reflected, view)?.relu()?.powf(light.shininess)?;
     Ok((shaded + lobe.broadcast_mul(&color)?.affine(light.specular, 0.0)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::testing::{dot, finite_difference_error, gradient, max_abs_diff, random};
+
+    /// The fused CPU kernel `fused` against its tensor-op definition `reference`: outputs and
+    /// vector-Jacobian products for every input, and the fused backward against central
+    /// differences.
+    fn check_fused(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        reference: impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let (ours, theirs) = (fused(inputs), reference(inputs));
+        assert!(max_abs_diff(&ours, &theirs) < 1e-12);
+        let cot = random(ours.dims(), -1.0, 1.0, 99);
+        for k in 0..inputs.len() {
+            let with = |f: &dyn Fn(&[Tensor]) -> Tensor, x: &Tensor| {
+                let mut all = inputs.to_vec();
+                all[k] = x.clone();
+                (f(&all) * &cot).unwrap().sum_all().unwrap()
+            };
+            let g_ours = gradient(&inputs[k], |x| with(&fused, x));
+            let g_theirs = gradient(&inputs[k], |x| with(&reference, x));
+            let scale = max_abs_diff(&g_theirs, &g_theirs.zeros_like().unwrap()).max(1.0);
+            assert!(
+                max_abs_diff(&g_ours, &g_theirs) < 1e-11 * scale,
+                "input {k}"
+            );
+            let err = finite_difference_error(&inputs[k], |x| with(&fused, x));
+            assert!(err < 1e-6, "input {k}: finite-difference error {err}");
+        }
+        assert!(dot(&ours, &cot).is_finite());
+    }
+
+    #[test]
+    fn fused_normalize_matches_tensor_ops() {
+        check_fused(
+            &[random(&[2, 5, 3], -1.0, 1.0, 1)],
+            |x| normalize(&x[0]).unwrap(),
+            |x| normalize_with_tensor_ops(&x[0]).unwrap(),
+        );
+        // A zero vector (background pixels) stays zero, with the same finite gradient.
+        let zero =
+            Tensor::zeros((1, 3), candle_core::DType::F64, &candle_core::Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&normalize(&zero).unwrap(), &zero), 0.0);
+        let cot = random(&[1, 3], -1.0, 1.0, 7);
+        let g = |f: &dyn Fn(&Tensor) -> Tensor| {
+            gradient(&zero, |x| (f(x) * &cot).unwrap().sum_all().unwrap())
+        };
+        let ours = g(&|x| normalize(x).unwrap());
+        let theirs = g(&|x| normalize_with_tensor_ops(x).unwrap());
+        assert!(max_abs_diff(&ours, &theirs) < 1e-12 * 1e6);
+    }
+
+    #[test]
+    fn fused_sh_shading_matches_tensor_ops() {
+        let albedo = random(&[2, 6, 3], 0.0, 1.0, 2);
+        let normals = normalize(&random(&[2, 6, 3], -1.0, 1.0, 3)).unwrap();
+        let coeffs = random(&[2, 3, 9], -1.0, 1.0, 4);
+        check_fused(
+            &[albedo, normals, coeffs],
+            |x| shade_sh(&x[0], &x[1], &x[2]).unwrap(),
+            |x| shade_sh_with_tensor_ops(&x[0], &x[1], &x[2]).unwrap(),
+        );
+    }
+
+    #[test]
+    fn fused_face_normal_sums_match_tensor_ops() {
+        let tris = Triangles::new(vec![[0, 1, 2], [0, 2, 3], [1, 3, 2], [4, 0, 1]], 5).unwrap();
+        let positions = random(&[2, 5, 3], -1.0, 1.0, 5);
+        let op = |p: &Tensor| {
+            p.apply_op1(FaceNormalSums {
+                triangles: tris.clone(),
+            })
+            .unwrap()
+        };
+        check_fused(
+            &[positions],
+            |x| op(&x[0]),
+            |x| face_normal_sums_with_tensor_ops(&x[0], &tris).unwrap(),
+        );
+    }
 }

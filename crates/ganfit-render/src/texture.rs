@@ -5,7 +5,7 @@ use num_traits::{One, Zero};
 use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
-use crate::kernel::{Real, add_into, check_float, data, dispatch_float, piece_len};
+use crate::kernel::{PIXEL_CHUNK, Real, add_into, check_float, data, dispatch_float, piece_len};
 
 /// What happens to texture coordinates outside `[0, 1]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -174,12 +174,15 @@ impl CustomOp2 for Texture {
         dispatch_float!(tex, T => {
             let (tex, uv) = (data::<T>(tex, tex_l)?, data::<T>(uv, uv_l)?);
             let mut out = vec![T::zero(); b * h * w * d.c];
-            out.par_chunks_mut(d.c).zip(uv.par_chunks(2)).enumerate().for_each(|(i, (dst, uv))| {
-                let base = d.tex_base(i);
-                let tap = taps(uv[0], uv[1], d.ht, d.wt, self.wrap);
-                for (texel, wt) in tap.texels.into_iter().zip(tap.weights) {
-                    let src = &tex[base + texel * d.c..base + texel * d.c + d.c];
-                    dst.iter_mut().zip(src).for_each(|(o, &t)| *o += wt * t);
+            let blocks = out.par_chunks_mut(PIXEL_CHUNK * d.c).zip(uv.par_chunks(PIXEL_CHUNK * 2));
+            blocks.enumerate().for_each(|(block, (dst, uv))| {
+                for (j, (dst, uv)) in dst.chunks_exact_mut(d.c).zip(uv.chunks_exact(2)).enumerate() {
+                    let base = d.tex_base(block * PIXEL_CHUNK + j);
+                    let tap = taps(uv[0], uv[1], d.ht, d.wt, self.wrap);
+                    for (texel, wt) in tap.texels.into_iter().zip(tap.weights) {
+                        let src = &tex[base + texel * d.c..base + texel * d.c + d.c];
+                        dst.iter_mut().zip(src).for_each(|(o, &t)| *o += wt * t);
+                    }
                 }
             });
             Ok((T::to_cpu_storage_owned(out), Shape::from((b, h, w, d.c))))
@@ -233,25 +236,36 @@ impl CustomOp2 for TexGrad {
             let span = if d.tex_batch == 1 { n } else { d.samples };
             let mut out = vec![T::zero(); d.tex_batch * per_tex];
             out.par_chunks_mut(per_tex).enumerate().for_each(|(b, dst)| {
-                let sum = (b * span..(b + 1) * span)
-                    .into_par_iter()
-                    .with_min_len(piece_len(span))
+                let samples = b * span..(b + 1) * span;
+                let uv = &uv[samples.start * 2..samples.end * 2];
+                let grad = &grad[samples.start * d.c..samples.end * d.c];
+                let sum = uv
+                    .par_chunks(PIXEL_CHUNK * 2)
+                    .zip(grad.par_chunks(PIXEL_CHUNK * d.c))
+                    .with_min_len(piece_len(span.div_ceil(PIXEL_CHUNK)))
                     .fold(
                         || vec![T::zero(); per_tex],
-                        |mut acc, i| {
-                            let tap = taps(uv[2 * i], uv[2 * i + 1], d.ht, d.wt, self.wrap);
-                            let g = &grad[i * d.c..i * d.c + d.c];
-                            for (texel, wt) in tap.texels.into_iter().zip(tap.weights) {
-                                acc[texel * d.c..texel * d.c + d.c]
-                                    .iter_mut()
-                                    .zip(g)
-                                    .for_each(|(a, &g)| *a += wt * g);
+                        |mut acc, (uv, grad)| {
+                            for (uv, g) in uv.chunks_exact(2).zip(grad.chunks_exact(d.c)) {
+                                // Samples the loss ignores (e.g. masked background) add nothing.
+                                if g.iter().all(|&g| g == T::zero()) {
+                                    continue;
+                                }
+                                let tap = taps(uv[0], uv[1], d.ht, d.wt, self.wrap);
+                                for (texel, wt) in tap.texels.into_iter().zip(tap.weights) {
+                                    acc[texel * d.c..texel * d.c + d.c]
+                                        .iter_mut()
+                                        .zip(g)
+                                        .for_each(|(a, &g)| *a += wt * g);
+                                }
                             }
                             acc
                         },
                     )
-                    .reduce(|| vec![T::zero(); per_tex], add_into);
-                dst.copy_from_slice(&sum);
+                    .reduce_with(add_into);
+                if let Some(sum) = sum {
+                    dst.copy_from_slice(&sum);
+                }
             });
             Ok((T::to_cpu_storage_owned(out), self.tex_shape.clone()))
         })
@@ -282,18 +296,22 @@ impl CustomOp3 for UvGrad {
             let (tex, uv, grad) = (data::<T>(tex, tex_l)?, data::<T>(uv, uv_l)?, data::<T>(grad, grad_l)?);
             let mut out = vec![T::zero(); uv.len()];
             let (sw, sh) = (T::of(d.wt as f64), T::of(d.ht as f64));
-            out.par_chunks_mut(2).zip(uv.par_chunks(2)).enumerate().for_each(|(i, (dst, uv))| {
-                let base = d.tex_base(i);
-                let tap = taps(uv[0], uv[1], d.ht, d.wt, self.wrap);
-                let [fx, fy] = tap.frac;
-                let texel = |k: usize, ch: usize| tex[base + tap.texels[k] * d.c + ch];
-                let g = &grad[i * d.c..i * d.c + d.c];
-                for (ch, &g) in g.iter().enumerate() {
-                    let (t00, t01, t10, t11) = (texel(0, ch), texel(1, ch), texel(2, ch), texel(3, ch));
-                    let d_fx = (T::one() - fy) * (t01 - t00) + fy * (t11 - t10);
-                    let d_fy = (T::one() - fx) * (t10 - t00) + fx * (t11 - t01);
-                    dst[0] += g * d_fx * sw;
-                    dst[1] += g * d_fy * sh;
+            let blocks = out.par_chunks_mut(PIXEL_CHUNK * 2).zip(uv.par_chunks(PIXEL_CHUNK * 2));
+            blocks.enumerate().for_each(|(block, (dst, uv))| {
+                for (j, (dst, uv)) in dst.chunks_exact_mut(2).zip(uv.chunks_exact(2)).enumerate() {
+                    let i = block * PIXEL_CHUNK + j;
+                    let base = d.tex_base(i);
+                    let tap = taps(uv[0], uv[1], d.ht, d.wt, self.wrap);
+                    let [fx, fy] = tap.frac;
+                    let texel = |k: usize, ch: usize| tex[base + tap.texels[k] * d.c + ch];
+                    let g = &grad[i * d.c..i * d.c + d.c];
+                    for (ch, &g) in g.iter().enumerate() {
+                        let (t00, t01, t10, t11) = (texel(0, ch), texel(1, ch), texel(2, ch), texel(3, ch));
+                        let d_fx = (T::one() - fy) * (t01 - t00) + fy * (t11 - t10);
+                        let d_fy = (T::one() - fx) * (t10 - t00) + fx * (t11 - t01);
+                        dst[0] += g * d_fx * sw;
+                        dst[1] += g * d_fy * sh;
+                    }
                 }
             });
             Ok((T::to_cpu_storage_owned(out), uv_l.shape().clone()))

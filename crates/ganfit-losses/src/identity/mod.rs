@@ -4,6 +4,7 @@
 pub(crate) mod arch;
 mod net;
 mod ops;
+mod winograd;
 
 pub use arch::{EMBEDDING_DIM, INPUT_SIZE};
 pub use net::{DLIB_RESNET_ASSET_ID, FaceFeatures, FaceRecognitionNet};

@@ -1,0 +1,435 @@
+//! Fused CPU kernels for vertex normals, normalisation and spherical-harmonic shading: one pass over the
+//! pixels instead of a dozen image-sized candle temporaries (and their backward passes).
+//!
+//! The candle tensor-op versions in [`crate::shading`] define the semantics (they also run on
+//! other devices); the unit tests below compare the two on outputs and on vector-Jacobian
+//! products, and check these backward passes against central finite differences in f64.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use num_traits::{One, Zero};
+use rayon::prelude::*;
+
+use crate::kernel::{PIXEL_CHUNK, Real, cpu_tensor, cross, data, dispatch_float, with_data};
+use crate::triangles::Triangles;
+
+/// `v / sqrt(|v|² + eps)` along the last dim.
+pub(crate) struct Normalize {
+    pub(crate) eps: f64,
+}
+
+impl Normalize {
+    fn forward<T: Real>(&self, v: &[T], c: usize) -> Vec<T> {
+        let eps = T::of(self.eps);
+        let mut out = vec![T::zero(); v.len()];
+        out.par_chunks_mut(PIXEL_CHUNK * c.max(1))
+            .zip(v.par_chunks(PIXEL_CHUNK * c))
+            .for_each(|(out, v)| {
+                for (o, v) in out.chunks_exact_mut(c).zip(v.chunks_exact(c)) {
+                    let norm = (v.iter().fold(T::zero(), |a, &x| a + x * x) + eps).sqrt();
+                    o.iter_mut().zip(v).for_each(|(o, &x)| *o = x / norm);
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp1 for Normalize {
+    fn name(&self) -> &'static str {
+        "ganfit-normalize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        dispatch_float!(storage, T => {
+            let out = self.forward::<T>(data(storage, layout)?, c);
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), layout.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = arg.apply_op2_no_bwd(&grad.contiguous()?, &NormalizeGrad { eps: self.eps })?;
+        Ok(Some(grad))
+    }
+}
+
+/// Vector-Jacobian product of [`Normalize`]: (v, d out) -> d v = g / r - v (v · g) / r³.
+struct NormalizeGrad {
+    eps: f64,
+}
+
+impl CustomOp2 for NormalizeGrad {
+    fn name(&self) -> &'static str {
+        "ganfit-normalize-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        v: &CpuStorage,
+        v_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let c = v_l.shape().dims().last().copied().unwrap_or(1).max(1);
+        dispatch_float!(v, T => {
+            let (v, g) = (data::<T>(v, v_l)?, data::<T>(g, g_l)?);
+            let eps = T::of(self.eps);
+            let mut out = vec![T::zero(); v.len()];
+            out.par_chunks_mut(PIXEL_CHUNK * c.max(1))
+                .zip(v.par_chunks(PIXEL_CHUNK * c).zip(g.par_chunks(PIXEL_CHUNK * c)))
+                .for_each(|(out, (v, g))| {
+                    for ((o, v), g) in out.chunks_exact_mut(c).zip(v.chunks_exact(c)).zip(g.chunks_exact(c)) {
+                        let sq = v.iter().fold(T::zero(), |a, &x| a + x * x) + eps;
+                        let inv = T::one() / sq.sqrt();
+                        let vg = v.iter().zip(g).fold(T::zero(), |a, (&x, &y)| a + x * y);
+                        let along = vg * inv / sq;
+                        for ((o, &x), &y) in o.iter_mut().zip(v).zip(g) {
+                            *o = y * inv - x * along;
+                        }
+                    }
+                });
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), v_l.shape().clone()))
+        })
+    }
+}
+
+/// Band constants of [`crate::sh_irradiance_basis`] (see there), per basis function.
+pub(crate) struct ShBands {
+    pub(crate) dc: f64,
+    pub(crate) linear: f64,
+    pub(crate) cross: f64,
+    pub(crate) zonal: f64,
+    pub(crate) square: f64,
+}
+
+impl ShBands {
+    /// The nine basis values at unit normal `n`.
+    fn basis<T: Real>(&self, [x, y, z]: [T; 3]) -> [T; 9] {
+        let (lin, cross) = (T::of(self.linear), T::of(self.cross));
+        [
+            T::of(self.dc),
+            lin * y,
+            lin * z,
+            lin * x,
+            cross * (x * y),
+            cross * (y * z),
+            T::of(self.zonal) * (T::of(3.0) * z * z - T::one()),
+            cross * (x * z),
+            T::of(self.square) * (x * x - y * y),
+        ]
+    }
+
+    /// Gradient of `Σ_k l_k basis_k(n)` with respect to `n`.
+    fn irradiance_gradient<T: Real>(&self, l: &[T], [x, y, z]: [T; 3]) -> [T; 3] {
+        let (lin, cross) = (T::of(self.linear), T::of(self.cross));
+        let (zonal6, square2) = (T::of(6.0 * self.zonal), T::of(2.0 * self.square));
+        [
+            lin * l[3] + cross * (l[4] * y + l[7] * z) + square2 * l[8] * x,
+            lin * l[1] + cross * (l[4] * x + l[5] * z) - square2 * l[8] * y,
+            lin * l[2] + cross * (l[5] * y + l[7] * x) + zonal6 * l[6] * z,
+        ]
+    }
+}
+
+/// `albedo ⊙ (basis(n) · coeffsᵀ)` for albedo `[B, N, C]`, normals `[B, N, 3]`, coeffs
+/// `[B, C, 9]`.
+pub(crate) struct ShadeSh {
+    pub(crate) bands: ShBands,
+}
+
+/// Sizes of a shading call.
+#[derive(Clone, Copy)]
+struct ShDims {
+    batch: usize,
+    pixels: usize,
+    channels: usize,
+}
+
+impl ShDims {
+    fn of(albedo: &Shape) -> candle_core::Result<Self> {
+        let (batch, pixels, channels) = albedo.dims3()?;
+        Ok(Self {
+            batch,
+            pixels,
+            channels,
+        })
+    }
+}
+
+impl ShadeSh {
+    fn forward<T: Real>(&self, albedo: &[T], normals: &[T], coeffs: &[T], d: ShDims) -> Vec<T> {
+        let c = d.channels;
+        let mut out = vec![T::zero(); albedo.len()];
+        for b in 0..d.batch {
+            let l = &coeffs[b * c * 9..(b + 1) * c * 9];
+            let image = b * d.pixels..(b + 1) * d.pixels;
+            let out = &mut out[image.start * c..image.end * c];
+            let albedo = &albedo[image.start * c..image.end * c];
+            let normals = &normals[image.start * 3..image.end * 3];
+            out.par_chunks_mut(PIXEL_CHUNK * c.max(1))
+                .zip(albedo.par_chunks(PIXEL_CHUNK * c.max(1)))
+                .zip(normals.par_chunks(PIXEL_CHUNK * 3))
+                .for_each(|((out, albedo), normals)| {
+                    for ((o, a), n) in out
+                        .chunks_exact_mut(c)
+                        .zip(albedo.chunks_exact(c))
+                        .zip(normals.chunks_exact(3))
+                    {
+                        let basis = self.bands.basis([n[0], n[1], n[2]]);
+                        for ch in 0..c {
+                            let lc = &l[ch * 9..ch * 9 + 9];
+                            let irradiance =
+                                (0..9).fold(T::zero(), |acc, k| acc + lc[k] * basis[k]);
+                            o[ch] = a[ch] * irradiance;
+                        }
+                    }
+                });
+        }
+        out
+    }
+
+    /// Gradients to albedo, normals and coefficients in one sweep.
+    fn backward<T: Real>(
+        &self,
+        albedo: &[T],
+        normals: &[T],
+        coeffs: &[T],
+        grad: &[T],
+        d: ShDims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let c = d.channels;
+        let mut g_albedo = vec![T::zero(); albedo.len()];
+        let mut g_normals = vec![T::zero(); normals.len()];
+        let mut g_coeffs = vec![T::zero(); coeffs.len()];
+        for b in 0..d.batch {
+            let l = &coeffs[b * c * 9..(b + 1) * c * 9];
+            let image = b * d.pixels..(b + 1) * d.pixels;
+            let px = |s: usize| image.start * s..image.end * s;
+            let (albedo, normals, grad) = (&albedo[px(c)], &normals[px(3)], &grad[px(c)]);
+            let sums = g_albedo[px(c)]
+                .par_chunks_mut(PIXEL_CHUNK * c.max(1))
+                .zip(g_normals[px(3)].par_chunks_mut(PIXEL_CHUNK * 3))
+                .zip(albedo.par_chunks(PIXEL_CHUNK * c.max(1)))
+                .zip(normals.par_chunks(PIXEL_CHUNK * 3))
+                .zip(grad.par_chunks(PIXEL_CHUNK * c.max(1)))
+                .map(|((((ga, gn), albedo), normals), grad)| {
+                    let mut gl = vec![T::zero(); c * 9];
+                    for ((((ga, gn), a), n), g) in ga
+                        .chunks_exact_mut(c)
+                        .zip(gn.chunks_exact_mut(3))
+                        .zip(albedo.chunks_exact(c))
+                        .zip(normals.chunks_exact(3))
+                        .zip(grad.chunks_exact(c))
+                    {
+                        // Pixels the loss ignores (e.g. masked background) contribute nothing.
+                        if g.iter().all(|&g| g == T::zero()) {
+                            continue;
+                        }
+                        let n = [n[0], n[1], n[2]];
+                        let basis = self.bands.basis(n);
+                        let mut dn = [T::zero(); 3];
+                        for ch in 0..c {
+                            let lc = &l[ch * 9..ch * 9 + 9];
+                            let irradiance =
+                                (0..9).fold(T::zero(), |acc, k| acc + lc[k] * basis[k]);
+                            ga[ch] = g[ch] * irradiance;
+                            let t = g[ch] * a[ch];
+                            for k in 0..9 {
+                                gl[ch * 9 + k] += t * basis[k];
+                            }
+                            let di = self.bands.irradiance_gradient(lc, n);
+                            for k in 0..3 {
+                                dn[k] += t * di[k];
+                            }
+                        }
+                        gn.copy_from_slice(&dn);
+                    }
+                    gl
+                })
+                .reduce(|| vec![T::zero(); c * 9], crate::kernel::add_into);
+            g_coeffs[b * c * 9..(b + 1) * c * 9].copy_from_slice(&sums);
+        }
+        (g_albedo, g_normals, g_coeffs)
+    }
+}
+
+impl CustomOp3 for ShadeSh {
+    fn name(&self) -> &'static str {
+        "ganfit-shade-sh"
+    }
+
+    fn cpu_fwd(
+        &self,
+        albedo: &CpuStorage,
+        albedo_l: &Layout,
+        normals: &CpuStorage,
+        normals_l: &Layout,
+        coeffs: &CpuStorage,
+        coeffs_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = ShDims::of(albedo_l.shape())?;
+        dispatch_float!(albedo, T => {
+            let out = self.forward::<T>(
+                data(albedo, albedo_l)?, data(normals, normals_l)?, data(coeffs, coeffs_l)?, d,
+            );
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), albedo_l.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        albedo: &Tensor,
+        normals: &Tensor,
+        coeffs: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = ShDims::of(albedo.shape())?;
+        fn run<T: Real>(
+            op: &ShadeSh,
+            ts: [&Tensor; 4],
+            d: ShDims,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let [albedo, normals, coeffs, grad] = ts;
+            with_data::<T, _>(albedo, |a| {
+                with_data::<T, _>(normals, |n| {
+                    with_data::<T, _>(coeffs, |l| {
+                        with_data::<T, _>(grad, |g| {
+                            let (ga, gn, gl) = op.backward(a, n, l, g, d);
+                            Ok((
+                                Some(cpu_tensor(ga, albedo.shape())?),
+                                Some(cpu_tensor(gn, normals.shape())?),
+                                Some(cpu_tensor(gl, coeffs.shape())?),
+                            ))
+                        })
+                    })
+                })
+            })
+        }
+        let ts = [albedo, normals, coeffs, grad];
+        match albedo.dtype() {
+            DType::F32 => run::<f32>(self, ts, d),
+            DType::F64 => run::<f64>(self, ts, d),
+            dt => candle_core::bail!("ganfit-render kernels take f32 or f64 tensors, got {dt:?}"),
+        }
+    }
+}
+
+/// Area-weighted vertex normals before normalisation: each triangle adds its
+/// `(p1 - p0) × (p2 - p0)` to its three corners. Positions `[B, V, 3]` -> `[B, V, 3]`.
+pub(crate) struct FaceNormalSums {
+    pub(crate) triangles: Triangles,
+}
+
+impl FaceNormalSums {
+    fn forward<T: Real>(&self, positions: &[T]) -> Vec<T> {
+        let per_image = self.triangles.num_vertices() * 3;
+        let tris = self.triangles.as_slice();
+        let mut out = vec![T::zero(); positions.len()];
+        out.par_chunks_mut(per_image.max(1))
+            .zip(positions.par_chunks(per_image.max(1)))
+            .for_each(|(out, p)| {
+                for tri in tris {
+                    let [p0, p1, p2] = tri.map(|v| point(p, v));
+                    let face = cross(sub(p1, p0), sub(p2, p0));
+                    for &v in tri {
+                        for k in 0..3 {
+                            out[v as usize * 3 + k] += face[k];
+                        }
+                    }
+                }
+            });
+        out
+    }
+}
+
+fn point<T: Real>(p: &[T], v: u32) -> [T; 3] {
+    let i = v as usize * 3;
+    [p[i], p[i + 1], p[i + 2]]
+}
+
+fn sub<T: Real>(a: [T; 3], b: [T; 3]) -> [T; 3] {
+    [a[0] - b[0], a[1] - b[1], a[2] - b[2]]
+}
+
+impl CustomOp1 for FaceNormalSums {
+    fn name(&self) -> &'static str {
+        "ganfit-face-normal-sums"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(storage, T => {
+            let out = self.forward::<T>(data(storage, layout)?);
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), layout.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let op = FaceNormalSumsGrad {
+            triangles: self.triangles.clone(),
+        };
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &op)?))
+    }
+}
+
+/// Vector-Jacobian product of [`FaceNormalSums`]: (positions, d out) -> d positions. With
+/// `g` the summed output gradient of a triangle's corners, `face = e1 × e2` gives
+/// `d e1 = e2 × g` and `d e2 = g × e1`.
+struct FaceNormalSumsGrad {
+    triangles: Triangles,
+}
+
+impl CustomOp2 for FaceNormalSumsGrad {
+    fn name(&self) -> &'static str {
+        "ganfit-face-normal-sums-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &CpuStorage,
+        p_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let per_image = self.triangles.num_vertices() * 3;
+        let tris = self.triangles.as_slice();
+        dispatch_float!(p, T => {
+            let (p, g) = (data::<T>(p, p_l)?, data::<T>(g, g_l)?);
+            let mut out = vec![T::zero(); p.len()];
+            out.par_chunks_mut(per_image.max(1))
+                .zip(p.par_chunks(per_image.max(1)).zip(g.par_chunks(per_image.max(1))))
+                .for_each(|(out, (p, g))| {
+                    for tri in tris {
+                        let [p0, p1, p2] = tri.map(|v| point(p, v));
+                        let [g0, g1, g2] = tri.map(|v| point(g, v));
+                        let gf = [0, 1, 2].map(|k| g0[k] + g1[k] + g2[k]);
+                        let (e1, e2) = (sub(p1, p0), sub(p2, p0));
+                        let (d1, d2) = (cross(e2, gf), cross(gf, e1));
+                        for k in 0..3 {
+                            out[tri[0] as usize * 3 + k] -= d1[k] + d2[k];
+                            out[tri[1] as usize * 3 + k] += d1[k];
+                            out[tri[2] as usize * 3 + k] += d2[k];
+                        }
+                    }
+                });
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), p_l.shape().clone()))
+        })
+    }
+}

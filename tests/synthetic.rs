@@ -1,0 +1,215 @@
+//! Synthetic ground-truth faces: seeded and reproducible, drawn within the configured ranges,
+//! and realistic enough that the face detector and landmarker find the face where the ground
+//! truth says it is.
+
+use std::sync::OnceLock;
+
+use candle_core::Device;
+use ganfit::losses::face::{FaceChoice, FaceDetector, FaceLandmarker};
+use ganfit::morphable::MorphableModel;
+use ganfit::synthetic::{
+    SyntheticAssets, SyntheticConfig, SyntheticError, SyntheticGenerator, shared_dir, shared_photos,
+};
+
+fn model() -> &'static MorphableModel {
+    static MODEL: OnceLock<MorphableModel> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        MorphableModel::ict(&ganfit::assets::Resolver::new(), &Device::Cpu).unwrap()
+    })
+}
+
+fn assets() -> SyntheticAssets {
+    SyntheticAssets::flat_skin(3, 256, 5, &shared_dir().unwrap()).unwrap()
+}
+
+fn generator(config: SyntheticConfig) -> SyntheticGenerator<'static> {
+    SyntheticGenerator::new(model(), config, assets()).unwrap()
+}
+
+#[test]
+fn a_seed_gives_the_same_face_and_another_seed_another() {
+    let generator = generator(SyntheticConfig::default());
+    let a = generator.generate(11).unwrap();
+    let b = generator.generate(11).unwrap();
+    let c = generator.generate(12).unwrap();
+    assert_eq!(a.image, b.image);
+    assert_eq!(a.shape, b.shape);
+    assert_eq!(a.rotation, b.rotation);
+    assert_eq!(a.landmarks, b.landmarks);
+    assert_ne!(a.shape, c.shape);
+    assert_ne!(a.image, c.image);
+}
+
+#[test]
+fn parameters_stay_within_the_configured_ranges() {
+    let config = SyntheticConfig {
+        yaw_deg: 30.0,
+        pitch_deg: 10.0,
+        roll_deg: 0.0,
+        image_size: 64,
+        ..SyntheticConfig::default()
+    };
+    let generator = generator(config.clone());
+    let mut all_shape = Vec::new();
+    for seed in 0..8 {
+        let face = generator.generate(seed).unwrap();
+        let [yaw, pitch, roll] = face.yaw_pitch_roll_deg;
+        assert!(yaw.abs() <= 30.0 && pitch.abs() <= 10.0 && roll == 0.0);
+        let active = face.expression.iter().filter(|&&w| w != 0.0).count();
+        assert!(active <= config.max_expressions, "{active} expressions");
+        assert!(
+            face.expression
+                .iter()
+                .all(|&w| w == 0.0 || (0.1..=config.max_expression_weight).contains(&w))
+        );
+        assert_eq!(face.shape.len(), model().shape_modes());
+        all_shape.extend(face.shape.iter().map(|&s| f64::from(s)));
+        assert_eq!(face.image.dimensions(), (64, 64));
+        // The ground truth is the model instance of the recorded parameters.
+        let truth = face.ground_truth(model()).unwrap();
+        let narrow = model().vertex_set("narrow_face").unwrap();
+        assert_eq!(truth.points.len(), narrow.len());
+        assert_eq!(truth.landmarks.len(), 68);
+    }
+    // Identity coefficients are N(0, 1): 800 draws.
+    let n = all_shape.len() as f64;
+    let mean = all_shape.iter().sum::<f64>() / n;
+    let std = (all_shape.iter().map(|s| (s - mean).powi(2)).sum::<f64>() / n).sqrt();
+    assert!(mean.abs() < 0.15 && (std - 1.0).abs() < 0.1, "{mean} {std}");
+}
+
+#[test]
+fn the_landmarker_finds_the_face_where_the_ground_truth_puts_it() {
+    let device = Device::Cpu;
+    let resolver = ganfit::assets::Resolver::new();
+    let detector = FaceDetector::from_resolver(&resolver, &device).unwrap();
+    let landmarker = FaceLandmarker::from_resolver(&resolver, &device).unwrap();
+    let generator = generator(SyntheticConfig {
+        yaw_deg: 30.0,
+        ..SyntheticConfig::default()
+    });
+    for seed in [1, 2, 3] {
+        let face = generator.generate(seed).unwrap();
+        let detection = detector
+            .detect_face(&face.image, FaceChoice::Largest)
+            .unwrap();
+        let detected = landmarker
+            .landmarks(&face.image, &detection)
+            .unwrap()
+            .to_ibug68();
+        let truth: Vec<[f64; 2]> = face.landmarks.iter().map(|p| p.unwrap()).collect();
+        let inter_ocular =
+            ((truth[36][0] - truth[45][0]).powi(2) + (truth[36][1] - truth[45][1]).powi(2)).sqrt();
+        // Inner landmarks (brows, eyes, nose, mouth): the jaw contour is a silhouette that
+        // detectors and the model's fixed jaw vertices place differently at an angle.
+        let error = (17..68)
+            .map(|i| {
+                ((f64::from(detected[i][0]) - truth[i][0]).powi(2)
+                    + (f64::from(detected[i][1]) - truth[i][1]).powi(2))
+                .sqrt()
+            })
+            .sum::<f64>()
+            / 51.0
+            / inter_ocular;
+        assert!(
+            error < 0.1,
+            "seed {seed} (yaw/pitch/roll {:?}): mean inner landmark error {:.1} % of the \
+             inter-ocular distance",
+            face.yaw_pitch_roll_deg,
+            100.0 * error
+        );
+    }
+}
+
+#[test]
+fn invalid_configurations_are_typed_errors() {
+    for config in [
+        SyntheticConfig {
+            yaw_deg: 120.0,
+            ..SyntheticConfig::default()
+        },
+        SyntheticConfig {
+            jpeg_quality: Some(0),
+            ..SyntheticConfig::default()
+        },
+        SyntheticConfig {
+            max_expressions: 1000,
+            ..SyntheticConfig::default()
+        },
+        SyntheticConfig {
+            distance_mm: (900.0, 100.0),
+            ..SyntheticConfig::default()
+        },
+    ] {
+        let err = SyntheticGenerator::new(model(), config, assets()).unwrap_err();
+        assert!(matches!(err, SyntheticError::Config(_)), "{err:?}");
+    }
+    let empty = SyntheticAssets {
+        textures: Vec::new(),
+        ..assets()
+    };
+    let err = SyntheticGenerator::new(model(), SyntheticConfig::default(), empty).unwrap_err();
+    assert!(err.to_string().contains("texture"), "{err}");
+    let err = shared_photos(std::path::Path::new("/nonexistent/shared")).unwrap_err();
+    assert!(matches!(err, SyntheticError::Io { .. }), "{err:?}");
+}
+
+#[test]
+fn the_ground_truth_scores_zero_against_itself_and_not_against_another_face() {
+    use ganfit::evaluate::{MetricConfig, Reconstruction, SurfaceMesh, reconstruction_error};
+    let model = model();
+    let generator = generator(SyntheticConfig {
+        image_size: 64,
+        ..SyntheticConfig::default()
+    });
+    let face = model.vertex_set("face").unwrap();
+    let surface: Vec<[u32; 3]> = model
+        .triangles()
+        .iter()
+        .filter(|t| t.iter().all(|v| face.binary_search(v).is_ok()))
+        .copied()
+        .collect();
+    let as_reconstruction = |vertices: &[[f32; 3]]| {
+        let point = |v: u32| vertices[v as usize].map(f64::from);
+        Reconstruction {
+            mesh: SurfaceMesh {
+                vertices: (0..vertices.len() as u32).map(point).collect(),
+                triangles: surface.clone(),
+            },
+            landmarks: model
+                .landmark_vertex_ids()
+                .iter()
+                .map(|id| id.map(point))
+                .collect(),
+        }
+    };
+    let a = generator.generate(21).unwrap();
+    let b = generator.generate(22).unwrap();
+    let truth = a.ground_truth(model).unwrap();
+    let config = MetricConfig::default();
+    let itself = reconstruction_error(&truth, &as_reconstruction(&a.vertices), &config).unwrap();
+    assert!(itself.mean_mm < 1e-3, "{}", itself.mean_mm);
+    let other = reconstruction_error(&truth, &as_reconstruction(&b.vertices), &config).unwrap();
+    assert!(other.mean_mm > 0.3, "{}", other.mean_mm);
+}
+
+#[test]
+fn a_missing_shared_folder_is_a_typed_error() {
+    // Runs itself in a child process with GANFIT_SHARED set, so no other test sees the variable.
+    if std::env::var_os("GANFIT_SYNTHETIC_CHILD").is_some() {
+        let err = shared_dir().unwrap_err();
+        assert!(
+            matches!(&err, SyntheticError::SharedDataMissing(p) if p.ends_with("nowhere")),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("GANFIT_SHARED"), "{err}");
+        return;
+    }
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_missing_shared_folder_is_a_typed_error"])
+        .env("GANFIT_SHARED", "/nonexistent/nowhere")
+        .env("GANFIT_SYNTHETIC_CHILD", "1")
+        .status()
+        .unwrap();
+    assert!(status.success());
+}

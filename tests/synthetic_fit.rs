@@ -1,0 +1,86 @@
+//! The full fit on synthetic ICT faces with known shape, expression, pose, light and
+//! texture: the fitted surface must be within 2.5 mm of the truth on average. The neutral mean
+//! face is printed beside it: it is a strong baseline here (ICT's identity modes move the
+//! narrow face by only a millimetre or two, about what the landmark detector's own bias is
+//! worth), and the fit does not reliably beat it yet.
+//!
+//! The distance is the NoW protocol's (`ganfit::evaluate`: landmark similarity alignment, ICP,
+//! then point-to-surface over the narrow face). The camera-space error without any alignment
+//! is printed too: a monocular fit's depth trades against the face's size, so it is
+//! centimetres even with the true intrinsics, and not asserted.
+
+use ganfit::Fitter;
+use ganfit::evaluate::{MetricConfig, Reconstruction, reconstruction_error};
+use ganfit::morphable::MorphableModel;
+use ganfit::synthetic::{SyntheticAssets, SyntheticConfig, SyntheticGenerator, shared_dir};
+
+/// Mean NoW-style error (mm) of `vertices` (rows of the model's vertices) against `face`.
+fn error_mm(
+    model: &MorphableModel,
+    vertices: &[Vec<f32>],
+    face: &ganfit::synthetic::SyntheticFace,
+) -> f64 {
+    let truth = face.ground_truth(model).unwrap();
+    let reconstruction = Reconstruction::of_model(model, vertices);
+    reconstruction_error(&truth, &reconstruction, &MetricConfig::default())
+        .unwrap()
+        .mean_mm
+}
+
+#[test]
+fn synthetic_faces_are_recovered_within_two_and_a_half_millimetres() {
+    let base = Fitter::builder()
+        .iterations(0)
+        .texture_size(256)
+        .build()
+        .unwrap();
+    let model = base.model();
+    let cache = std::env::temp_dir().join("ganfit-test-synthetic-fit");
+    let assets = SyntheticAssets::from_shared(&shared_dir().unwrap(), &base, &cache, 2).unwrap();
+    let config = SyntheticConfig {
+        yaw_deg: 30.0,
+        ..SyntheticConfig::default()
+    };
+    let generator = SyntheticGenerator::new(model, config, assets).unwrap();
+    let mean: Vec<Vec<f32>> = model.mean().to_vec2().unwrap();
+    let (mut fitted_errors, mut baseline_errors) = (Vec::new(), Vec::new());
+    for seed in 0..3 {
+        let face = generator.generate(seed).unwrap();
+        let fitter = Fitter::builder()
+            .intrinsics(face.intrinsics)
+            .iterations(20)
+            .texture_size(256)
+            .build()
+            .unwrap();
+        let result = fitter.fit(&face.image).unwrap();
+        let vertices: Vec<Vec<f32>> = result.vertices.to_vec2().unwrap();
+        let fitted = error_mm(model, &vertices, &face);
+        let baseline = error_mm(model, &mean, &face);
+        let pixels: Vec<f64> = result
+            .fitted_landmarks
+            .iter()
+            .zip(&face.landmarks)
+            .filter_map(|(f, t)| Some(((*f)?, (*t)?)))
+            .map(|(f, t)| (f64::from(f[0]) - t[0]).hypot(f64::from(f[1]) - t[1]))
+            .collect();
+        let landmark_px = pixels.iter().sum::<f64>() / pixels.len() as f64;
+        eprintln!(
+            "seed {seed}, yaw {:+.0}°: {fitted:.2} mm (mean face {baseline:.2} mm), \
+             landmarks {landmark_px:.2} px from the truth",
+            face.yaw_pitch_roll_deg[0]
+        );
+        assert!(
+            landmark_px < 8.0,
+            "seed {seed}: landmarks {landmark_px:.2} px off"
+        );
+        fitted_errors.push(fitted);
+        baseline_errors.push(baseline);
+    }
+    let average = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (fitted, baseline) = (average(&fitted_errors), average(&baseline_errors));
+    eprintln!("average {fitted:.2} mm, mean face {baseline:.2} mm");
+    assert!(
+        fitted <= 2.5,
+        "mean error {fitted:.2} mm over {fitted_errors:?}"
+    );
+}
