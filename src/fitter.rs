@@ -729,7 +729,7 @@ impl View<'_> {
         let (triangles, uv_triangles) = if whole_head {
             (&self.layout.triangles, &self.layout.uv_triangles)
         } else {
-            (&self.layout.skin.0, &self.layout.skin.1)
+            (&self.layout.textured_skin.0, &self.layout.textured_skin.1)
         };
         let grey = Tensor::full(0.75f32, (self.model.n_vertices(), 3), &device)?;
         let light = PhongLight {
@@ -800,7 +800,8 @@ impl View<'_> {
             near,
             far,
         )?;
-        // Skin only: laid onto the photo, the photo's own eyes and teeth show through.
+        // The textured skin only: laid onto the photo, its own eyes, teeth and hair show
+        // through.
         self.draw(
             vertices,
             &params.rotation,
