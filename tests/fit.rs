@@ -268,3 +268,24 @@ fn invalid_builder_options_fail_in_build() {
     let err = fitter().fit_many(&[]).unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err:?}");
 }
+
+#[test]
+fn a_texture_model_plugs_in_through_the_builder() {
+    use ganfit::texture::{Generator, GeneratorConfig};
+    let generator = Generator::new_random(
+        GeneratorConfig::progan(32, 16, 256, 32).unwrap(),
+        1,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let fitter = Fitter::builder()
+        .texture_model(std::sync::Arc::new(generator))
+        .texture_size(128)
+        .iterations(5)
+        .build()
+        .unwrap();
+    let result = fitter.fit(&astronaut()).unwrap();
+    let albedo = result.albedo.expect("the full objective ran");
+    assert_eq!(albedo.dimensions(), (32, 32), "the model's resolution");
+    assert_eq!(result.stages.last().unwrap().history.len(), 5);
+}

@@ -172,7 +172,7 @@ fn config() -> RefineConfig {
 }
 
 #[test]
-fn a_shifted_camera_moves_back_and_every_image_term_descends() {
+fn a_shifted_camera_moves_back_and_the_objective_descends() {
     let model = ict();
     let net = FaceRecognitionNet::load(&Device::Cpu).unwrap();
     let photo = photo(&model);
@@ -283,4 +283,69 @@ fn bad_input_is_a_typed_error() {
     };
     let err = run(&[wrong], &config()).unwrap_err();
     assert!(err.to_string().contains("68"), "{err}");
+}
+
+#[test]
+fn a_texture_model_has_its_latent_fitted() {
+    use ganfit_texture::{Generator, GeneratorConfig, TextureModel};
+    let model = ict();
+    let net = FaceRecognitionNet::load(&Device::Cpu).unwrap();
+    let photo = photo(&model);
+    let generator = Generator::new_random(
+        GeneratorConfig::progan(32, 16, 256, 32).unwrap(),
+        3,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let initial = UvTexture {
+        size: 8,
+        rgb: vec![0.5; 8 * 8 * 3],
+        observed: vec![1.0; 64],
+    };
+    let view = PhotoView {
+        image: &photo.image,
+        landmarks: &photo.landmarks,
+        params: &photo.truth,
+    };
+    let config = RefineConfig {
+        iterations: 8,
+        seed: 5,
+        ..config()
+    };
+    let result = refine(
+        &model,
+        &net,
+        &[view],
+        &initial,
+        TextureSource::Model(&generator),
+        &config,
+        |_| {},
+    )
+    .unwrap();
+    let start = generator.sample_latent(1, None, 5).unwrap();
+    let latent = result.latent.expect("a model's latent is returned");
+    assert_eq!(latent.dims(), &[1, 16]);
+    let moved = (&latent - &start)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(moved > 1e-3, "the latent did not move: {moved}");
+    assert_eq!(result.albedo.dims(), &[32, 32, 3]);
+    let history = &result.report.history;
+    assert!(
+        history
+            .iter()
+            .any(|r| r.terms.iter().any(|(n, _)| n == "texture prior"))
+    );
+    assert!(
+        history
+            .iter()
+            .all(|r| r.terms.iter().all(|(n, _)| n != "texture symmetry")),
+        "symmetry is a free UV map's prior"
+    );
+    assert!(result.report.best_loss < history[0].total);
 }
