@@ -39,10 +39,9 @@ pub enum BenchCommand {
 /// Options of `ganfit bench accuracy`.
 #[derive(Debug, Args)]
 pub struct AccuracyArgs {
-    /// Synthetic faces to generate and fit. Each takes about a minute on a 2-core machine
-    /// (two full fits), so the default keeps the whole run under 30 minutes; the set is
-    /// `--count 100`.
-    #[arg(long, default_value_t = 20)]
+    /// Synthetic faces to generate and fit. Each takes about 14 s on a 2-core machine (three
+    /// fits and the mean faces): the default set runs in about 25 minutes there.
+    #[arg(long, default_value_t = 100)]
     count: usize,
     /// Real photos from the shared set to fit (0 for none).
     #[arg(long, default_value_t = 10)]

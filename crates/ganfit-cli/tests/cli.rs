@@ -244,3 +244,38 @@ fn assets_lists_every_manifest_entry_and_prepares_the_named_ones() {
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown asset id"));
 }
+
+#[test]
+fn the_accuracy_bench_writes_its_tables() {
+    let out = tempfile::tempdir().unwrap();
+    let status = ganfit()
+        .args([
+            "bench",
+            "accuracy",
+            "--count",
+            "1",
+            "--photos",
+            "1",
+            "--textures",
+            "1",
+            "--iterations",
+            "2",
+            "--no-peer",
+            "--out",
+        ])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let table = std::fs::read_to_string(out.path().join("accuracy.md")).unwrap();
+    assert!(table.contains("| ours: full fit |"), "{table}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("accuracy.json")).unwrap())
+            .unwrap();
+    let mean = json["synthetic"]["summary"]["full"]["mean_mm"].as_f64();
+    assert!(mean.is_some_and(|mm| mm > 0.0 && mm < 10.0), "{json}");
+}
