@@ -229,14 +229,13 @@ pub fn refine(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let frontal = FrontalTarget::new(&face, first.params, &scene, config.crop_size)?;
-    let photo_embedding = Tensor::cat(
+    let photo_embeddings = Tensor::cat(
         &views
             .iter()
             .map(|v| v.features.embedding.clone())
             .collect::<Vec<_>>(),
         0,
-    )?
-    .mean_keepdim(0)?;
+    )?;
 
     // Each photo's alignment estimated the identity on its own; start from their mean.
     let shapes = photos
@@ -272,7 +271,7 @@ pub fn refine(
         scene: &scene,
         views: &views,
         frontal: &frontal,
-        photo_embedding: &photo_embedding,
+        photo_embeddings: &photo_embeddings,
         weights: &config.weights,
     };
     let objective = |_: usize| problem.loss(&shape, &per_photo, &texture_vars);
@@ -702,8 +701,8 @@ struct Problem<'a> {
     scene: &'a SceneData,
     views: &'a [ViewTarget],
     frontal: &'a FrontalTarget,
-    /// The photos' mean descriptor `[1, 128]`.
-    photo_embedding: &'a Tensor,
+    /// The photos' descriptors `[P, 128]`, in the order of `views`.
+    photo_embeddings: &'a Tensor,
     weights: &'a LossWeights,
 }
 
@@ -820,23 +819,16 @@ impl Problem<'_> {
                 &render_maps,
             )?);
         }
-        let photo_embeddings = Tensor::cat(
-            &self
-                .views
-                .iter()
-                .map(|v| v.features.embedding.clone())
-                .collect::<Vec<_>>(),
-            0,
-        )?;
         add(
             "identity",
             w.identity,
-            identity_loss(&photo_embeddings, &render_embeddings)?.mean_all()?,
+            identity_loss(self.photo_embeddings, &render_embeddings)?.mean_all()?,
         )?;
         add(
             "frontal identity",
             w.frontal_identity,
-            identity_loss(self.photo_embedding, &frontal_embedding)?.mean_all()?,
+            identity_loss(&self.photo_embeddings.mean_keepdim(0)?, &frontal_embedding)?
+                .mean_all()?,
         )?;
         add("content", w.content, per_view(content)?)?;
         add("pixel", w.pixel, per_view(pixel)?)?;
