@@ -1,5 +1,7 @@
 //! `instance` + backward on the ICT full face area (9,409 vertices, 100 identity + 53
-//! expression modes), the per-iteration cost of the geometry in a fit.
+//! expression modes), the per-iteration cost of the geometry in a fit; `instance` alone; and
+//! the bench loss + backward alone (on a vertex variable), the part of the first that is not
+//! the morphable model.
 //!
 //! ```text
 //! RAYON_NUM_THREADS=1 cargo bench -p ganfit-morphable --bench instance -- --warm-up-time 1 --measurement-time 3
@@ -30,6 +32,17 @@ fn instance_and_backward(c: &mut Criterion) {
     });
     c.bench_function("ict_face_instance_forward", |b| {
         b.iter(|| std::hint::black_box(model.instance(p_s.as_tensor(), p_e.as_tensor()).unwrap()))
+    });
+    let vertices = Var::from_tensor(model.mean()).unwrap();
+    c.bench_function("ict_face_loss_backward_only", |b| {
+        b.iter(|| {
+            let loss = (vertices.as_tensor() * &weights)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            std::hint::black_box(grads.get(vertices.as_tensor()).is_some())
+        })
     });
 }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 use candle_core::{D, DType, Device, Tensor};
 use ganfit_assets::{AssetSource, Resolver};
 
-use crate::blend::LinearBlend;
+use crate::blend::AffineBlend;
 use crate::data::{ModelData, ModelInfo};
 use crate::ict::{ICT_ASSET_ID, IctSource};
 use crate::sfm::{SFM_ASSET_ID, SfmSource};
@@ -217,33 +217,30 @@ impl MorphableModel {
             }
         }
         let n = self.n_vertices();
-        let blocks = [(shape, 0, ks), (expression, self.shape_modes(), ke)]
-            .into_iter()
-            .filter(|(_, _, k)| *k > 0)
-            .map(|(coeffs, first_row, k)| {
-                Ok((
-                    coeffs.to_dtype(DType::F32)?,
-                    self.basis.narrow(0, first_row, k)?,
-                ))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let offsets = if blocks.is_empty() {
-            Tensor::zeros((b, 3 * n), DType::F32, self.device())?
-        } else if self.device().is_cpu() {
-            let coeffs: Vec<Tensor> = blocks.iter().map(|(c, _)| c.clone()).collect();
-            let blocks = blocks.into_iter().map(|(_, basis)| basis).collect();
-            Tensor::cat(&coeffs, 1)?
-                .contiguous()?
-                .apply_op1(LinearBlend { blocks })?
+        let (shape, expression) = (
+            shape.to_dtype(DType::F32)?,
+            expression.to_dtype(DType::F32)?,
+        );
+        let vertices = if self.device().is_cpu() {
+            shape.contiguous()?.apply_op2(
+                &expression.contiguous()?,
+                AffineBlend {
+                    basis: self.basis.clone(),
+                    expression_row: self.shape_modes(),
+                    offset: self.mean.clone(),
+                },
+            )?
         } else {
             // Elsewhere candle's matmul (whose backward also forms an unused basis gradient).
-            let mut sum = Tensor::zeros((b, 3 * n), DType::F32, self.device())?;
-            for (coeffs, basis) in &blocks {
-                sum = (sum + coeffs.matmul(basis)?)?;
+            let mut sum = self.mean.flatten_all()?.unsqueeze(0)?.repeat((b, 1))?;
+            for (coeffs, first_row, k) in [(shape, 0, ks), (expression, self.shape_modes(), ke)] {
+                if k > 0 {
+                    sum = (sum + coeffs.matmul(&self.basis.narrow(0, first_row, k)?)?)?;
+                }
             }
             sum
-        };
-        let vertices = offsets.reshape((b, n, 3))?.broadcast_add(&self.mean)?;
+        }
+        .reshape((b, n, 3))?;
         Ok(if batched {
             vertices
         } else {
