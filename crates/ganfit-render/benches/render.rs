@@ -1,15 +1,17 @@
 //! Rasteriser and renderer throughput on a face-sized synthetic mesh of 18,432 triangles (the
-//! rasteriser alone, the ops composed by hand, and `Renderer::render`),
+//! rasteriser alone, the ops composed by hand, and `Renderer::render` under SH and Phong light),
 //! with a plainly written per-triangle bounding-box rasteriser timed alongside for the ratio.
 //!
 //! Names are `cpu/<what>/<size>/b<batch>`. Run single-threaded for the per-core target:
 //! `RAYON_NUM_THREADS=1 cargo bench -p ganfit-render --bench render -- --warm-up-time 1 --measurement-time 3`
+//! (and say which glibc malloc setting a number was taken with: candle's autograd allocates
+//! image-sized buffers every call, which glibc's default thresholds hand back to the kernel).
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit_render::{
-    Appearance, Camera, Lighting, RasterOptions, RenderOptions, Renderer, Scene, Triangles,
-    WrapMode, antialias, interpolate, rasterize, shade_sh, vertex_normals,
+    Appearance, Camera, Lighting, PhongLight, RasterOptions, RenderOptions, Renderer, Scene,
+    Triangles, WrapMode, antialias, interpolate, rasterize, shade_sh, vertex_normals,
 };
 
 /// A 97 x 97 vertex height field shaped like a face-sized cap (about 16 cm wide, bulging
@@ -213,6 +215,37 @@ fn benches(c: &mut Criterion) {
             group.bench_function(id("renderer_fwd_bwd"), |b| {
                 b.iter(|| {
                     let out = renderer.render(&scene()).unwrap();
+                    (out.image.mean_all().unwrap() + out.mask.mean_all().unwrap())
+                        .unwrap()
+                        .backward()
+                        .unwrap()
+                })
+            });
+            // GANFIT's own illumination: one directional light plus ambient, with a specular lobe.
+            let phong_param = |v: [f32; 3]| {
+                Var::from_tensor(&Tensor::new(&[v], &dev).unwrap().repeat((batch, 1)).unwrap())
+                    .unwrap()
+            };
+            let (direction, light_color, ambient) = (
+                phong_param([0.3, -0.2, -1.0]),
+                phong_param([0.8, 0.8, 0.8]),
+                phong_param([0.2, 0.2, 0.2]),
+            );
+            let phong = PhongLight {
+                direction: direction.as_tensor().clone(),
+                color: light_color.as_tensor().clone(),
+                ambient: ambient.as_tensor().clone(),
+                specular: 0.2,
+                shininess: 8.0,
+            };
+            group.bench_function(id("renderer_phong_fwd_bwd"), |b| {
+                b.iter(|| {
+                    let out = renderer
+                        .render(&Scene {
+                            lighting: Lighting::Phong(&phong),
+                            ..scene()
+                        })
+                        .unwrap();
                     (out.image.mean_all().unwrap() + out.mask.mean_all().unwrap())
                         .unwrap()
                         .backward()

@@ -8,8 +8,8 @@ use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
 use crate::kernel::{
-    Real, check_float, check_rast, cpu_tensor, cross, data, dispatch_float, dot, pixel_centre,
-    triangle_at, with_data,
+    Real, check_float, check_rast, cpu_tensor, cross, data, dispatch_float, dot, min_tasks,
+    pixel_centre, triangle_at, with_data,
 };
 use crate::raster::{check_vertex_count, corners};
 use crate::triangles::{NO_NEIGHBOUR, Triangles};
@@ -123,6 +123,7 @@ impl Silhouettes {
                 with_data::<T, _>(clip, |clip| {
                     Ok((0..batch)
                         .into_par_iter()
+                        .with_min_len(min_tasks())
                         .map(|b| {
                             let pixels = h * w;
                             let image = &rast[b * pixels * 4..(b + 1) * pixels * 4];
@@ -301,13 +302,31 @@ impl<T: Real> Scene<'_, T> {
             edge: x.edge,
             d_weight: x.d_weight.map(|d| d.map(|v| v.to_f64())),
         };
+        // A pair crosses a silhouette only where one of its pixels shows a triangle with a
+        // silhouette edge; flagging those pixels first leaves the full test to few pairs.
+        let candidate: Vec<bool> = self
+            .rast
+            .chunks_exact(4)
+            .map(|px| {
+                triangle_at(px[3])
+                    .and_then(|t| self.silhouettes.get(t))
+                    .is_some_and(|&bits| bits != 0)
+            })
+            .collect();
+        let candidate = &candidate;
         (0..h)
             .into_par_iter()
+            .with_min_len(min_tasks())
             .flat_map_iter(|y| {
                 (0..w).flat_map(move |x| {
                     let i = y * w + x;
-                    let right = (x + 1 < w).then(|| self.crossing(i, i + 1)).flatten();
-                    let down = (y + 1 < h).then(|| self.crossing(i, i + w)).flatten();
+                    let pair = |j: usize| candidate[i] || candidate[j];
+                    let right = (x + 1 < w && pair(i + 1))
+                        .then(|| self.crossing(i, i + 1))
+                        .flatten();
+                    let down = (y + 1 < h && pair(i + w))
+                        .then(|| self.crossing(i, i + w))
+                        .flatten();
                     right.into_iter().chain(down).map(widen)
                 })
             })
@@ -388,6 +407,7 @@ impl Silhouettes {
         let per_image = self.pixels() * c;
         let mut out = vec![T::zero(); self.images.len() * per_image];
         out.par_chunks_mut(per_image.max(1))
+            .with_min_len(min_tasks())
             .enumerate()
             .for_each(|(b, out)| {
                 let col = self.masked(color, c, b, mask);
@@ -411,6 +431,7 @@ impl Silhouettes {
         let per_image = self.pixels() * c;
         let mut out = grad.to_vec();
         out.par_chunks_mut(per_image.max(1))
+            .with_min_len(min_tasks())
             .enumerate()
             .for_each(|(b, out)| {
                 let g = &grad[b * per_image..(b + 1) * per_image];
@@ -439,6 +460,7 @@ impl Silhouettes {
         let per_clip = self.nv * 4;
         let mut out = vec![T::zero(); self.images.len() * per_clip];
         out.par_chunks_mut(per_clip.max(1))
+            .with_min_len(min_tasks())
             .enumerate()
             .for_each(|(b, out)| {
                 let col = self.masked(color, c, b, mask);

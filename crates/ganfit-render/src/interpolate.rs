@@ -1,11 +1,12 @@
 //! Interpolation of per-vertex attributes over the rasterised triangles.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
 use crate::kernel::{
-    PIXEL_CHUNK, Real, add_into, check_rast, data, dispatch_float, piece_len, triangle_at,
+    PIXEL_CHUNK, Real, add_into, check_rast, cpu_tensor, data, dispatch_float, min_tasks,
+    piece_len, triangle_at, with_data,
 };
 use crate::triangles::Triangles;
 
@@ -100,6 +101,7 @@ impl Interpolate {
         // Blocks of pixels per task: per-pixel rayon items cost more than the arithmetic.
         out.par_chunks_mut(PIXEL_CHUNK * c.max(1))
             .zip(rast.par_chunks(PIXEL_CHUNK * 4))
+            .with_min_len(min_tasks())
             .enumerate()
             .try_for_each(|(block, (dst, rast))| {
                 let pixels_before = block * PIXEL_CHUNK;
@@ -176,120 +178,43 @@ impl CustomOp2 for Interpolate {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let grad_attr = rast.apply_op2_no_bwd(
-            &grad,
-            &AttrGrad {
-                triangles: self.triangles.clone(),
-                attr_shape: attr.shape().clone(),
-            },
-        )?;
-        let grad_rast = attr.apply_op3_no_bwd(
-            rast,
-            &grad,
-            &RastGrad {
-                triangles: self.triangles.clone(),
-            },
-        )?;
-        Ok((Some(grad_attr), Some(grad_rast)))
+        let d = dims(attr.shape(), rast.shape())?;
+        fn run<T: Real>(
+            op: &Interpolate,
+            [attr, rast, grad]: [&Tensor; 3],
+            d: Dims,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+            with_data::<T, _>(attr, |a| {
+                with_data::<T, _>(rast, |r| {
+                    with_data::<T, _>(grad, |g| {
+                        let (g_attr, g_rast) = op.backward(a, r, g, d)?;
+                        Ok((
+                            Some(cpu_tensor(g_attr, attr.shape())?),
+                            Some(cpu_tensor(g_rast, rast.shape())?),
+                        ))
+                    })
+                })
+            })
+        }
+        let ts = [attr, rast, grad];
+        match attr.dtype() {
+            DType::F32 => run::<f32>(self, ts, d),
+            DType::F64 => run::<f64>(self, ts, d),
+            dt => candle_core::bail!("ganfit-render kernels take f32 or f64 tensors, got {dt:?}"),
+        }
     }
 }
 
-/// d attr of [`Interpolate`]: (rast, d out) -> d attr.
-struct AttrGrad {
-    triangles: Triangles,
-    attr_shape: Shape,
-}
-
-impl AttrGrad {
-    fn backward<T: Real>(&self, rast: &[T], grad: &[T], d: Dims) -> candle_core::Result<Vec<T>> {
-        let tris = self.triangles.as_slice();
-        let Dims {
-            attr_batch,
-            nv,
-            c,
-            pixels,
-        } = d;
-        let n = rast.len() / 4;
-        // Broadcast attributes collect from every image, so pieces run over all pixels.
-        let per_image = nv * c;
-        let images = if attr_batch == 1 { 1 } else { n / pixels };
-        let mut out = vec![T::zero(); attr_batch * per_image];
-        let span = if attr_batch == 1 { n } else { pixels };
-        out.par_chunks_mut(per_image.max(1))
-            .enumerate()
-            .try_for_each(|(b, dst)| {
-                debug_assert!(b < images);
-                let pixels = b * span..(b + 1) * span;
-                let rast = &rast[pixels.start * 4..pixels.end * 4];
-                let grad = &grad[pixels.start * c..pixels.end * c];
-                let sum = rast
-                    .par_chunks(PIXEL_CHUNK * 4)
-                    .zip(grad.par_chunks(PIXEL_CHUNK * c.max(1)))
-                    .with_min_len(piece_len(span.div_ceil(PIXEL_CHUNK)))
-                    .try_fold(
-                        || vec![T::zero(); per_image],
-                        |mut acc, (rast, grad)| {
-                            for (px, g) in rast.chunks_exact(4).zip(grad.chunks_exact(c)) {
-                                let Some(t) = triangle_at(px[3]) else {
-                                    continue;
-                                };
-                                if g.iter().all(|&g| g == T::zero()) {
-                                    continue;
-                                }
-                                for (wt, v) in weights(px).into_iter().zip(corners_of(tris, t)?) {
-                                    acc[v * c..v * c + c]
-                                        .iter_mut()
-                                        .zip(g)
-                                        .for_each(|(a, &g)| *a += wt * g);
-                                }
-                            }
-                            Ok::<_, candle_core::Error>(acc)
-                        },
-                    )
-                    .try_reduce_with(|a, b| Ok(add_into(a, b)))
-                    .transpose()?
-                    .unwrap_or_else(|| vec![T::zero(); per_image]);
-                dst.copy_from_slice(&sum);
-                Ok::<_, candle_core::Error>(())
-            })?;
-        Ok(out)
-    }
-}
-
-impl CustomOp2 for AttrGrad {
-    fn name(&self) -> &'static str {
-        "ganfit-interpolate-attr-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        rast: &CpuStorage,
-        rast_l: &Layout,
-        grad: &CpuStorage,
-        grad_l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims(&self.attr_shape, rast_l.shape())?;
-        dispatch_float!(rast, T => {
-            let out = self.backward::<T>(data(rast, rast_l)?, data(grad, grad_l)?, d)?;
-            Ok((T::to_cpu_storage_owned(out), self.attr_shape.clone()))
-        })
-    }
-}
-
-/// d rast of [`Interpolate`]: (attr, rast, d out) -> d rast (only the u, v channels are non-zero).
-struct RastGrad {
-    triangles: Triangles,
-}
-
-impl RastGrad {
+impl Interpolate {
+    /// Gradients to the attributes and to the rast `u, v` channels (the others get none), in
+    /// one sweep over the pixels.
     fn backward<T: Real>(
         &self,
         attr: &[T],
         rast: &[T],
         grad: &[T],
         d: Dims,
-    ) -> candle_core::Result<Vec<T>> {
+    ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let tris = self.triangles.as_slice();
         let Dims {
             attr_batch,
@@ -297,59 +222,64 @@ impl RastGrad {
             c,
             pixels,
         } = d;
-        let mut out = vec![T::zero(); rast.len()];
-        out.par_chunks_mut(PIXEL_CHUNK * 4)
-            .zip(rast.par_chunks(PIXEL_CHUNK * 4))
-            .enumerate()
-            .try_for_each(|(block, (dst, rast))| {
-                let pixels_before = block * PIXEL_CHUNK;
-                for (j, (dst, px)) in dst
-                    .chunks_exact_mut(4)
-                    .zip(rast.chunks_exact(4))
-                    .enumerate()
-                {
-                    let Some(t) = triangle_at(px[3]) else {
-                        continue;
-                    };
-                    let [v0, v1, v2] = corners_of(tris, t)?;
-                    let i = pixels_before + j;
-                    let base = if attr_batch == 1 {
-                        0
-                    } else {
-                        i / pixels * nv * c
-                    };
-                    let row = |v: usize| &attr[base + v * c..base + v * c + c];
-                    let (a0, a1, a2) = (row(v0), row(v1), row(v2));
-                    let g = &grad[i * c..i * c + c];
-                    for k in 0..c {
-                        dst[0] += g[k] * (a0[k] - a2[k]);
-                        dst[1] += g[k] * (a1[k] - a2[k]);
-                    }
-                }
-                Ok::<_, candle_core::Error>(())
-            })?;
-        Ok(out)
-    }
-}
-
-impl CustomOp3 for RastGrad {
-    fn name(&self) -> &'static str {
-        "ganfit-interpolate-rast-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        attr: &CpuStorage,
-        attr_l: &Layout,
-        rast: &CpuStorage,
-        rast_l: &Layout,
-        grad: &CpuStorage,
-        grad_l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let d = dims(attr_l.shape(), rast_l.shape())?;
-        dispatch_float!(attr, T => {
-            let out = self.backward::<T>(data(attr, attr_l)?, data(rast, rast_l)?, data(grad, grad_l)?, d)?;
-            Ok((T::to_cpu_storage_owned(out), rast_l.shape().clone()))
-        })
+        let per_set = nv * c;
+        // A shared attribute set collects from every image, so its pieces run over all pixels.
+        let span = if attr_batch == 1 {
+            rast.len() / 4
+        } else {
+            pixels
+        };
+        let mut g_attr = vec![T::zero(); attr_batch * per_set];
+        let mut g_rast = vec![T::zero(); rast.len()];
+        let sets = g_attr
+            .chunks_mut(per_set.max(1))
+            .zip(g_rast.chunks_mut(span * 4))
+            .enumerate();
+        for (b, (g_attr, g_rast)) in sets {
+            let attr = &attr[b * per_set..(b + 1) * per_set];
+            let (rast, grad) = (
+                &rast[b * span * 4..(b + 1) * span * 4],
+                &grad[b * span * c..(b + 1) * span * c],
+            );
+            let sum = g_rast
+                .par_chunks_mut(PIXEL_CHUNK * 4)
+                .zip(rast.par_chunks(PIXEL_CHUNK * 4))
+                .zip(grad.par_chunks(PIXEL_CHUNK * c.max(1)))
+                .with_min_len(piece_len(span.div_ceil(PIXEL_CHUNK)))
+                .try_fold(
+                    || vec![T::zero(); per_set],
+                    |mut acc, ((g_rast, rast), grad)| {
+                        let pixels = g_rast.chunks_exact_mut(4).zip(rast.chunks_exact(4));
+                        for ((g_px, px), g) in pixels.zip(grad.chunks_exact(c)) {
+                            let Some(t) = triangle_at(px[3]) else {
+                                continue;
+                            };
+                            // Pixels the loss ignores (e.g. masked background) add nothing.
+                            if g.iter().all(|&g| g == T::zero()) {
+                                continue;
+                            }
+                            let tri = corners_of(tris, t)?;
+                            let [a0, a1, a2] = tri.map(|v| &attr[v * c..v * c + c]);
+                            for k in 0..c {
+                                g_px[0] += g[k] * (a0[k] - a2[k]);
+                                g_px[1] += g[k] * (a1[k] - a2[k]);
+                            }
+                            for (wt, v) in weights(px).into_iter().zip(tri) {
+                                acc[v * c..v * c + c]
+                                    .iter_mut()
+                                    .zip(g)
+                                    .for_each(|(a, &g)| *a += wt * g);
+                            }
+                        }
+                        Ok::<_, candle_core::Error>(acc)
+                    },
+                )
+                .try_reduce_with(|a, b| Ok(add_into(a, b)))
+                .transpose()?;
+            if let Some(sum) = sum {
+                g_attr.copy_from_slice(&sum);
+            }
+        }
+        Ok((g_attr, g_rast))
     }
 }

@@ -93,6 +93,17 @@ pub(crate) fn piece_len(n: usize) -> usize {
     n.div_ceil(rayon::current_num_threads()).max(1)
 }
 
+/// The `with_min_len` for a kernel's outermost parallel loop: everything in one task on a
+/// one-thread pool, so that rayon runs the loop in the calling thread. Otherwise it splits the
+/// loop once and hands half to its lone worker, and the caller sleeps until that is done.
+pub(crate) fn min_tasks() -> usize {
+    if rayon::current_num_threads() == 1 {
+        usize::MAX
+    } else {
+        1
+    }
+}
+
 /// Element-wise sum of per-piece gradient buffers.
 pub(crate) fn add_into<T: Real>(mut acc: Vec<T>, other: Vec<T>) -> Vec<T> {
     acc.iter_mut().zip(other).for_each(|(a, b)| *a += b);

@@ -17,6 +17,9 @@
 //!
 //! Gradients of [`rasterize`] and [`interpolate`] exist only inside covered pixels; the
 //! position gradient at silhouettes comes from [`antialias`].
+//!
+//! The kernels use rayon's current pool; in a one-thread pool (e.g. `RAYON_NUM_THREADS=1`) they
+//! run in the calling thread and take their sequential paths.
 
 mod antialias;
 mod camera;

@@ -165,8 +165,9 @@ impl Renderer {
                 shade_sh(&flat(&albedo)?, &flat(&normals)?, coeffs)?
             }
             Lighting::Phong(light) => {
+                // Negating the vertices rather than the image: one small tensor op, same values.
                 let towards_camera =
-                    normalize(&interpolate(&camera_vertices, &rast, tris)?.neg()?)?;
+                    normalize(&interpolate(&camera_vertices.neg()?, &rast, tris)?)?;
                 shade_phong(
                     &flat(&albedo)?,
                     &flat(&normals)?,

@@ -1,7 +1,8 @@
 //! Normals and shading models.
 //!
 //! Each is written as plain candle tensor ops, which define its semantics and run on any
-//! device; on the CPU, [`vertex_normals`], [`normalize`] and [`shade_sh`] run as fused kernels instead
+//! device; on the CPU, [`vertex_normals`], [`normalize`], [`shade_sh`] and [`shade_phong`] run as
+//! fused kernels instead
 //! (`shading_kernels`), since a dozen image-sized temporaries per call, and as many again in
 //! the backward pass, cost far more than the arithmetic.
 
@@ -9,7 +10,7 @@ use candle_core::{D, Tensor};
 
 use crate::error::{RenderError, Result};
 use crate::kernel::{check_float, on_cpu_float};
-use crate::shading_kernels::{FaceNormalSums, Normalize, ShBands, ShadeSh};
+use crate::shading_kernels::{FaceNormalSums, Normalize, ShBands, ShadePhong, ShadeSh};
 use crate::triangles::Triangles;
 
 /// Keeps normalisation of zero vectors (background pixels) finite: they stay zero.
@@ -226,6 +227,10 @@ pub struct PhongLight {
 ///
 /// * `albedo`: `[B, N, 3]`, `normals`: `[B, N, 3]` (unit), `view`: `[B, N, 3]` unit vectors
 ///   from the surface towards the camera.
+///
+/// Where `n·l` or `r·v` is exactly 0 (e.g. zero normals on the background), the CPU kernel
+/// takes the gradient through the clamp as 0; the tensor-op path used on other devices passes
+/// it through (candle's `relu`), which only matters for such degenerate pixels.
 pub fn shade_phong(
     albedo: &Tensor,
     normals: &Tensor,
@@ -235,14 +240,72 @@ pub fn shade_phong(
     check_float(albedo, "albedo", "[B, N, 3]", 3, Some(3))?;
     check_float(normals, "normals", "[B, N, 3]", 3, Some(3))?;
     check_float(view, "view", "[B, N, 3]", 3, Some(3))?;
+    let batch = normals.dim(0)?;
     for (what, t) in [
         ("light direction", &light.direction),
         ("light color", &light.color),
         ("ambient", &light.ambient),
     ] {
         check_float(t, what, "[B, 3]", 2, Some(3))?;
+        if t.dim(0)? != batch {
+            return Err(RenderError::Shape {
+                what,
+                expected: format!("[{batch}, 3], one light per image of the normals' batch"),
+                got: t.dims().to_vec(),
+            });
+        }
     }
-    let l = normalize(&light.direction)?.unsqueeze(1)?;
+    for (what, t) in [("albedo", albedo), ("view", view)] {
+        if t.dims() != normals.dims() {
+            return Err(RenderError::Shape {
+                what,
+                expected: format!("{:?}, the normals' shape", normals.dims()),
+                got: t.dims().to_vec(),
+            });
+        }
+    }
+    for (what, t) in [
+        ("albedo", albedo),
+        ("view", view),
+        ("light direction", &light.direction),
+        ("light color", &light.color),
+        ("ambient", &light.ambient),
+    ] {
+        if t.dtype() != normals.dtype() {
+            return Err(RenderError::DType {
+                what,
+                got: t.dtype(),
+            });
+        }
+    }
+    let direction = normalize(&light.direction)?;
+    if on_cpu_float(normals) {
+        // The light travels as one [B, 9] tensor, and the view vectors (needed only for the
+        // specular term) alongside the normals: the custom op takes three inputs.
+        let packed = Tensor::cat(&[&direction, &light.color, &light.ambient], 1)?;
+        let geometry = if light.specular == 0.0 {
+            normals.contiguous()?
+        } else {
+            Tensor::cat(&[normals, view], 2)?
+        };
+        let op = ShadePhong {
+            specular: light.specular,
+            shininess: light.shininess,
+        };
+        return Ok(albedo.contiguous()?.apply_op3(&geometry, &packed, op)?);
+    }
+    shade_phong_with_tensor_ops(albedo, normals, view, &direction, light)
+}
+
+/// [`shade_phong`] as candle tensor ops, with the light direction already normalised.
+pub(crate) fn shade_phong_with_tensor_ops(
+    albedo: &Tensor,
+    normals: &Tensor,
+    view: &Tensor,
+    direction: &Tensor,
+    light: &PhongLight,
+) -> Result<Tensor> {
+    let l = direction.unsqueeze(1)?;
     let color = light.color.unsqueeze(1)?;
     let n_dot_l = dot_last(normals, &l)?;
     let diffuse = n_dot_l.relu()?.broadcast_mul(&color)?;
@@ -321,6 +384,35 @@ mod tests {
             |x| shade_sh(&x[0], &x[1], &x[2]).unwrap(),
             |x| shade_sh_with_tensor_ops(&x[0], &x[1], &x[2]).unwrap(),
         );
+    }
+
+    #[test]
+    fn fused_phong_shading_matches_tensor_ops() {
+        let albedo = random(&[2, 40, 3], 0.0, 1.0, 6);
+        let normals = normalize(&random(&[2, 40, 3], -1.0, 1.0, 7)).unwrap();
+        let view = normalize(&random(&[2, 40, 3], -1.0, 1.0, 8)).unwrap();
+        let direction = random(&[2, 3], -1.0, 1.0, 9);
+        let color = random(&[2, 3], 0.2, 1.0, 10);
+        let ambient = random(&[2, 3], 0.0, 0.5, 11);
+        for specular in [0.0, 0.4] {
+            let light = |x: &[Tensor]| PhongLight {
+                direction: x[3].clone(),
+                color: x[4].clone(),
+                ambient: x[5].clone(),
+                specular,
+                shininess: 6.0,
+            };
+            let inputs =
+                [&albedo, &normals, &view, &direction, &color, &ambient].map(Tensor::clone);
+            check_fused(
+                &inputs,
+                |x| shade_phong(&x[0], &x[1], &x[2], &light(x)).unwrap(),
+                |x| {
+                    let direction = normalize_with_tensor_ops(&x[3]).unwrap();
+                    shade_phong_with_tensor_ops(&x[0], &x[1], &x[2], &direction, &light(x)).unwrap()
+                },
+            );
+        }
     }
 
     #[test]

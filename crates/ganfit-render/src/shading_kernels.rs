@@ -9,7 +9,9 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Sh
 use num_traits::{One, Zero};
 use rayon::prelude::*;
 
-use crate::kernel::{PIXEL_CHUNK, Real, cpu_tensor, cross, data, dispatch_float, with_data};
+use crate::kernel::{
+    PIXEL_CHUNK, Real, cpu_tensor, cross, data, dispatch_float, dot, min_tasks, with_data,
+};
 use crate::triangles::Triangles;
 
 /// `v / sqrt(|v|² + eps)` along the last dim.
@@ -23,6 +25,7 @@ impl Normalize {
         let mut out = vec![T::zero(); v.len()];
         out.par_chunks_mut(PIXEL_CHUNK * c.max(1))
             .zip(v.par_chunks(PIXEL_CHUNK * c))
+            .with_min_len(min_tasks())
             .for_each(|(out, v)| {
                 for (o, v) in out.chunks_exact_mut(c).zip(v.chunks_exact(c)) {
                     let norm = (v.iter().fold(T::zero(), |a, &x| a + x * x) + eps).sqrt();
@@ -85,6 +88,7 @@ impl CustomOp2 for NormalizeGrad {
             let mut out = vec![T::zero(); v.len()];
             out.par_chunks_mut(PIXEL_CHUNK * c.max(1))
                 .zip(v.par_chunks(PIXEL_CHUNK * c).zip(g.par_chunks(PIXEL_CHUNK * c)))
+                .with_min_len(min_tasks())
                 .for_each(|(out, (v, g))| {
                     for ((o, v), g) in out.chunks_exact_mut(c).zip(v.chunks_exact(c)).zip(g.chunks_exact(c)) {
                         let sq = v.iter().fold(T::zero(), |a, &x| a + x * x) + eps;
@@ -177,6 +181,7 @@ impl ShadeSh {
             out.par_chunks_mut(PIXEL_CHUNK * c.max(1))
                 .zip(albedo.par_chunks(PIXEL_CHUNK * c.max(1)))
                 .zip(normals.par_chunks(PIXEL_CHUNK * 3))
+                .with_min_len(min_tasks())
                 .for_each(|((out, albedo), normals)| {
                     for ((o, a), n) in out
                         .chunks_exact_mut(c)
@@ -220,6 +225,7 @@ impl ShadeSh {
                 .zip(albedo.par_chunks(PIXEL_CHUNK * c.max(1)))
                 .zip(normals.par_chunks(PIXEL_CHUNK * 3))
                 .zip(grad.par_chunks(PIXEL_CHUNK * c.max(1)))
+                .with_min_len(min_tasks())
                 .map(|((((ga, gn), albedo), normals), grad)| {
                     let mut gl = vec![T::zero(); c * 9];
                     for ((((ga, gn), a), n), g) in ga
@@ -235,7 +241,9 @@ impl ShadeSh {
                         }
                         let n = [n[0], n[1], n[2]];
                         let basis = self.bands.basis(n);
-                        let mut dn = [T::zero(); 3];
+                        // The irradiance is linear in the coefficients, so the normal's gradient
+                        // is that of one irradiance with the channels' coefficients combined.
+                        let mut combined = [T::zero(); 9];
                         for ch in 0..c {
                             let lc = &l[ch * 9..ch * 9 + 9];
                             let irradiance =
@@ -244,13 +252,10 @@ impl ShadeSh {
                             let t = g[ch] * a[ch];
                             for k in 0..9 {
                                 gl[ch * 9 + k] += t * basis[k];
-                            }
-                            let di = self.bands.irradiance_gradient(lc, n);
-                            for k in 0..3 {
-                                dn[k] += t * di[k];
+                                combined[k] += t * lc[k];
                             }
                         }
-                        gn.copy_from_slice(&dn);
+                        gn.copy_from_slice(&self.bands.irradiance_gradient(&combined, n));
                     }
                     gl
                 })
@@ -323,6 +328,257 @@ impl CustomOp3 for ShadeSh {
     }
 }
 
+/// Phong shading (see [`crate::shade_phong`]) for albedo `[B, N, 3]`, geometry `[B, N, 3]`
+/// (unit normals) or `[B, N, 6]` (unit normals, then unit view vectors: only the specular term
+/// needs them) and light `[B, 9]` (unit direction towards the light, colour, ambient).
+pub(crate) struct ShadePhong {
+    pub(crate) specular: f64,
+    pub(crate) shininess: f64,
+}
+
+/// Sizes of a Phong call: pixels per image and the geometry's floats per pixel (3 or 6).
+#[derive(Clone, Copy)]
+struct PhongDims {
+    batch: usize,
+    pixels: usize,
+    stride: usize,
+}
+
+impl PhongDims {
+    fn of(albedo: &Shape, geometry: &Shape) -> candle_core::Result<Self> {
+        let (batch, pixels, _) = albedo.dims3()?;
+        Ok(Self {
+            batch,
+            pixels,
+            stride: geometry.dims3()?.2,
+        })
+    }
+}
+
+/// One pixel's light-dependent factors.
+struct PhongPixel<T> {
+    n: [T; 3],
+    v: [T; 3],
+    n_dot_l: T,
+    /// `r · v` with `r = 2 (n · l) n - l`.
+    r_dot_v: T,
+    /// `max(0, n · l)` and `specular · max(0, r · v)^shininess`.
+    diffuse: T,
+    lobe: T,
+}
+
+/// `max(x, 0)`.
+fn positive<T: Real>(x: T) -> T {
+    if x > T::zero() { x } else { T::zero() }
+}
+
+impl ShadePhong {
+    fn pixel<T: Real>(&self, geometry: &[T], l: [T; 3]) -> PhongPixel<T> {
+        let n = [geometry[0], geometry[1], geometry[2]];
+        let n_dot_l = dot(n, l);
+        let diffuse = positive(n_dot_l);
+        if self.specular == 0.0 {
+            let zero = T::zero();
+            return PhongPixel {
+                n,
+                v: [zero; 3],
+                n_dot_l,
+                r_dot_v: zero,
+                diffuse,
+                lobe: zero,
+            };
+        }
+        let v = [geometry[3], geometry[4], geometry[5]];
+        let r_dot_v = T::of(2.0) * n_dot_l * dot(n, v) - dot(l, v);
+        let lobe = T::of(self.specular) * positive(r_dot_v).powf(T::of(self.shininess));
+        PhongPixel {
+            n,
+            v,
+            n_dot_l,
+            r_dot_v,
+            diffuse,
+            lobe,
+        }
+    }
+
+    fn forward<T: Real>(&self, albedo: &[T], geometry: &[T], light: &[T], d: PhongDims) -> Vec<T> {
+        let mut out = vec![T::zero(); albedo.len()];
+        for b in 0..d.batch {
+            let px = |s: usize| b * d.pixels * s..(b + 1) * d.pixels * s;
+            let light = &light[b * 9..(b + 1) * 9];
+            let l = [light[0], light[1], light[2]];
+            out[px(3)]
+                .par_chunks_mut(PIXEL_CHUNK * 3)
+                .zip(albedo[px(3)].par_chunks(PIXEL_CHUNK * 3))
+                .zip(geometry[px(d.stride)].par_chunks(PIXEL_CHUNK * d.stride))
+                .with_min_len(min_tasks())
+                .for_each(|((out, albedo), geometry)| {
+                    for ((o, a), g) in out
+                        .chunks_exact_mut(3)
+                        .zip(albedo.chunks_exact(3))
+                        .zip(geometry.chunks_exact(d.stride))
+                    {
+                        let p = self.pixel(g, l);
+                        for c in 0..3 {
+                            let (color, ambient) = (light[3 + c], light[6 + c]);
+                            o[c] = a[c] * (ambient + color * p.diffuse) + color * p.lobe;
+                        }
+                    }
+                });
+        }
+        out
+    }
+
+    /// Gradients to albedo, geometry and light in one sweep.
+    fn backward<T: Real>(
+        &self,
+        albedo: &[T],
+        geometry: &[T],
+        light: &[T],
+        grad: &[T],
+        d: PhongDims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let mut g_albedo = vec![T::zero(); albedo.len()];
+        let mut g_geometry = vec![T::zero(); geometry.len()];
+        let mut g_light = vec![T::zero(); light.len()];
+        let k = T::of(self.shininess);
+        for b in 0..d.batch {
+            let px = |s: usize| b * d.pixels * s..(b + 1) * d.pixels * s;
+            let light = &light[b * 9..(b + 1) * 9];
+            let l = [light[0], light[1], light[2]];
+            let color = [light[3], light[4], light[5]];
+            let ambient = [light[6], light[7], light[8]];
+            let sums = g_albedo[px(3)]
+                .par_chunks_mut(PIXEL_CHUNK * 3)
+                .zip(g_geometry[px(d.stride)].par_chunks_mut(PIXEL_CHUNK * d.stride))
+                .zip(albedo[px(3)].par_chunks(PIXEL_CHUNK * 3))
+                .zip(geometry[px(d.stride)].par_chunks(PIXEL_CHUNK * d.stride))
+                .zip(grad[px(3)].par_chunks(PIXEL_CHUNK * 3))
+                .with_min_len(min_tasks())
+                .map(|((((ga, gg), albedo), geometry), grad)| {
+                    // Gradients to l, colour and ambient.
+                    let mut gl = [T::zero(); 9];
+                    for ((((ga, gg), a), geo), g) in ga
+                        .chunks_exact_mut(3)
+                        .zip(gg.chunks_exact_mut(d.stride))
+                        .zip(albedo.chunks_exact(3))
+                        .zip(geometry.chunks_exact(d.stride))
+                        .zip(grad.chunks_exact(3))
+                    {
+                        // Pixels the loss ignores (e.g. masked background) contribute nothing.
+                        if g.iter().all(|&g| g == T::zero()) {
+                            continue;
+                        }
+                        let p = self.pixel(geo, l);
+                        let (mut g_diffuse, mut g_lobe) = (T::zero(), T::zero());
+                        for c in 0..3 {
+                            ga[c] = g[c] * (ambient[c] + color[c] * p.diffuse);
+                            gl[3 + c] += g[c] * (a[c] * p.diffuse + p.lobe);
+                            gl[6 + c] += g[c] * a[c];
+                            g_diffuse += g[c] * a[c] * color[c];
+                            g_lobe += g[c] * color[c];
+                        }
+                        let mut g_n_dot_l = if p.n_dot_l > T::zero() {
+                            g_diffuse
+                        } else {
+                            T::zero()
+                        };
+                        if p.r_dot_v > T::zero() && self.specular != 0.0 {
+                            // d lobe / d (r · v) = specular · k (r · v)^(k - 1).
+                            let g_rv =
+                                g_lobe * T::of(self.specular) * k * p.r_dot_v.powf(k - T::one());
+                            // r · v = 2 (n · l)(n · v) - l · v.
+                            let (n_dot_v, two) = (dot(p.n, p.v), T::of(2.0));
+                            g_n_dot_l += g_rv * two * n_dot_v;
+                            let g_n_dot_v = g_rv * two * p.n_dot_l;
+                            for i in 0..3 {
+                                gg[3 + i] = g_n_dot_v * p.n[i] - g_rv * l[i];
+                                gg[i] = g_n_dot_v * p.v[i];
+                                gl[i] += -g_rv * p.v[i];
+                            }
+                        }
+                        for i in 0..3 {
+                            gg[i] += g_n_dot_l * l[i];
+                            gl[i] += g_n_dot_l * p.n[i];
+                        }
+                    }
+                    gl
+                })
+                .reduce(
+                    || [T::zero(); 9],
+                    |mut a, b| {
+                        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                        a
+                    },
+                );
+            g_light[b * 9..(b + 1) * 9].copy_from_slice(&sums);
+        }
+        (g_albedo, g_geometry, g_light)
+    }
+}
+
+impl CustomOp3 for ShadePhong {
+    fn name(&self) -> &'static str {
+        "ganfit-shade-phong"
+    }
+
+    fn cpu_fwd(
+        &self,
+        albedo: &CpuStorage,
+        albedo_l: &Layout,
+        geometry: &CpuStorage,
+        geometry_l: &Layout,
+        light: &CpuStorage,
+        light_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = PhongDims::of(albedo_l.shape(), geometry_l.shape())?;
+        dispatch_float!(albedo, T => {
+            let out = self.forward::<T>(
+                data(albedo, albedo_l)?, data(geometry, geometry_l)?, data(light, light_l)?, d,
+            );
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), albedo_l.shape().clone()))
+        })
+    }
+
+    fn bwd(
+        &self,
+        albedo: &Tensor,
+        geometry: &Tensor,
+        light: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = PhongDims::of(albedo.shape(), geometry.shape())?;
+        fn run<T: Real>(
+            op: &ShadePhong,
+            ts: [&Tensor; 4],
+            d: PhongDims,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let [albedo, geometry, light, grad] = ts;
+            with_data::<T, _>(albedo, |a| {
+                with_data::<T, _>(geometry, |n| {
+                    with_data::<T, _>(light, |l| {
+                        with_data::<T, _>(grad, |g| {
+                            let (ga, gn, gl) = op.backward(a, n, l, g, d);
+                            Ok((
+                                Some(cpu_tensor(ga, albedo.shape())?),
+                                Some(cpu_tensor(gn, geometry.shape())?),
+                                Some(cpu_tensor(gl, light.shape())?),
+                            ))
+                        })
+                    })
+                })
+            })
+        }
+        let ts = [albedo, geometry, light, grad];
+        match albedo.dtype() {
+            DType::F32 => run::<f32>(self, ts, d),
+            DType::F64 => run::<f64>(self, ts, d),
+            dt => candle_core::bail!("ganfit-render kernels take f32 or f64 tensors, got {dt:?}"),
+        }
+    }
+}
+
 /// Area-weighted vertex normals before normalisation: each triangle adds its
 /// `(p1 - p0) × (p2 - p0)` to its three corners. Positions `[B, V, 3]` -> `[B, V, 3]`.
 pub(crate) struct FaceNormalSums {
@@ -336,6 +592,7 @@ impl FaceNormalSums {
         let mut out = vec![T::zero(); positions.len()];
         out.par_chunks_mut(per_image.max(1))
             .zip(positions.par_chunks(per_image.max(1)))
+            .with_min_len(min_tasks())
             .for_each(|(out, p)| {
                 for tri in tris {
                     let [p0, p1, p2] = tri.map(|v| point(p, v));
@@ -415,6 +672,7 @@ impl CustomOp2 for FaceNormalSumsGrad {
             let mut out = vec![T::zero(); p.len()];
             out.par_chunks_mut(per_image.max(1))
                 .zip(p.par_chunks(per_image.max(1)).zip(g.par_chunks(per_image.max(1))))
+                .with_min_len(min_tasks())
                 .for_each(|(out, (p, g))| {
                     for tri in tris {
                         let [p0, p1, p2] = tri.map(|v| point(p, v));

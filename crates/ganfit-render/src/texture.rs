@@ -5,7 +5,9 @@ use num_traits::{One, Zero};
 use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
-use crate::kernel::{PIXEL_CHUNK, Real, add_into, check_float, data, dispatch_float, piece_len};
+use crate::kernel::{
+    PIXEL_CHUNK, Real, add_into, check_float, data, dispatch_float, min_tasks, piece_len,
+};
 
 /// What happens to texture coordinates outside `[0, 1]`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -175,7 +177,7 @@ impl CustomOp2 for Texture {
             let (tex, uv) = (data::<T>(tex, tex_l)?, data::<T>(uv, uv_l)?);
             let mut out = vec![T::zero(); b * h * w * d.c];
             let blocks = out.par_chunks_mut(PIXEL_CHUNK * d.c).zip(uv.par_chunks(PIXEL_CHUNK * 2));
-            blocks.enumerate().for_each(|(block, (dst, uv))| {
+            blocks.with_min_len(min_tasks()).enumerate().for_each(|(block, (dst, uv))| {
                 for (j, (dst, uv)) in dst.chunks_exact_mut(d.c).zip(uv.chunks_exact(2)).enumerate() {
                     let base = d.tex_base(block * PIXEL_CHUNK + j);
                     let tap = taps(uv[0], uv[1], d.ht, d.wt, self.wrap);
@@ -235,7 +237,7 @@ impl CustomOp2 for TexGrad {
             // A shared texture collects from every image; otherwise each image has its own.
             let span = if d.tex_batch == 1 { n } else { d.samples };
             let mut out = vec![T::zero(); d.tex_batch * per_tex];
-            out.par_chunks_mut(per_tex).enumerate().for_each(|(b, dst)| {
+            out.par_chunks_mut(per_tex).with_min_len(min_tasks()).enumerate().for_each(|(b, dst)| {
                 let samples = b * span..(b + 1) * span;
                 let uv = &uv[samples.start * 2..samples.end * 2];
                 let grad = &grad[samples.start * d.c..samples.end * d.c];
@@ -297,7 +299,7 @@ impl CustomOp3 for UvGrad {
             let mut out = vec![T::zero(); uv.len()];
             let (sw, sh) = (T::of(d.wt as f64), T::of(d.ht as f64));
             let blocks = out.par_chunks_mut(PIXEL_CHUNK * 2).zip(uv.par_chunks(PIXEL_CHUNK * 2));
-            blocks.enumerate().for_each(|(block, (dst, uv))| {
+            blocks.with_min_len(min_tasks()).enumerate().for_each(|(block, (dst, uv))| {
                 for (j, (dst, uv)) in dst.chunks_exact_mut(2).zip(uv.chunks_exact(2)).enumerate() {
                     let i = block * PIXEL_CHUNK + j;
                     let base = d.tex_base(i);

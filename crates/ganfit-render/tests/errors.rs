@@ -2,8 +2,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use ganfit_render::{
-    Camera, RasterOptions, RenderError, Triangles, WrapMode, antialias, camera_from_world,
-    interpolate, rasterize, shade_sh, texture,
+    Camera, PhongLight, RasterOptions, RenderError, Triangles, WrapMode, antialias,
+    camera_from_world, interpolate, rasterize, shade_phong, shade_sh, texture,
 };
 
 fn tri() -> Triangles {
@@ -200,4 +200,31 @@ fn empty_image_and_bad_camera() {
     assert!(matches!(err, RenderError::Camera(_)) && err.to_string().contains("focal"));
     let err = Camera::new(100.0, 100.0, 2.0, 2.0, 4, 4, 1.0, 0.5).unwrap_err();
     assert!(err.to_string().contains("near < far"));
+}
+
+#[test]
+fn phong_inputs_must_agree() {
+    let px = Tensor::ones((2, 5, 3), DType::F32, &Device::Cpu).unwrap();
+    let light = |batch: usize| PhongLight {
+        direction: Tensor::ones((batch, 3), DType::F32, &Device::Cpu).unwrap(),
+        color: Tensor::ones((batch, 3), DType::F32, &Device::Cpu).unwrap(),
+        ambient: Tensor::ones((batch, 3), DType::F32, &Device::Cpu).unwrap(),
+        specular: 0.2,
+        shininess: 4.0,
+    };
+    let err = shade_phong(&px, &px, &px, &light(1)).unwrap_err();
+    assert!(matches!(
+        err,
+        RenderError::Shape {
+            what: "light direction",
+            ..
+        }
+    ));
+    assert!(err.to_string().contains("one light per image"));
+    let short_view = px.narrow(1, 0, 4).unwrap();
+    let err = shade_phong(&px, &px, &short_view, &light(2)).unwrap_err();
+    assert!(matches!(err, RenderError::Shape { what: "view", .. }));
+    let err = shade_phong(&px.to_dtype(DType::F64).unwrap(), &px, &px, &light(2)).unwrap_err();
+    assert!(matches!(err, RenderError::DType { what: "albedo", .. }));
+    assert!(shade_phong(&px, &px, &px, &light(2)).is_ok());
 }
