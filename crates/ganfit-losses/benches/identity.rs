@@ -3,7 +3,8 @@
 //! losses against a fixed photo; the forward pass alone is timed too.
 //!
 //! `cargo bench --release -p ganfit-losses --bench identity -- --warm-up-time 2 --measurement-time 5`
-//! (tools/bench/identity_torch.py times the same network in PyTorch).
+//! (tools/bench/identity_torch.py times the same network in PyTorch; tools/bench/compare_identity.sh
+//! runs both, interleaved, with 1 and 2 threads).
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};

@@ -369,12 +369,40 @@ impl FixedConv {
 }
 
 /// `dst = lhs · rhs` for row-major matrices given as (elements, row stride), with
-/// `(m, k, n)` = (rows of `lhs`, columns of `lhs`, columns of `rhs`).
+/// `(m, k, n)` = (rows of `lhs`, columns of `lhs`, columns of `rhs`), on all of the rayon
+/// pool's threads.
 pub(super) fn matmul<T: WithDType>(
+    dst: (&mut [T], usize),
+    lhs: (&[T], usize),
+    rhs: (&[T], usize),
+    dims: (usize, usize, usize),
+) {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    gemm_checked(dst, lhs, rhs, dims, parallelism);
+}
+
+/// [`matmul`] on the calling thread only.
+pub(super) fn matmul_serial<T: WithDType>(
+    dst: (&mut [T], usize),
+    lhs: (&[T], usize),
+    rhs: (&[T], usize),
+    dims: (usize, usize, usize),
+) {
+    gemm_checked(dst, lhs, rhs, dims, gemm::Parallelism::None);
+}
+
+/// The product by `gemm` with `parallelism`, after checking that the operands hold their shapes.
+fn gemm_checked<T: WithDType>(
     (dst, dst_rs): (&mut [T], usize),
     (lhs, lhs_rs): (&[T], usize),
     (rhs, rhs_rs): (&[T], usize),
     (m, k, n): (usize, usize, usize),
+    parallelism: gemm::Parallelism,
 ) {
     let fits = |len: usize, rows: usize, stride: usize, cols: usize| {
         rows == 0 || cols == 0 || (rows - 1) * stride + cols <= len
@@ -385,12 +413,6 @@ pub(super) fn matmul<T: WithDType>(
             && fits(rhs.len(), k, rhs_rs, n),
         "matmul operands smaller than their shapes"
     );
-    let threads = rayon::current_num_threads();
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     // SAFETY: every element the product touches lies inside its slice (asserted above); the
     // slices do not overlap (one is borrowed mutably).
     unsafe {
@@ -581,6 +603,24 @@ impl ResidualRelu {
         out_dims: [usize; 4],
     ) -> Vec<T> {
         let [_, channels, height, width] = out_dims;
+        let relu = |v: T| if v < T::zero() { T::zero() } else { v };
+        if a.1 == b.1 {
+            // Every block but the down blocks: one pass, no padding.
+            const CHUNK: usize = 1 << 14;
+            let mut out = vec![T::zero(); a.0.len()];
+            for_each_chunk(
+                &mut out,
+                CHUNK,
+                || (),
+                |_, i, dst| {
+                    let (a, b) = (&a.0[i * CHUNK..], &b.0[i * CHUNK..]);
+                    for (d, (&x, &y)) in dst.iter_mut().zip(a.iter().zip(b)) {
+                        *d = relu(x + y);
+                    }
+                },
+            );
+            return out;
+        }
         let mut out = vec![T::zero(); out_dims.iter().product()];
         for_each_chunk(
             &mut out,
@@ -601,9 +641,7 @@ impl ResidualRelu {
                     }
                 }
                 for v in plane {
-                    if *v < T::zero() {
-                        *v = T::zero();
-                    }
+                    *v = relu(*v);
                 }
             },
         );
@@ -678,32 +716,49 @@ impl MaxPool {
         pooled_len(input, self.kernel, self.stride, 0)
     }
 
-    /// Index in the plane of the first maximum of the window at (`oy`, `ox`).
+    /// Index in the plane of the first maximum (in row-major window order) of the window at
+    /// (`oy`, `ox`). Branch-free: on ReLU outputs the winner is unpredictable, and a
+    /// mispredicted branch per tap costs more than the comparisons.
     fn argmax<T: WithDType>(&self, plane: &[T], w: usize, oy: usize, ox: usize) -> usize {
-        let mut best = (oy * self.stride) * w + ox * self.stride;
-        for ky in 0..self.kernel {
-            for kx in 0..self.kernel {
-                let idx = (oy * self.stride + ky) * w + ox * self.stride + kx;
-                if plane[idx] > plane[best] {
-                    best = idx;
-                }
+        let (k, s) = (self.kernel, self.stride);
+        let first = oy * s * w + ox * s;
+        let (mut best, mut at) = (plane[first], first);
+        for ky in 0..k {
+            let start = first + ky * w;
+            for (kx, &v) in plane[start..start + k].iter().enumerate() {
+                let better = v > best;
+                best = if better { v } else { best };
+                at = if better { start + kx } else { at };
             }
         }
-        best
+        at
     }
 
+    /// The window maxima, separably: the maximum over the window's rows for every column of
+    /// an output row, then over the columns of each window (loops without branches that the
+    /// compiler vectorises).
     fn forward<T: WithDType>(&self, x: &[T], planes: usize, h: usize, w: usize) -> Vec<T> {
-        let (oh, ow) = (self.out_len(h), self.out_len(w));
+        let (oh, ow, k, s) = (self.out_len(h), self.out_len(w), self.kernel, self.stride);
+        let max = |a: T, b: T| if b > a { b } else { a };
         let mut out = vec![T::zero(); planes * oh * ow];
         for_each_chunk(
             &mut out,
             oh * ow,
-            || (),
-            |_, p, dst| {
+            || vec![T::zero(); w],
+            |columns, p, dst| {
                 let plane = &x[p * h * w..][..h * w];
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        dst[oy * ow + ox] = plane[self.argmax(plane, w, oy, ox)];
+                for (oy, dst) in dst.chunks_mut(ow).enumerate() {
+                    let rows = &plane[oy * s * w..][..k * w];
+                    columns.copy_from_slice(&rows[..w]);
+                    for row in rows.chunks(w).skip(1) {
+                        for (c, &v) in columns.iter_mut().zip(row) {
+                            *c = max(*c, v);
+                        }
+                    }
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        *d = columns[ox * s..ox * s + k]
+                            .iter()
+                            .fold(columns[ox * s], |a, &b| max(a, b));
                     }
                 }
             },
@@ -871,6 +926,18 @@ mod tests {
                 .pad_with_zeros(3, 0, 2 - w)
         };
         let expected = (pad(&a)? + pad(&b)?)?.relu()?;
+        let diff = (out - expected)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-15, "{diff}");
+        check_input_gradient(&a, |a| a.apply_op2(&b, ResidualRelu), 1e-6)?;
+        check_input_gradient(&b, |b| a.apply_op2(b, ResidualRelu), 1e-6)
+    }
+
+    #[test]
+    fn residual_relu_of_equal_shapes_is_relu_of_the_sum_with_exact_gradients() -> Result<()> {
+        let a = seeded_tensor(&[2, 3, 4, 5], 13)?;
+        let b = seeded_tensor(&[2, 3, 4, 5], 14)?;
+        let out = a.apply_op2(&b, ResidualRelu)?;
+        let expected = (&a + &b)?.relu()?;
         let diff = (out - expected)?.abs()?.max_all()?.to_scalar::<f64>()?;
         assert!(diff < 1e-15, "{diff}");
         check_input_gradient(&a, |a| a.apply_op2(&b, ResidualRelu), 1e-6)?;

@@ -116,18 +116,26 @@ impl WinogradFilters {
             let total = tiles.total();
             let transformed = fit(transformed, TILE * channels * total);
             transform_input(src, gate, channels, &tiles, transformed);
-            let products = fit(products, self.rows * TILE * total);
+            let transformed: &[T] = transformed;
+            let products = fit(products, TILE * self.rows * total);
             super::ops::with_cpu_slice(&self.matrices, |u: &[T]| {
-                // For each tile element ξ, [F, C] · [C, tiles]; the products are laid out
-                // [F, 16, tiles] so that each filter's values are read by one task.
-                for xi in 0..TILE {
-                    super::ops::matmul(
-                        (&mut products[xi * total..], TILE * total),
-                        (&u[xi * self.rows * channels..], channels),
-                        (&transformed[xi * total..], TILE * total),
-                        (self.rows, channels, total),
-                    );
-                }
+                // For each tile element ξ, [F, C] · [C, tiles] into products laid out
+                // [16, F, tiles]. The 16 products are independent, so with several threads each
+                // product runs whole on one: splitting these small products inside the matrix
+                // multiply would synchronise the threads 16 times per layer.
+                for_each_chunk(
+                    products,
+                    self.rows * total,
+                    || (),
+                    |_, xi, product| {
+                        super::ops::matmul_serial(
+                            (product, total),
+                            (&u[xi * self.rows * channels..], channels),
+                            (&transformed[xi * total..], TILE * total),
+                            (self.rows, channels, total),
+                        );
+                    },
+                );
             })?;
             Ok(transform_output(products, self.rows, &tiles, bias, relu))
         })
@@ -206,6 +214,20 @@ impl Tiles {
     }
 }
 
+/// Defines `$avx2`, on x86-64 only: the function `$name` (which must be `#[inline(always)]`, as
+/// must everything it calls) compiled for AVX2. The build targets baseline x86-64 (SSE2), where
+/// the transforms' elementwise loops handle 4 floats at a time; compiled for AVX2 they handle 8.
+macro_rules! avx2_twin {
+    ($avx2:ident = $name:ident ($($arg:ident: $ty:ty),* $(,)?)) => {
+        #[doc = concat!("[`", stringify!($name), "`] compiled for AVX2.")]
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx2<T: WithDType>($($arg: $ty),*) {
+            $name($($arg),*)
+        }
+    };
+}
+
 /// `Bᵀ d B` of every 4×4 input tile `d` (rows and columns from `2t − 1`, zero outside the
 /// plane), with `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`, written to
 /// `out` laid out `[C, 16, tiles]` so that each channel's values are written by one task.
@@ -217,7 +239,14 @@ fn transform_input<T: WithDType>(
     out: &mut [T],
 ) {
     let total = tiles.total();
-    let (h, w) = (tiles.height, tiles.width);
+    let context = InputContext {
+        src,
+        gate,
+        channels,
+        tiles,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     // The plane with a zero border of one pixel, rounded up to whole tiles, is split into four
     // quarters by row and column parity, each `(rows + 1) × (cols + 1)`. Element (i, k) of
     // tile (ty, tx) is then quarter (i % 2, k % 2) at (ty + i / 2, tx + k / 2): with tiles
@@ -237,81 +266,126 @@ fn transform_input<T: WithDType>(
             )
         },
         |(quarters, work), c, dst| {
-            for b in 0..tiles.batch {
-                let start = (b * channels + c) * h * w;
-                for y in 0..h {
-                    let from = start + y * w;
-                    // Padded row y + 1; padded columns 2j + 1 (odd) and 2j + 2 (even) hold
-                    // pixels 2j and 2j + 1.
-                    let (row, parity) = (y.div_ceil(2) * half, (y + 1) % 2);
-                    let (even, odd) =
-                        quarters[2 * parity * quarter..][..2 * quarter].split_at_mut(quarter);
-                    let pairs = src[from..from + w].chunks(2);
-                    let (even, odd) = (
-                        &mut even[row + 1..][..w / 2],
-                        &mut odd[row..][..w.div_ceil(2)],
-                    );
-                    match gate {
-                        Some(gate) => {
-                            let open = |v: T, g: T| if g > T::zero() { v } else { T::zero() };
-                            let gates = gate[from..from + w].chunks(2);
-                            for (j, (pair, g)) in pairs.zip(gates).enumerate() {
-                                odd[j] = open(pair[0], g[0]);
-                                if let (Some(e), Some(&v)) = (even.get_mut(j), pair.get(1)) {
-                                    *e = open(v, g[1]);
-                                }
-                            }
-                        }
-                        None => {
-                            for (j, pair) in pairs.enumerate() {
-                                odd[j] = pair[0];
-                                if let (Some(e), Some(&v)) = (even.get_mut(j), pair.get(1)) {
-                                    *e = v;
-                                }
-                            }
-                        }
-                    }
-                }
-                let d = |i: usize, k: usize| {
-                    let base = (2 * (i % 2) + k % 2) * quarter + (i / 2) * half + k / 2;
-                    &quarters[base..base + spread]
-                };
-                let (columns, rows) = work.split_at_mut(TILE * spread);
-                // d B: the combination of the columns of each row i, into columns[4i + k].
-                for i in 0..4 {
-                    let [c0, c1, c2, c3] = split4(&mut columns[4 * i * spread..][..4 * spread]);
-                    combine_b([d(i, 0), d(i, 1), d(i, 2), d(i, 3)], [c0, c1, c2, c3]);
-                }
-                // Bᵀ (d B): the same combination of the rows, into rows[4i + k].
-                for k in 0..4 {
-                    let c = |i: usize| &columns[(4 * i + k) * spread..][..spread];
-                    let (r01, r23) = rows.split_at_mut(8 * spread);
-                    let (r0, r1) = r01.split_at_mut(4 * spread);
-                    let (r2, r3) = r23.split_at_mut(4 * spread);
-                    let at = k * spread;
-                    combine_b(
-                        [c(0), c(1), c(2), c(3)],
-                        [
-                            &mut r0[at..at + spread],
-                            &mut r1[at..at + spread],
-                            &mut r2[at..at + spread],
-                            &mut r3[at..at + spread],
-                        ],
-                    );
-                }
-                // Drop the unused tile of each row while copying out.
-                for (xi, values) in rows.chunks(spread).enumerate() {
-                    let row = &mut dst[xi * total + b * tiles.per_plane()..][..tiles.per_plane()];
-                    for (to, from) in row.chunks_mut(tiles.cols).zip(values.chunks(half)) {
-                        to.copy_from_slice(&from[..tiles.cols]);
-                    }
-                }
+            let channel = InputChannel { c, quarters, work };
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2, the only requirement of the function.
+                return unsafe { transform_input_channel_avx2(&context, channel, dst) };
             }
+            transform_input_channel(&context, channel, dst)
         },
     );
 }
 
+/// What every channel's input transform reads.
+struct InputContext<'a, T> {
+    src: &'a [T],
+    gate: Option<&'a [T]>,
+    channels: usize,
+    tiles: &'a Tiles,
+}
+
+/// One channel and its task's work buffers.
+struct InputChannel<'a, T> {
+    c: usize,
+    quarters: &'a mut [T],
+    work: &'a mut [T],
+}
+
+/// The input transform of channel `c` of every image, into `dst` (`[16, tiles]`).
+#[inline(always)]
+fn transform_input_channel<T: WithDType>(
+    context: &InputContext<'_, T>,
+    channel: InputChannel<'_, T>,
+    dst: &mut [T],
+) {
+    let InputContext {
+        src,
+        gate,
+        channels,
+        tiles,
+    } = *context;
+    let InputChannel { c, quarters, work } = channel;
+    let total = tiles.total();
+    let (h, w) = (tiles.height, tiles.width);
+    let half = tiles.cols + 1;
+    let quarter = (tiles.rows + 1) * half;
+    let spread = tiles.rows * half;
+    for b in 0..tiles.batch {
+        let start = (b * channels + c) * h * w;
+        for y in 0..h {
+            let from = start + y * w;
+            // Padded row y + 1; padded columns 2j + 1 (odd) and 2j + 2 (even) hold
+            // pixels 2j and 2j + 1.
+            let (row, parity) = (y.div_ceil(2) * half, (y + 1) % 2);
+            let (even, odd) = quarters[2 * parity * quarter..][..2 * quarter].split_at_mut(quarter);
+            let pairs = src[from..from + w].chunks(2);
+            let (even, odd) = (
+                &mut even[row + 1..][..w / 2],
+                &mut odd[row..][..w.div_ceil(2)],
+            );
+            match gate {
+                Some(gate) => {
+                    let open = |v: T, g: T| if g > T::zero() { v } else { T::zero() };
+                    let gates = gate[from..from + w].chunks(2);
+                    for (j, (pair, g)) in pairs.zip(gates).enumerate() {
+                        odd[j] = open(pair[0], g[0]);
+                        if let (Some(e), Some(&v)) = (even.get_mut(j), pair.get(1)) {
+                            *e = open(v, g[1]);
+                        }
+                    }
+                }
+                None => {
+                    for (j, pair) in pairs.enumerate() {
+                        odd[j] = pair[0];
+                        if let (Some(e), Some(&v)) = (even.get_mut(j), pair.get(1)) {
+                            *e = v;
+                        }
+                    }
+                }
+            }
+        }
+        let d = |i: usize, k: usize| {
+            let base = (2 * (i % 2) + k % 2) * quarter + (i / 2) * half + k / 2;
+            &quarters[base..base + spread]
+        };
+        let (columns, rows) = work.split_at_mut(TILE * spread);
+        // d B: the combination of the columns of each row i, into columns[4i + k].
+        for i in 0..4 {
+            let [c0, c1, c2, c3] = split4(&mut columns[4 * i * spread..][..4 * spread]);
+            combine_b([d(i, 0), d(i, 1), d(i, 2), d(i, 3)], [c0, c1, c2, c3]);
+        }
+        // Bᵀ (d B): the same combination of the rows, into rows[4i + k].
+        for k in 0..4 {
+            let c = |i: usize| &columns[(4 * i + k) * spread..][..spread];
+            let (r01, r23) = rows.split_at_mut(8 * spread);
+            let (r0, r1) = r01.split_at_mut(4 * spread);
+            let (r2, r3) = r23.split_at_mut(4 * spread);
+            let at = k * spread;
+            combine_b(
+                [c(0), c(1), c(2), c(3)],
+                [
+                    &mut r0[at..at + spread],
+                    &mut r1[at..at + spread],
+                    &mut r2[at..at + spread],
+                    &mut r3[at..at + spread],
+                ],
+            );
+        }
+        // Drop the unused tile of each row while copying out.
+        for (xi, values) in rows.chunks(spread).enumerate() {
+            let row = &mut dst[xi * total + b * tiles.per_plane()..][..tiles.per_plane()];
+            for (to, from) in row.chunks_mut(tiles.cols).zip(values.chunks(half)) {
+                to.copy_from_slice(&from[..tiles.cols]);
+            }
+        }
+    }
+}
+
+avx2_twin!(transform_input_channel_avx2 = transform_input_channel(context: &InputContext<'_, T>, channel: InputChannel<'_, T>, dst: &mut [T]));
+
 /// Four equal consecutive parts of `values`.
+#[inline(always)]
 fn split4<T>(values: &mut [T]) -> [&mut [T]; 4] {
     let n = values.len() / 4;
     let (a, rest) = values.split_at_mut(n);
@@ -321,6 +395,7 @@ fn split4<T>(values: &mut [T]) -> [&mut [T]; 4] {
 }
 
 /// One `Bᵀ` (or `B`) combination, elementwise over runs: `[d0 − d2, d1 + d2, d2 − d1, d1 − d3]`.
+#[inline(always)]
 fn combine_b<T: WithDType>(d: [&[T]; 4], out: [&mut [T]; 4]) {
     let [o0, o1, o2, o3] = out;
     let n = o0.len();
@@ -335,6 +410,7 @@ fn combine_b<T: WithDType>(d: [&[T]; 4], out: [&mut [T]; 4]) {
 }
 
 /// One `Aᵀ` (or `A`) combination, elementwise over runs: `[m0 + m1 + m2, m1 − m2 − m3]`.
+#[inline(always)]
 fn combine_a<T: WithDType>(m: [&[T]; 4], out: [&mut [T]; 2]) {
     let [o0, o1] = out;
     let n = o0.len();
@@ -355,52 +431,97 @@ fn transform_output<T: WithDType>(
     bias: Option<&[T]>,
     relu: bool,
 ) -> Vec<T> {
-    let total = tiles.total();
     let n = tiles.per_plane();
     let (h, w) = (tiles.height, tiles.width);
     let mut out = vec![T::zero(); tiles.batch * outputs * h * w];
+    let context = OutputContext {
+        products,
+        outputs,
+        tiles,
+        bias,
+        relu,
+    };
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     for_each_chunk(
         &mut out,
         h * w,
         || vec![T::zero(); 12 * n],
         |work, p, dst| {
-            let (b, f) = (p / outputs, p % outputs);
-            let at = f * TILE * total + b * n;
-            let m = |xi: usize| &products[xi * total + at..][..n];
-            // Each step is one loop over all the plane's tiles, element by element.
-            let (rows, corners) = work.split_at_mut(8 * n);
-            // Aᵀ m: rows[k] and rows[4 + k] from column k of the four rows.
-            for k in 0..4 {
-                let (r0, r1) = rows.split_at_mut(4 * n);
-                combine_a(
-                    [m(k), m(4 + k), m(8 + k), m(12 + k)],
-                    [&mut r0[k * n..][..n], &mut r1[k * n..][..n]],
-                );
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2, the only requirement of the function.
+                return unsafe { transform_output_plane_avx2(&context, work, p, dst) };
             }
-            // (Aᵀ m) A: the four outputs of every tile, corners[2·dy + dx].
-            for dy in 0..2 {
-                let r = |k: usize| &rows[(4 * dy + k) * n..][..n];
-                let (left, right) = corners[2 * dy * n..][..2 * n].split_at_mut(n);
-                combine_a([r(0), r(1), r(2), r(3)], [left, right]);
-            }
-            let offset = bias.map_or(T::zero(), |bias| bias[f]);
-            for v in corners.iter_mut() {
-                let y = *v + offset;
-                *v = if relu && y < T::zero() { T::zero() } else { y };
-            }
-            let corner = |dy: usize, dx: usize| &corners[(2 * dy + dx) * n..][..n];
-            for (y, row) in dst.chunks_mut(w).enumerate() {
-                let first = y / 2 * tiles.cols;
-                let left = &corner(y % 2, 0)[first..][..tiles.cols];
-                let right = &corner(y % 2, 1)[first..][..tiles.cols];
-                for (pair, (&l, &r)) in row.chunks_mut(2).zip(left.iter().zip(right)) {
-                    pair[0] = l;
-                    if let Some(second) = pair.get_mut(1) {
-                        *second = r;
-                    }
-                }
-            }
+            transform_output_plane(&context, work, p, dst)
         },
     );
     out
 }
+
+/// What every output plane's transform reads.
+struct OutputContext<'a, T> {
+    products: &'a [T],
+    outputs: usize,
+    tiles: &'a Tiles,
+    bias: Option<&'a [T]>,
+    relu: bool,
+}
+
+/// The output transform of plane `p` (image `p / outputs`, filter `p % outputs`) into `dst`.
+#[inline(always)]
+fn transform_output_plane<T: WithDType>(
+    context: &OutputContext<'_, T>,
+    work: &mut [T],
+    p: usize,
+    dst: &mut [T],
+) {
+    let OutputContext {
+        products,
+        outputs,
+        tiles,
+        bias,
+        relu,
+    } = *context;
+    let total = tiles.total();
+    let n = tiles.per_plane();
+    let w = tiles.width;
+    let (b, f) = (p / outputs, p % outputs);
+    let at = f * total + b * n;
+    let m = |xi: usize| &products[xi * outputs * total + at..][..n];
+    // Each step is one loop over all the plane's tiles, element by element.
+    let (rows, corners) = work.split_at_mut(8 * n);
+    // Aᵀ m: rows[k] and rows[4 + k] from column k of the four rows.
+    for k in 0..4 {
+        let (r0, r1) = rows.split_at_mut(4 * n);
+        combine_a(
+            [m(k), m(4 + k), m(8 + k), m(12 + k)],
+            [&mut r0[k * n..][..n], &mut r1[k * n..][..n]],
+        );
+    }
+    // (Aᵀ m) A: the four outputs of every tile, corners[2·dy + dx].
+    for dy in 0..2 {
+        let r = |k: usize| &rows[(4 * dy + k) * n..][..n];
+        let (left, right) = corners[2 * dy * n..][..2 * n].split_at_mut(n);
+        combine_a([r(0), r(1), r(2), r(3)], [left, right]);
+    }
+    let offset = bias.map_or(T::zero(), |bias| bias[f]);
+    for v in corners.iter_mut() {
+        let y = *v + offset;
+        *v = if relu && y < T::zero() { T::zero() } else { y };
+    }
+    let corner = |dy: usize, dx: usize| &corners[(2 * dy + dx) * n..][..n];
+    for (y, row) in dst.chunks_mut(w).enumerate() {
+        let first = y / 2 * tiles.cols;
+        let left = &corner(y % 2, 0)[first..][..tiles.cols];
+        let right = &corner(y % 2, 1)[first..][..tiles.cols];
+        for (pair, (&l, &r)) in row.chunks_mut(2).zip(left.iter().zip(right)) {
+            pair[0] = l;
+            if let Some(second) = pair.get_mut(1) {
+                *second = r;
+            }
+        }
+    }
+}
+
+avx2_twin!(transform_output_plane_avx2 = transform_output_plane(context: &OutputContext<'_, T>, work: &mut [T], p: usize, dst: &mut [T]));
