@@ -54,25 +54,30 @@ impl Default for AlignmentConfig {
             shape_iterations: 240,
             shape_modes: None,
             // The landmark term is the mean squared error relative to the face size over L
-            // points, so Gaussian MAP weights are σ²/L for a detector noise of σ × face size:
-            // 3e-6 matches σ ≈ 1.4 % for 68 points, a good detector on a sharp photo.
-            shape_prior: 3e-6,
-            // Blendshapes readily absorb the detector's systematic errors (its 68 points sit a
-            // few percent off dlib's). On synthetic ICT faces (6 seeds, NoW-style error) 1e-5
-            // gave 1.53 mm, 3e-5 1.41 mm, 1e-4 1.35 mm, the neutral mean face 1.35 mm; but 1e-4
-            // held back real smiles (frl_london 001_smiling: landmark error 3.2 % of the
-            // inter-ocular distance, 3.0 % at 3e-5).
-            expression_prior: 3e-5,
+            // points, so Gaussian MAP weights are σ²/L for a detector noise of σ × face size.
+            // Measured with `ganfit bench landmark-map`, MediaPipe's points lie 4-5 % of the
+            // inter-ocular distance from where they should (2-3 % of the face size), jaw line
+            // 9 %. On 20 synthetic ICT faces (seeds 0..20, landmark stage, NoW-style mean
+            // error; the untouched mean face: 1.358 mm), with dense points at weight 1 and
+            // expression prior 1e-4: shape prior 1e-5 1.339 mm, 3e-5 1.343 mm, 1e-4 1.355 mm;
+            // without dense points and at expression prior 3e-5: 3e-6 1.395, 3e-5 1.387,
+            // 1e-4 1.398 mm.
+            shape_prior: 1e-5,
+            // Blendshapes readily absorb the detector's systematic errors. Same faces, shape
+            // prior 3e-5, no dense points: expression prior 3e-5 1.387 mm, 1e-4 1.354 mm; with
+            // dense points 1e-4 1.343 mm, 3e-4 1.330 mm. The synthetic faces carry at most
+            // three random expressions; real smiles need room (the joint neutral/smiling fit
+            // of `tests/fit.rs`), so not more than 1e-4.
+            expression_prior: 1e-4,
             rotation_lr: 0.01,
             translation_lr: 2.0,
             focal_lr: 0.01,
             intrinsics: None,
             shape_lr: 0.05,
             expression_lr: 0.02,
-            // Off by default: on synthetic ICT faces (yaw ±30°, 6 seeds) MediaPipe's 468
-            // points at equal weight left the shape error unchanged (NoW-style 1.4–2.4 mm
-            // either way) and enlarged the face's size bias; see the fit issue's notes.
-            dense_weight: 0.0,
+            // MediaPipe's 468 points through the measured `ICT_VERTEX_FROM_MESH` (same faces
+            // and priors as above): weight 0 1.354 mm, 1 1.343 mm, 2 1.341 mm.
+            dense_weight: 1.0,
         }
     }
 }
@@ -83,6 +88,15 @@ impl Default for AlignmentConfig {
 pub struct ImageLandmarks {
     /// One entry per model landmark.
     pub points: Vec<Option<[f64; 2]>>,
+    /// The model vertex each of `points` shows, when the detector puts its points elsewhere on
+    /// the face than the model's landmark definition (MediaPipe's iBUG points on ICT sit up to
+    /// centimetres off ICT's own landmark vertices); `None` for the model's
+    /// [`MorphableModel::landmark_vertex_ids`].
+    pub vertices: Option<Vec<Option<u32>>>,
+    /// How much each of `points` counts in the landmark term, e.g. the inverse variance of
+    /// the detector's error there (a landmarker is far surer of an eye corner than of a point
+    /// on the jaw line); `None` counts them equally. Only ratios matter.
+    pub weights: Option<Vec<f64>>,
     /// Further points whose model vertex is known, e.g. MediaPipe's 468 face-mesh points on
     /// the ICT model; may be empty.
     pub dense: Vec<VertexObservation>,
@@ -90,6 +104,15 @@ pub struct ImageLandmarks {
     pub width: u32,
     /// Photo height in pixels.
     pub height: u32,
+}
+
+impl ImageLandmarks {
+    /// The model vertex of each of [`ImageLandmarks::points`] (`None` where it has none).
+    pub fn vertex_ids<'a>(&'a self, model: &'a MorphableModel) -> &'a [Option<u32>] {
+        self.vertices
+            .as_deref()
+            .unwrap_or_else(|| model.landmark_vertex_ids())
+    }
 }
 
 /// A model vertex seen at a photo pixel.
@@ -116,38 +139,53 @@ pub(crate) fn correspondences(
     landmarks: &ImageLandmarks,
     dense_weight: f64,
 ) -> Result<Vec<Correspondence>, OptimError> {
-    let model_ids = model.landmark_vertex_ids();
-    if landmarks.points.len() != model_ids.len() {
+    let model_ids = landmarks.vertex_ids(model);
+    let landmark_count = model.landmark_vertex_ids().len();
+    if landmarks.points.len() != landmark_count || model_ids.len() != landmark_count {
         return Err(OptimError::InvalidInput(format!(
-            "{} landmarks given but the model `{}` defines {}",
+            "{} landmarks on {} vertices given but the model `{}` defines {}",
             landmarks.points.len(),
+            model_ids.len(),
             model.name(),
-            model_ids.len()
+            landmark_count
         )));
     }
-    if let Some(bad) = landmarks
-        .dense
-        .iter()
-        .find(|d| d.vertex as usize >= model.n_vertices())
+    let named = model_ids.iter().flatten().copied();
+    if let Some(bad) = named
+        .chain(landmarks.dense.iter().map(|d| d.vertex))
+        .find(|&v| v as usize >= model.n_vertices())
     {
         return Err(OptimError::InvalidInput(format!(
-            "dense point on vertex {} but `{}` has {} vertices",
-            bad.vertex,
+            "a landmark on vertex {bad} but `{}` has {} vertices",
             model.name(),
             model.n_vertices()
         )));
     }
-    let sparse: Vec<(u32, [f64; 2])> = model_ids
+    let weights = match &landmarks.weights {
+        Some(w) if w.len() != landmark_count || w.iter().any(|&w| !(w.is_finite() && w >= 0.0)) => {
+            return Err(OptimError::InvalidInput(format!(
+                "{} landmark weights given for {landmark_count} landmarks, or one is negative or \
+                 not a number",
+                w.len()
+            )));
+        }
+        Some(w) => w.clone(),
+        None => vec![1.0; landmark_count],
+    };
+    let sparse: Vec<(u32, [f64; 2], f64)> = model_ids
         .iter()
         .zip(&landmarks.points)
-        .filter_map(|(id, point)| Some(((*id)?, (*point)?)))
+        .zip(&weights)
+        .filter_map(|((id, point), &weight)| Some(((*id)?, (*point)?, weight)))
+        .filter(|&(.., weight)| weight > 0.0)
         .collect();
+    let total: f64 = sparse.iter().map(|&(.., weight)| weight).sum();
     let mut all: Vec<Correspondence> = sparse
         .iter()
-        .map(|&(vertex, pixel)| Correspondence {
+        .map(|&(vertex, pixel, weight)| Correspondence {
             vertex,
             pixel,
-            weight: 1.0 / sparse.len() as f64,
+            weight: weight / total,
         })
         .collect();
     if dense_weight > 0.0 {

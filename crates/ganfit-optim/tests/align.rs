@@ -73,6 +73,8 @@ fn synthesise(model: &MorphableModel, seed: usize, yaw_degrees: f64) -> Syntheti
     Synthetic {
         landmarks: ImageLandmarks {
             points,
+            vertices: None,
+            weights: None,
             dense: Vec::new(),
             width: 512,
             height: 512,
@@ -131,6 +133,8 @@ fn wrong_landmark_count_is_a_typed_error() {
     let model = sfm();
     let landmarks = ImageLandmarks {
         points: vec![Some([1.0, 2.0]); 5],
+        vertices: None,
+        weights: None,
         dense: Vec::new(),
         width: 100,
         height: 100,
