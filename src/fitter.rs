@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use ganfit_losses::face::{
-    FaceChoice, FaceDetector, FaceLandmarker, ICT_VERTEX_FROM_MESH, Landmarks468,
+    FaceChoice, FaceDetector, FaceLandmarker, IBUG68_FROM_MESH, ICT_VERTEX_FROM_MESH, Landmarks468,
+    MESH_POINT_ERROR,
 };
 use ganfit_losses::identity::FaceRecognitionNet;
 use ganfit_morphable::{MorphableModel, TexturedMesh};
@@ -320,8 +321,9 @@ pub struct FitResult {
     pub frontal_render: RgbaImage,
     /// The 68 iBUG landmarks detected on the photo, pixels.
     pub detected_landmarks: Vec<[f32; 2]>,
-    /// The model's 68 landmarks projected with the fitted camera, pixels (`None` where the
-    /// model has no vertex for a landmark).
+    /// The 68 landmarks projected with the fitted camera, pixels: the vertices the detected
+    /// points were fitted to (for ICT, where the landmarker's points lie on it; otherwise the
+    /// model's landmark vertices), `None` where the model has no vertex for a landmark.
     pub fitted_landmarks: Vec<Option<[f32; 2]>>,
     /// Loss history of each stage.
     pub stages: Vec<StageReport>,
@@ -418,6 +420,8 @@ impl Fitter {
                     .iter()
                     .map(|p| Some([f64::from(p[0]), f64::from(p[1])]))
                     .collect(),
+                vertices: mesh_landmark_vertices(&self.model),
+                weights: mesh_landmark_weights(&self.model),
                 dense: dense_observations(&self.model, &mesh_points),
                 width: image.width(),
                 height: image.height(),
@@ -496,7 +500,8 @@ impl Fitter {
                 }
                 None => (observed.alignment.params, None, None),
             };
-            let mut result = self.finish(image, &observed.photo, params, albedo)?;
+            let vertex_ids = observed.landmarks.vertex_ids(&self.model).to_vec();
+            let mut result = self.finish(image, &observed.photo, params, &vertex_ids, albedo)?;
             result.light = light;
             result.detected_landmarks = observed.detected;
             result.stages = stages;
@@ -552,10 +557,11 @@ impl Fitter {
         image: &RgbImage,
         photo: &Tensor,
         params: FitParams,
+        landmark_vertices: &[Option<u32>],
         albedo: Option<RgbImage>,
     ) -> Result<FitResult> {
         let vertices = self.model.instance(&params.shape, &params.expression)?;
-        let fitted_landmarks = project_landmarks(&self.model, &vertices, &params)?;
+        let fitted_landmarks = project_landmarks(landmark_vertices, &vertices, &params)?;
         let mesh = self.model.mesh(&vertices)?;
         let mut texture =
             ganfit_optim::unwrap_photo(&self.model, &vertices, &params, photo, self.texture_size)?;
@@ -597,14 +603,41 @@ impl Fitter {
     }
 }
 
-/// MediaPipe's 468 face-mesh points as observations of their ICT vertices, when fitting the
-/// ICT model (the correspondence is ICT's own; other models get none).
-fn dense_observations(model: &MorphableModel, mesh: &Landmarks468) -> Vec<VertexObservation> {
-    let is_ict = model.name().starts_with("ICT Face Model")
+/// Whether `model` is ICT's, whose vertices [`ICT_VERTEX_FROM_MESH`] names.
+fn is_ict(model: &MorphableModel) -> bool {
+    model.name().starts_with("ICT Face Model")
         && ICT_VERTEX_FROM_MESH
             .iter()
-            .all(|&v| (v as usize) < model.n_vertices());
-    if !is_ict {
+            .all(|&v| (v as usize) < model.n_vertices())
+}
+
+/// The ICT vertices where the landmarker's iBUG points lie (see [`ICT_VERTEX_FROM_MESH`]);
+/// other models use their own landmark vertices.
+fn mesh_landmark_vertices(model: &MorphableModel) -> Option<Vec<Option<u32>>> {
+    is_ict(model).then(|| {
+        IBUG68_FROM_MESH
+            .iter()
+            .map(|&point| Some(ICT_VERTEX_FROM_MESH[point]))
+            .collect()
+    })
+}
+
+/// For ICT, each landmark's inverse squared typical error (see [`MESH_POINT_ERROR`]): the
+/// landmark term then counts each point as far as the landmarker can be trusted there. The
+/// landmarker's errors were measured on ICT faces; other models count the points equally.
+fn mesh_landmark_weights(model: &MorphableModel) -> Option<Vec<f64>> {
+    is_ict(model).then(|| {
+        IBUG68_FROM_MESH
+            .iter()
+            .map(|&point| f64::from(MESH_POINT_ERROR[point]).powi(-2))
+            .collect()
+    })
+}
+
+/// MediaPipe's 468 face-mesh points as observations of their ICT vertices, when fitting the
+/// ICT model (other models get none).
+fn dense_observations(model: &MorphableModel, mesh: &Landmarks468) -> Vec<VertexObservation> {
+    if !is_ict(model) {
         return Vec::new();
     }
     ICT_VERTEX_FROM_MESH
@@ -641,9 +674,9 @@ fn fill_from_albedo(texture: &mut UvTexture, albedo: &RgbImage) {
     texture.fill_unobserved(Some(&albedo));
 }
 
-/// Pixels of the model's landmark vertices under the fitted camera.
+/// Pixels of the landmark vertices under the fitted camera.
 fn project_landmarks(
-    model: &MorphableModel,
+    landmark_vertices: &[Option<u32>],
     vertices: &Tensor,
     params: &FitParams,
 ) -> Result<Vec<Option<[f32; 2]>>> {
@@ -655,8 +688,7 @@ fn project_landmarks(
     .squeeze(0)?
     .to_vec2::<f32>()?;
     let k = &params.intrinsics;
-    Ok(model
-        .landmark_vertex_ids()
+    Ok(landmark_vertices
         .iter()
         .map(|id| {
             id.map(|id| {

@@ -1,8 +1,10 @@
 //! The full fit on synthetic ICT faces with known shape, expression, pose, light and
-//! texture: the fitted surface must be within 2.5 mm of the truth on average. The neutral mean
-//! face is printed beside it: it is a strong baseline here (ICT's identity modes move the
-//! narrow face by only a millimetre or two, about what the landmark detector's own bias is
-//! worth), and the fit does not reliably beat it yet.
+//! texture: the fitted surface must be within 2 mm of the truth on average, and the fitted
+//! landmark vertices within 6 px (512² images) of their true pixels. The neutral mean face is
+//! printed beside it: it is a strong baseline here (ICT's identity modes move the narrow face
+//! by only a millimetre or two, about what the landmark detector's own error is worth), and
+//! the fit only draws level with it (1.50 mm against 1.47 mm on these three faces; 2.0 mm
+//! against 1.47 mm before the landmarker's points were measured on ICT faces).
 //!
 //! The distance is the NoW protocol's (`ganfit::evaluate`: landmark similarity alignment, ICP,
 //! then point-to-surface over the narrow face). The camera-space error without any alignment
@@ -11,8 +13,10 @@
 
 use ganfit::Fitter;
 use ganfit::evaluate::{MetricConfig, Reconstruction, reconstruction_error};
+use ganfit::losses::face::{IBUG68_FROM_MESH, ICT_VERTEX_FROM_MESH};
 use ganfit::morphable::MorphableModel;
 use ganfit::synthetic::{SyntheticAssets, SyntheticConfig, SyntheticGenerator, shared_dir};
+use nalgebra::{Rotation3, Vector3};
 
 /// Mean NoW-style error (mm) of `vertices` (rows of the model's vertices) against `face`.
 fn error_mm(
@@ -28,7 +32,7 @@ fn error_mm(
 }
 
 #[test]
-fn synthetic_faces_are_recovered_within_two_and_a_half_millimetres() {
+fn synthetic_faces_are_recovered_within_two_millimetres() {
     let base = Fitter::builder()
         .iterations(0)
         .texture_size(256)
@@ -56,11 +60,19 @@ fn synthetic_faces_are_recovered_within_two_and_a_half_millimetres() {
         let vertices: Vec<Vec<f32>> = result.vertices.to_vec2().unwrap();
         let fitted = error_mm(model, &vertices, &face);
         let baseline = error_mm(model, &mean, &face);
+        // The fit places the vertices the landmarker's points lie on; their true pixels:
+        let rotation = Rotation3::new(Vector3::from(face.rotation));
+        let k = face.intrinsics;
+        let truth = IBUG68_FROM_MESH.map(|point| {
+            let p = face.vertices[ICT_VERTEX_FROM_MESH[point] as usize].map(f64::from);
+            let c = rotation * Vector3::from(p) + Vector3::from(face.translation);
+            [k.fx * c.x / c.z + k.cx, k.fy * c.y / c.z + k.cy]
+        });
         let pixels: Vec<f64> = result
             .fitted_landmarks
             .iter()
-            .zip(&face.landmarks)
-            .filter_map(|(f, t)| Some(((*f)?, (*t)?)))
+            .zip(&truth)
+            .filter_map(|(f, t)| Some(((*f)?, t)))
             .map(|(f, t)| (f64::from(f[0]) - t[0]).hypot(f64::from(f[1]) - t[1]))
             .collect();
         let landmark_px = pixels.iter().sum::<f64>() / pixels.len() as f64;
@@ -70,7 +82,7 @@ fn synthetic_faces_are_recovered_within_two_and_a_half_millimetres() {
             face.yaw_pitch_roll_deg[0]
         );
         assert!(
-            landmark_px < 8.0,
+            landmark_px < 6.0,
             "seed {seed}: landmarks {landmark_px:.2} px off"
         );
         fitted_errors.push(fitted);
@@ -80,7 +92,7 @@ fn synthetic_faces_are_recovered_within_two_and_a_half_millimetres() {
     let (fitted, baseline) = (average(&fitted_errors), average(&baseline_errors));
     eprintln!("average {fitted:.2} mm, mean face {baseline:.2} mm");
     assert!(
-        fitted <= 2.5,
+        fitted <= 2.0,
         "mean error {fitted:.2} mm over {fitted_errors:?}"
     );
 }

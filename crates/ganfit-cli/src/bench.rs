@@ -34,6 +34,9 @@ pub enum BenchCommand {
     /// Reconstruction accuracy on synthetic faces with ground truth (ours vs eos, NoW-style
     /// metric) and landmark error, identity distance, time and memory on real photos.
     Accuracy(AccuracyArgs),
+    /// Measures where MediaPipe's Face Mesh points lie on ICT faces and writes the
+    /// correspondence table the fit uses (`ICT_VERTEX_FROM_MESH`).
+    LandmarkMap(crate::landmark_map::LandmarkMapArgs),
 }
 
 /// Options of `ganfit bench accuracy`.
@@ -85,6 +88,7 @@ pub struct AccuracyArgs {
 pub fn run(command: BenchCommand) -> anyhow::Result<()> {
     match command {
         BenchCommand::Accuracy(args) => accuracy(&args),
+        BenchCommand::LandmarkMap(args) => crate::landmark_map::run(&args),
     }
 }
 

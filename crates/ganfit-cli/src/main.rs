@@ -1,6 +1,7 @@
 //! The `ganfit` command line: fits photos and manages the model files the fit needs.
 
 mod bench;
+mod landmark_map;
 mod report;
 
 use std::path::{Path, PathBuf};

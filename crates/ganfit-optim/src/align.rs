@@ -45,6 +45,15 @@ pub struct AlignmentConfig {
     /// Weight of the dense correspondences ([`ImageLandmarks::dense`]) taken together,
     /// relative to the model's landmarks taken together.
     pub dense_weight: f64,
+    /// Dynamic jaw contour: each jaw landmark (iBUG 0–7 and 9–16) is matched, every
+    /// iteration, to the outermost vertex of its horizontal slice of the face as the camera
+    /// sees it, instead of its fixed vertex — for detectors that put the jaw points on the
+    /// face's visible outline (e.g. dlib's 68-point predictor), where a turned head's far
+    /// cheek hides the fixed vertex. The landmark stage only: the full objective keeps each
+    /// point's vertex. Off by default: MediaPipe's jaw points stay on the surface (marching
+    /// them raised their error on 40 synthetic faces from 7.5 % to 8.9 % of the inter-ocular
+    /// distance).
+    pub jaw_contour: bool,
 }
 
 impl Default for AlignmentConfig {
@@ -54,25 +63,31 @@ impl Default for AlignmentConfig {
             shape_iterations: 240,
             shape_modes: None,
             // The landmark term is the mean squared error relative to the face size over L
-            // points, so Gaussian MAP weights are σ²/L for a detector noise of σ × face size:
-            // 3e-6 matches σ ≈ 1.4 % for 68 points, a good detector on a sharp photo.
-            shape_prior: 3e-6,
-            // Blendshapes readily absorb the detector's systematic errors (its 68 points sit a
-            // few percent off dlib's). On synthetic ICT faces (6 seeds, NoW-style error) 1e-5
-            // gave 1.53 mm, 3e-5 1.41 mm, 1e-4 1.35 mm, the neutral mean face 1.35 mm; but 1e-4
-            // held back real smiles (frl_london 001_smiling: landmark error 3.2 % of the
-            // inter-ocular distance, 3.0 % at 3e-5).
-            expression_prior: 3e-5,
+            // points, so Gaussian MAP weights are σ²/L for a detector noise of σ × face size.
+            // Measured with `ganfit bench landmark-map`, MediaPipe's points lie 4-5 % of the
+            // inter-ocular distance from where they should (2-3 % of the face size), jaw line
+            // 9 %. On 20 synthetic ICT faces (seeds 0..20, landmark stage, NoW-style mean
+            // error; the untouched mean face: 1.358 mm), with dense points at weight 1 and
+            // expression prior 1e-4: shape prior 1e-5 1.339 mm, 3e-5 1.343 mm, 1e-4 1.355 mm;
+            // without dense points and at expression prior 3e-5: 3e-6 1.395, 3e-5 1.387,
+            // 1e-4 1.398 mm.
+            shape_prior: 1e-5,
+            // Blendshapes readily absorb the detector's systematic errors. Same faces, shape
+            // prior 3e-5, no dense points: expression prior 3e-5 1.387 mm, 1e-4 1.354 mm; with
+            // dense points 1e-4 1.343 mm, 3e-4 1.330 mm. The synthetic faces carry at most
+            // three random expressions; real smiles need room (the joint neutral/smiling fit
+            // of `tests/fit.rs`), so not more than 1e-4.
+            expression_prior: 1e-4,
             rotation_lr: 0.01,
             translation_lr: 2.0,
             focal_lr: 0.01,
             intrinsics: None,
             shape_lr: 0.05,
             expression_lr: 0.02,
-            // Off by default: on synthetic ICT faces (yaw ±30°, 6 seeds) MediaPipe's 468
-            // points at equal weight left the shape error unchanged (NoW-style 1.4–2.4 mm
-            // either way) and enlarged the face's size bias; see the fit issue's notes.
-            dense_weight: 0.0,
+            // MediaPipe's 468 points through the measured `ICT_VERTEX_FROM_MESH` (same faces
+            // and priors as above): weight 0 1.354 mm, 1 1.343 mm, 2 1.341 mm.
+            dense_weight: 1.0,
+            jaw_contour: false,
         }
     }
 }
@@ -83,6 +98,15 @@ impl Default for AlignmentConfig {
 pub struct ImageLandmarks {
     /// One entry per model landmark.
     pub points: Vec<Option<[f64; 2]>>,
+    /// The model vertex each of `points` shows, when the detector puts its points elsewhere on
+    /// the face than the model's landmark definition (MediaPipe's iBUG points on ICT sit up to
+    /// centimetres off ICT's own landmark vertices); `None` for the model's
+    /// [`MorphableModel::landmark_vertex_ids`].
+    pub vertices: Option<Vec<Option<u32>>>,
+    /// How much each of `points` counts in the landmark term, e.g. the inverse variance of
+    /// the detector's error there (a landmarker is far surer of an eye corner than of a point
+    /// on the jaw line); `None` counts them equally. Only ratios matter.
+    pub weights: Option<Vec<f64>>,
     /// Further points whose model vertex is known, e.g. MediaPipe's 468 face-mesh points on
     /// the ICT model; may be empty.
     pub dense: Vec<VertexObservation>,
@@ -90,6 +114,15 @@ pub struct ImageLandmarks {
     pub width: u32,
     /// Photo height in pixels.
     pub height: u32,
+}
+
+impl ImageLandmarks {
+    /// The model vertex of each of [`ImageLandmarks::points`] (`None` where it has none).
+    pub fn vertex_ids<'a>(&'a self, model: &'a MorphableModel) -> &'a [Option<u32>] {
+        self.vertices
+            .as_deref()
+            .unwrap_or_else(|| model.landmark_vertex_ids())
+    }
 }
 
 /// A model vertex seen at a photo pixel.
@@ -104,6 +137,8 @@ pub struct VertexObservation {
 /// One 2D–3D correspondence of the landmark term with its weight.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Correspondence {
+    /// The model landmark it is (`None` for a dense point).
+    pub landmark: Option<usize>,
     pub vertex: u32,
     pub pixel: [f64; 2],
     pub weight: f64,
@@ -116,42 +151,60 @@ pub(crate) fn correspondences(
     landmarks: &ImageLandmarks,
     dense_weight: f64,
 ) -> Result<Vec<Correspondence>, OptimError> {
-    let model_ids = model.landmark_vertex_ids();
-    if landmarks.points.len() != model_ids.len() {
+    let model_ids = landmarks.vertex_ids(model);
+    let landmark_count = model.landmark_vertex_ids().len();
+    if landmarks.points.len() != landmark_count || model_ids.len() != landmark_count {
         return Err(OptimError::InvalidInput(format!(
-            "{} landmarks given but the model `{}` defines {}",
+            "{} landmarks on {} vertices given but the model `{}` defines {}",
             landmarks.points.len(),
+            model_ids.len(),
             model.name(),
-            model_ids.len()
+            landmark_count
         )));
     }
-    if let Some(bad) = landmarks
-        .dense
-        .iter()
-        .find(|d| d.vertex as usize >= model.n_vertices())
+    let named = model_ids.iter().flatten().copied();
+    if let Some(bad) = named
+        .chain(landmarks.dense.iter().map(|d| d.vertex))
+        .find(|&v| v as usize >= model.n_vertices())
     {
         return Err(OptimError::InvalidInput(format!(
-            "dense point on vertex {} but `{}` has {} vertices",
-            bad.vertex,
+            "a landmark on vertex {bad} but `{}` has {} vertices",
             model.name(),
             model.n_vertices()
         )));
     }
-    let sparse: Vec<(u32, [f64; 2])> = model_ids
+    let weights = match &landmarks.weights {
+        Some(w) if w.len() != landmark_count || w.iter().any(|&w| !(w.is_finite() && w >= 0.0)) => {
+            return Err(OptimError::InvalidInput(format!(
+                "{} landmark weights given for {landmark_count} landmarks, or one is negative or \
+                 not a number",
+                w.len()
+            )));
+        }
+        Some(w) => w.clone(),
+        None => vec![1.0; landmark_count],
+    };
+    let sparse: Vec<(usize, u32, [f64; 2], f64)> = model_ids
         .iter()
         .zip(&landmarks.points)
-        .filter_map(|(id, point)| Some(((*id)?, (*point)?)))
+        .zip(&weights)
+        .enumerate()
+        .filter_map(|(slot, ((id, point), &weight))| Some((slot, (*id)?, (*point)?, weight)))
+        .filter(|&(.., weight)| weight > 0.0)
         .collect();
+    let total: f64 = sparse.iter().map(|&(.., weight)| weight).sum();
     let mut all: Vec<Correspondence> = sparse
         .iter()
-        .map(|&(vertex, pixel)| Correspondence {
+        .map(|&(slot, vertex, pixel, weight)| Correspondence {
+            landmark: Some(slot),
             vertex,
             pixel,
-            weight: 1.0 / sparse.len() as f64,
+            weight: weight / total,
         })
         .collect();
     if dense_weight > 0.0 {
         all.extend(landmarks.dense.iter().map(|d| Correspondence {
+            landmark: None,
             vertex: d.vertex,
             pixel: d.pixel,
             weight: dense_weight / landmarks.dense.len() as f64,
@@ -201,6 +254,51 @@ struct Problem {
     centre: Tensor,
     /// `[1, fy / fx]`: the fitted focal length is `fx`.
     aspect: Tensor,
+    /// Correspondences whose vertex is chosen anew every iteration (see
+    /// [`AlignmentConfig::jaw_contour`]), and their fixed vertices.
+    contour: Vec<ContourPoint>,
+    fixed_ids: Vec<u32>,
+}
+
+/// A jaw landmark matched to the outermost vertex of its slice of the face.
+struct ContourPoint {
+    /// Index of its correspondence.
+    pair: usize,
+    /// Which way is outward in model coordinates: the sign of the landmark's x.
+    side: f64,
+    /// Candidate vertices (local ids), its fixed vertex among them.
+    slice: Vec<u32>,
+}
+
+/// iBUG jaw landmarks that slide along the outline: all but the chin (8), whose vertex stays
+/// on the silhouette whichever way the head turns.
+fn is_jaw_contour(landmark: usize) -> bool {
+    landmark < 17 && landmark != 8
+}
+
+/// Half-height of a jaw landmark's horizontal slice of the face, millimetres.
+const CONTOUR_SLICE_MM: f32 = 4.0;
+
+/// The vertices a jaw landmark at `vertex` may slide to: the face area's vertices at its
+/// height (±[`CONTOUR_SLICE_MM`] on the mean face), on its side, between the midline and it,
+/// and not behind it. Turning the head away moves the outline from the landmark towards the
+/// midline along this slice; turning it towards the camera leaves the landmark outermost.
+fn contour_slice(model: &MorphableModel, mean: &[[f32; 3]], vertex: u32) -> Vec<u32> {
+    let landmark = mean[vertex as usize];
+    let area: Vec<u32> = match model.vertex_set("face") {
+        Ok(ids) => ids.to_vec(),
+        Err(_) => (0..model.n_vertices() as u32).collect(),
+    };
+    area.into_iter()
+        .filter(|&v| {
+            let p = mean[v as usize];
+            (p[1] - landmark[1]).abs() <= CONTOUR_SLICE_MM
+                && p[0] * landmark[0].signum() >= 0.0
+                && p[0].abs() <= landmark[0].abs()
+                && p[2] >= landmark[2]
+        })
+        .chain([vertex])
+        .collect()
 }
 
 /// Aligns `model` to `landmarks`, returning camera, identity and expression.
@@ -235,20 +333,42 @@ pub fn align_to_landmarks(
 
     // Only the landmark vertices enter the loss: fitting a model of just those is hundreds of
     // times cheaper than evaluating the whole mesh every iteration.
+    let contour: Vec<(usize, Vec<u32>)> = if config.jaw_contour {
+        pairs
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.landmark.is_some_and(is_jaw_contour))
+            .map(|(index, c)| (index, contour_slice(model, &mean, c.vertex)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut distinct: Vec<u32> = pairs.iter().map(|c| c.vertex).collect();
+    distinct.extend(contour.iter().flat_map(|(_, slice)| slice.iter().copied()));
     distinct.sort_unstable();
     distinct.dedup();
     let landmark_model = model.subset_model("landmark vertices", &distinct)?;
+    let local = |vertex: &u32| {
+        distinct
+            .binary_search(vertex)
+            .expect("distinct holds every id") as u32
+    };
     let local_pairs: Vec<Correspondence> = pairs
         .iter()
         .map(|c| Correspondence {
-            vertex: distinct
-                .binary_search(&c.vertex)
-                .expect("distinct holds every id") as u32,
+            vertex: local(&c.vertex),
             ..*c
         })
         .collect();
-    let problem = Problem::new(&local_pairs, &intrinsics, &device)?;
+    let contour = contour
+        .into_iter()
+        .map(|(pair, slice)| ContourPoint {
+            pair,
+            side: f64::from(mean[pairs[pair].vertex as usize][0].signum()),
+            slice: slice.iter().map(local).collect(),
+        })
+        .collect();
+    let problem = Problem::new(&local_pairs, contour, &intrinsics, &device)?;
     let shape_modes = config
         .shape_modes
         .unwrap_or(model.shape_modes())
@@ -322,6 +442,7 @@ pub fn align_to_landmarks(
 impl Problem {
     fn new(
         pairs: &[Correspondence],
+        contour: Vec<ContourPoint>,
         intrinsics: &Intrinsics,
         device: &Device,
     ) -> Result<Self, OptimError> {
@@ -329,7 +450,9 @@ impl Problem {
         let flat: Vec<f64> = pairs.iter().flat_map(|c| c.pixel).collect();
         let weights: Vec<f64> = pairs.iter().map(|c| c.weight).collect();
         Ok(Problem {
-            vertex_ids: Tensor::from_vec(ids, pairs.len(), device)?,
+            vertex_ids: Tensor::from_vec(ids.clone(), pairs.len(), device)?,
+            contour,
+            fixed_ids: ids,
             targets: Tensor::from_vec(flat, (1, pairs.len(), 2), device)?,
             weights: Tensor::from_vec(weights, pairs.len(), device)?,
             centre: Tensor::new(&[intrinsics.cx, intrinsics.cy], device)?,
@@ -345,7 +468,6 @@ impl Problem {
     ) -> Result<Tensor, OptimError> {
         let vertices = model
             .instance(shape.as_tensor(), expression.as_tensor())?
-            .index_select(&self.vertex_ids, 0)?
             .to_dtype(DType::F64)?;
         let camera = ganfit_render::camera_from_world(
             &vertices,
@@ -356,10 +478,42 @@ impl Problem {
         let xy = camera.narrow(1, 0, 2)?;
         let z = camera.narrow(1, 2, 1)?;
         let focal = log_focal.as_tensor().exp()?.broadcast_mul(&self.aspect)?;
-        Ok(xy
+        let pixels = xy
             .broadcast_div(&z)?
             .broadcast_mul(&focal)?
-            .broadcast_add(&self.centre)?)
+            .broadcast_add(&self.centre)?;
+        let ids = if self.contour.is_empty() {
+            self.vertex_ids.clone()
+        } else {
+            self.outline_ids(&pixels, rotation)?
+        };
+        Ok(pixels.index_select(&ids, 0)?)
+    }
+
+    /// The correspondences' vertices with each contour landmark moved to the outermost vertex
+    /// of its slice, as `pixels` (every vertex of the subset model) show them now.
+    fn outline_ids(&self, pixels: &Tensor, rotation: &Var) -> Result<Tensor, OptimError> {
+        let pixels: Vec<Vec<f64>> = pixels.to_vec2()?;
+        let axis_angle: Vec<f64> = rotation.as_tensor().to_vec1()?;
+        let rotation = nalgebra::Rotation3::new(Vector3::from_column_slice(&axis_angle));
+        let mut ids = self.fixed_ids.clone();
+        for point in &self.contour {
+            let outward = rotation * Vector3::new(point.side, 0.0, 0.0);
+            let fixed = &pixels[self.fixed_ids[point.pair] as usize];
+            let reach = |v: u32| {
+                let p = &pixels[v as usize];
+                (p[0] - fixed[0]) * outward.x + (p[1] - fixed[1]) * outward.y
+            };
+            if let Some(&outermost) = point
+                .slice
+                .iter()
+                .max_by(|&&a, &&b| reach(a).total_cmp(&reach(b)))
+            {
+                ids[point.pair] = outermost;
+            }
+        }
+        let count = ids.len();
+        Ok(Tensor::from_vec(ids, count, self.vertex_ids.device())?)
     }
 
     fn loss(

@@ -122,7 +122,7 @@ impl Default for RefineConfig {
             light_lr: 0.003,
             texture_lr: 0.002,
             seed: 0,
-            dense_weight: 0.0,
+            dense_weight: 1.0,
         }
     }
 }
@@ -212,7 +212,13 @@ pub fn refine(
         to_face[old as usize] = Some(new as u32);
     }
     let device = face.device().clone();
-    let scene = SceneData::new(&face, &device)?;
+    let landmark_ids: Vec<Option<u32>> = first
+        .landmarks
+        .vertex_ids(model)
+        .iter()
+        .map(|id| *to_face.get((*id)? as usize)?)
+        .collect();
+    let scene = SceneData::new(&face, &landmark_ids, &device)?;
     let views = photos
         .iter()
         .map(|photo| {
@@ -317,10 +323,14 @@ struct SceneData {
 }
 
 impl SceneData {
-    fn new(face: &MorphableModel, device: &Device) -> Result<Self, OptimError> {
+    /// `landmark_ids`: the face-model vertex of each landmark the photos' points show.
+    fn new(
+        face: &MorphableModel,
+        landmark_ids: &[Option<u32>],
+        device: &Device,
+    ) -> Result<Self, OptimError> {
         let uv: Vec<f32> = face.uvs().iter().flat_map(|&[u, v]| [u, 1.0 - v]).collect();
-        let (slots, ids): (Vec<usize>, Vec<u32>) = face
-            .landmark_vertex_ids()
+        let (slots, ids): (Vec<usize>, Vec<u32>) = landmark_ids
             .iter()
             .enumerate()
             .filter_map(|(slot, id)| Some((slot, (*id)?)))

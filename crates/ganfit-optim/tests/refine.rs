@@ -111,6 +111,8 @@ fn photo(model: &MorphableModel) -> Photo {
         image,
         landmarks: ImageLandmarks {
             points,
+            vertices: None,
+            weights: None,
             dense: Vec::new(),
             width: SIZE as u32,
             height: SIZE as u32,
@@ -275,6 +277,8 @@ fn bad_input_is_a_typed_error() {
 
     let few = ImageLandmarks {
         points: vec![Some([1.0, 1.0]); 5],
+        vertices: None,
+        weights: None,
         ..photo.landmarks.clone()
     };
     let wrong = PhotoView {

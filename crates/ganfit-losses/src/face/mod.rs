@@ -34,7 +34,7 @@ pub use detector::{
 };
 pub use error::{FaceError, Result};
 pub use ibug::IBUG68_FROM_MESH;
-pub use ict::ICT_VERTEX_FROM_MESH;
+pub use ict::{ICT_VERTEX_FROM_MESH, MESH_POINT_ERROR};
 pub use image_io::{decode_rgb, load_rgb};
 pub use landmarker::{
     FaceLandmarker, LANDMARKER_ASSET, LANDMARKER_INPUT, Landmarks468, MESH_POINTS, MeshOutput,
