@@ -100,6 +100,15 @@ enum TextureCommand {
         #[arg(long)]
         quiet: bool,
     },
+    /// Convert official ProGAN (TensorFlow) generator weights, dumped to .npz by
+    /// tools/texture/progan_to_npz.py, into a generator .safetensors file.
+    ImportProgan {
+        /// The .npz of TensorFlow variable names and arrays.
+        npz: PathBuf,
+        /// Output weights file.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -153,6 +162,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             quiet,
         ),
+        Command::Texture {
+            command: TextureCommand::ImportProgan { npz, out },
+        } => {
+            let generator = ganfit::texture::import_progan_npz(&npz, &Device::Cpu)?;
+            generator.save(&out)?;
+            println!("wrote {} ({:?})", out.display(), generator.config());
+            Ok(())
+        }
     }
 }
 

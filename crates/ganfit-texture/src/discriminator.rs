@@ -2,10 +2,10 @@
 //! R1) can be differentiated w.r.t. its weights: candle's autograd is first-order only.
 
 use crate::generator::GeneratorConfig;
-use crate::ops::{conv2d_same_input_grad, leaky_relu_with_slope};
+use crate::ops::{conv2d_input_grad, leaky_relu_with_slope};
 use crate::params::{
-    ParamMap, ParamSpec, RELU_GAIN, add_channel_bias, conv, downsample2, init_params,
-    scaled_weight, upsample2,
+    ParamMap, ParamSpec, RELU_GAIN, add_channel_bias, conv, downsample2, init_params, upsample2,
+    weight_and_scale,
 };
 use crate::{Result, TextureError};
 use candle_core::{Device, Tensor};
@@ -197,9 +197,11 @@ impl Discriminator {
     }
 
     fn conv_lrelu(&self, layer: &str, x: &Tensor, tape: &mut Tape) -> Result<Tensor> {
-        let (pre, w) = conv(&self.params, layer, x, RELU_GAIN)?;
-        let (y, slope) = leaky_relu_with_slope(&pre)?;
-        tape.push(move |g| conv2d_same_input_grad(&(g * &slope)?, &w));
+        let pre = conv(&self.params, layer, x, RELU_GAIN, false)?;
+        let (y, slope) = leaky_relu_with_slope(&add_channel_bias(&pre, &self.params, layer)?)?;
+        let (w, scale) = weight_and_scale(&self.params, layer, RELU_GAIN)?;
+        let w = w.clone();
+        tape.push(move |g| conv2d_input_grad(&(g * &slope)?, &w, scale));
         Ok(y)
     }
 
@@ -211,8 +213,10 @@ impl Discriminator {
         activate: bool,
         tape: &mut Tape,
     ) -> Result<Tensor> {
-        let w = scaled_weight(&self.params, layer, gain)?;
-        let pre = add_channel_bias(&x.matmul(&w.t()?)?, &self.params, layer)?;
+        // Always candle's matmul: the discriminator's weights are trained in its own step.
+        let (w, scale) = weight_and_scale(&self.params, layer, gain)?;
+        let pre = add_channel_bias(&(x.matmul(&w.t()?)? * scale)?, &self.params, layer)?;
+        let w = (w * scale)?;
         if activate {
             let (y, slope) = leaky_relu_with_slope(&pre)?;
             tape.push(move |g| (g * &slope)?.matmul(&w));

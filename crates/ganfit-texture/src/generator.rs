@@ -1,10 +1,10 @@
 //! The ProGAN generator (Karras et al., ICLR 2018) used as GANFIT's texture model.
 
 use crate::model::{TextureModel, check_latent};
-use crate::ops::{leaky_relu, pixel_norm};
+use crate::ops::{bias_lrelu_pixel_norm, pixel_norm};
 use crate::params::{
-    ParamMap, ParamSpec, RELU_GAIN, add_channel_bias, conv, init_params, load_safetensors,
-    metadata_json, save_safetensors, scaled_weight, take_params, upsample2,
+    ParamMap, ParamSpec, RELU_GAIN, add_channel_bias, conv, dense, init_params, load_safetensors,
+    metadata_json, param, save_safetensors, take_params, upsample2,
 };
 use crate::{Result, TextureError};
 use candle_core::{DType, Device, Tensor};
@@ -27,11 +27,20 @@ pub struct GeneratorConfig {
 }
 
 impl Default for GeneratorConfig {
-    /// A 256x256 generator with the paper's 512-d latent and narrow blocks
-    /// (`[128, 128, 64, 32, 16, 8, 4]`, 1.64 M parameters): widths halve with every doubling
-    /// of resolution so each level costs about the same, keeping a CPU fitting iteration
-    /// affordable. It is a starting point for CPU work; on a GPU train wider models
-    /// (e.g. [`GeneratorConfig::progan`]).
+    /// A 256x256 generator with the paper's 512-d latent and widths
+    /// `[128, 128, 64, 32, 16, 8, 4]` for 4x4 ... 256x256 (1.64 M parameters).
+    ///
+    /// Chosen for the fitter, which differentiates the generator w.r.t. its latent hundreds of
+    /// times per photo on a CPU: widths halve with every doubling of resolution, so each level
+    /// costs the same (about 28 M multiply-adds per pass) instead of the high-resolution levels
+    /// dominating, and a forward + backward pass stays within tens of milliseconds. The
+    /// capacity sits where a UV face texture needs it: the coarse levels (128 channels) carry
+    /// the identity-specific layout of skin tone, lips, brows and shading, which is what the
+    /// identity loss constrains; the high-resolution levels only refine local detail (pores,
+    /// edges) from their input, which is why ProGAN's own largest models also narrow towards
+    /// the output (16 channels at 1024x1024). It is a starting point for CPU work; on a GPU,
+    /// train wider models (e.g. [`GeneratorConfig::progan`]) and record the choice in the
+    /// weight file's metadata, which every loader reads.
     fn default() -> Self {
         Self {
             latent_dim: 512,
@@ -256,24 +265,16 @@ impl Generator {
         }
         let p = &self.params;
         let c0 = self.config.channels[0];
-        let x = pixel_norm(latent)?;
-        let w = scaled_weight(p, "4x4.dense", RELU_GAIN / 4.0)?;
-        let x = x.matmul(&w.t()?)?.reshape((b, c0, 4, 4))?;
-        let x = pixel_norm(&leaky_relu(&add_channel_bias(&x, p, "4x4.dense")?)?)?;
-        let mut x = pixel_norm(&leaky_relu(&conv(p, "4x4.conv", &x, RELU_GAIN)?.0)?)?;
+        let x = dense(p, "4x4.dense", &pixel_norm(latent)?, RELU_GAIN / 4.0)?;
+        let x = self.activate(&x.reshape((b, c0, 4, 4))?, "4x4.dense")?;
+        let mut x = self.activate(&conv(p, "4x4.conv", &x, RELU_GAIN, false)?, "4x4.conv")?;
         let mut previous = None;
         for lvl in 1..=level {
             let r = 4 << lvl;
-            let up = upsample2(&x)?;
-            let h = pixel_norm(&leaky_relu(
-                &conv(p, &format!("{r}x{r}.conv0"), &up, RELU_GAIN)?.0,
-            )?)?;
-            previous = Some(std::mem::replace(
-                &mut x,
-                pixel_norm(&leaky_relu(
-                    &conv(p, &format!("{r}x{r}.conv1"), &h, RELU_GAIN)?.0,
-                )?)?,
-            ));
+            let (conv0, conv1) = (format!("{r}x{r}.conv0"), format!("{r}x{r}.conv1"));
+            let h = self.activate(&conv(p, &conv0, &x, RELU_GAIN, true)?, &conv0)?;
+            let next = self.activate(&conv(p, &conv1, &h, RELU_GAIN, false)?, &conv1)?;
+            previous = Some(std::mem::replace(&mut x, next));
         }
         let rgb = self.to_rgb(level, &x)?;
         match previous {
@@ -285,9 +286,19 @@ impl Generator {
         }
     }
 
+    /// Adds the layer's bias, then leaky ReLU and pixel normalisation, fused into one op.
+    fn activate(&self, x: &Tensor, layer: &str) -> Result<Tensor> {
+        let bias = param(&self.params, &format!("{layer}.bias"))?;
+        Ok(bias_lrelu_pixel_norm(x, bias)?)
+    }
+
     fn to_rgb(&self, level: usize, x: &Tensor) -> Result<Tensor> {
-        let r = 4 << level;
-        Ok(conv(&self.params, &format!("to_rgb.{r}x{r}"), x, 1.0)?.0)
+        let layer = format!("to_rgb.{}x{0}", 4 << level);
+        add_channel_bias(
+            &conv(&self.params, &layer, x, 1.0, false)?,
+            &self.params,
+            &layer,
+        )
     }
 
     fn dtype(&self) -> DType {

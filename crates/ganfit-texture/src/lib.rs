@@ -19,16 +19,29 @@
 //! | `4x4.dense.weight` | `[16*C0, L]` | `4x4/Dense/weight` `[L, 16*C0]` | transpose |
 //! | `4x4.dense.bias` | `[C0]` | `4x4/Dense/bias` | as is |
 //! | `4x4.conv.weight` | `[C0, C0, 3, 3]` | `4x4/Conv/weight` `[3, 3, in, out]` | permute to `[out, in, kh, kw]` |
-//! | `RxR.conv0.weight` | `[C, Cprev, 3, 3]` | `RxR/Conv0_up/weight` (fused) or `RxR/Conv0/weight` | permute as above |
+//! | `RxR.conv0.weight` | `[C, Cprev, 3, 3]` | `RxR/Conv0/weight` `[3, 3, in, out]`, or the fused `RxR/Conv0_up/weight` `[3, 3, out, in]` | permute to `[out, in, kh, kw]`; `Conv0_up` also flipped in both spatial axes |
 //! | `RxR.conv1.weight` | `[C, C, 3, 3]` | `RxR/Conv1/weight` | permute as above |
 //! | `to_rgb.RxR.weight` | `[3, C, 1, 1]` | `ToRGB_lod{log2(final/R)}/weight` `[1, 1, C, 3]` | permute as above |
 //! | `*.bias` | `[out]` | `*/bias` | as is |
 //!
 //! The dense output is reshaped to `[B, C0, 4, 4]` channel-major, as in the TF code's
 //! `reshape([-1, nf, 4, 4])`. TF's fused `Conv0_up` (a stride-2 transposed convolution with
-//! the 3x3 kernel summed into 4x4) equals nearest upsampling followed by the 3x3 convolution
-//! in the interior; edge texels may differ slightly. The official latent is 512-d and pixel
-//! normalised; both hold here. Official checkpoints with `label_size > 0` are not supported.
+//! the 3x3 kernel summed into 4x4) equals nearest upsampling followed by a 3x3 correlation
+//! with the spatially flipped kernel, edges included (`tools/texture/check_fused_upconv.py`
+//! checks that algebra). The official latent is 512-d and pixel normalised; both hold here.
+//! Official checkpoints with `label_size > 0` are not supported.
+//!
+//! [`import_progan_npz`] performs this conversion on an `.npz` of TF variable names and arrays,
+//! which `tools/texture/progan_to_npz.py` dumps from an official `.pkl` snapshot or checkpoint
+//! (it needs TensorFlow 1.x); the CLI wraps it as `ganfit texture import-progan`.
+//!
+//! # Speed
+//!
+//! Convolutions, the fused bias + leaky ReLU + pixel norm, the dense layer and 2x2 pooling are
+//! candle `CustomOp`s with rayon CPU kernels (in `ops.rs`), compiled twice: for baseline x86-64
+//! and for AVX2 + FMA, chosen at run time. Their backward passes skip the gradients of operands
+//! that are not being trained, so differentiating a fixed generator w.r.t. its latent (the
+//! fitter's case) costs about one more forward pass.
 //!
 //! # Training
 //!
@@ -57,6 +70,7 @@ mod model;
 mod ops;
 mod params;
 mod pca;
+mod progan_import;
 mod train;
 
 pub use discriminator::Discriminator;
@@ -66,4 +80,5 @@ pub use model::TextureModel;
 pub use ops::{LEAKY_SLOPE, conv2d_same, leaky_relu, pixel_norm};
 pub use params::ParamMap;
 pub use pca::{PcaFitOptions, PcaTextureModel};
+pub use progan_import::import_progan_npz;
 pub use train::{GanLoss, Progress, StepStats, TextureDataset, TrainConfig, Trainer};

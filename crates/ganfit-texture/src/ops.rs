@@ -1,19 +1,60 @@
-//! Differentiable building blocks: a same-padding convolution as a candle `CustomOp2` with a
-//! direct CPU kernel (candle's im2col path is several times slower for the few-channel,
-//! large-plane layers of a texture generator), pixel normalisation and leaky ReLU.
+//! Differentiable building blocks as candle `CustomOp`s with CPU kernels: a same-padding
+//! convolution (optionally fused with the equalised-LR weight scale and a preceding nearest 2x
+//! upsample) and ProGAN's bias + leaky ReLU + pixel normalisation in one pass, plus the plain
+//! pixel normalisation and leaky ReLU.
+//!
+//! The convolution kernels work on zero-padded planes in a "wide" layout (rows of
+//! `w + k - 1` texels of which the first `w` are real): there, kernel tap `(ky, kx)` reads the
+//! padded input at the constant offset `ky * (w + k - 1) + kx`, so a strip of outputs is a sum
+//! of long contiguous multiply-adds. Blocks of [`OUT_BLOCK`] output channels by [`STRIP`]
+//! texels are accumulated in registers; on x86-64 CPUs with AVX2 and FMA (detected at run time,
+//! the build targets baseline x86-64) the same code is compiled a second time for those
+//! instructions, which is several times faster.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType};
+use num_traits::Float;
 use rayon::prelude::*;
-use std::ops::{AddAssign, Mul};
 
 /// Negative slope of every leaky ReLU in ProGAN.
 pub const LEAKY_SLOPE: f64 = 0.2;
 
+/// Pixel normalisation's epsilon, as in ProGAN.
+const PIXEL_NORM_EPS: f64 = 1e-8;
+
+/// Output channels accumulated together by the convolution kernel.
+const OUT_BLOCK: usize = 4;
+
+/// Texels accumulated together per output channel (a multiple of [`DOT_LANES`]).
+const STRIP: usize = 16;
+
+/// Partial sums kept per kernel tap by the kernel-gradient reduction.
+const DOT_LANES: usize = 8;
+
+/// Texels of the wide layout handled by one parallel task of the convolution.
+const TEXELS_PER_TASK: usize = 4096;
+
+/// Texels per parallel task of the pixel-wise kernels.
+const PIXELS_PER_TASK: usize = 2048;
+
+/// Floating-point element types the CPU kernels support (f32, and f64 for gradient checks).
+trait Real:
+    WithDType + Float + Default + Send + Sync + std::ops::AddAssign + std::ops::MulAssign
+{
+}
+impl Real for f32 {}
+impl Real for f64 {}
+
 /// Stride-1 convolution with an odd square kernel and zero padding `k / 2`, so the output has
 /// the input's spatial size. `x` is `[B, Cin, H, W]`, `kernel` is `[Cout, Cin, k, k]`.
 ///
-/// On the CPU this runs the custom kernel below; elsewhere it defers to candle's `conv2d`.
+/// On the CPU this runs the custom kernel of this module; elsewhere it defers to candle.
 pub fn conv2d_same(x: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+    conv2d(x, kernel, 1.0, false)
+}
+
+/// [`conv2d_same`] of `x` (first upsampled 2x by nearest neighbour when `upsample`) with the
+/// kernel `kernel * scale`; the scale and the upsampling cost nothing extra on the CPU.
+pub(crate) fn conv2d(x: &Tensor, kernel: &Tensor, scale: f64, upsample: bool) -> Result<Tensor> {
     let k = kernel.dim(3)?;
     if k % 2 == 0 || kernel.dim(2)? != k {
         candle_core::bail!(
@@ -22,22 +63,43 @@ pub fn conv2d_same(x: &Tensor, kernel: &Tensor) -> Result<Tensor> {
         )
     }
     if x.device().is_cpu() {
-        x.contiguous()?.apply_op2(&kernel.contiguous()?, ConvSame)
+        x.contiguous()?
+            .apply_op2(&kernel.contiguous()?, ConvSame { scale, upsample })
     } else {
-        x.conv2d(kernel, k / 2, 1, 1, 1)
+        let x = if upsample {
+            let (_, _, h, w) = x.dims4()?;
+            x.upsample_nearest2d(2 * h, 2 * w)?
+        } else {
+            x.clone()
+        };
+        x.conv2d(&(kernel * scale)?, k / 2, 1, 1, 1)
     }
 }
 
-/// The gradient of [`conv2d_same`] with respect to its input, written with differentiable ops
-/// so that losses on input gradients (gradient penalties) can be differentiated again.
-pub fn conv2d_same_input_grad(grad_out: &Tensor, kernel: &Tensor) -> Result<Tensor> {
+/// The gradient of [`conv2d`] (without upsampling) with respect to its input, written with
+/// differentiable ops so that losses on input gradients (gradient penalties) can be
+/// differentiated again.
+pub(crate) fn conv2d_input_grad(grad_out: &Tensor, kernel: &Tensor, scale: f64) -> Result<Tensor> {
     let flipped = kernel.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
-    conv2d_same(grad_out, &flipped)
+    conv2d(grad_out, &flipped, scale, false)
+}
+
+/// `x @ (weight * scale)^T` for `x` `[B, L]` and `weight` `[N, L]`. Unlike candle's matmul,
+/// whose backward always forms both gradients, this skips the weight gradient when the weight
+/// is not being trained: for a fitter's latent that is a `[N, L]` product and allocation saved
+/// per iteration.
+pub(crate) fn dense(x: &Tensor, weight: &Tensor, scale: f64) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op2(&weight.contiguous()?, Dense { scale })
+    } else {
+        x.matmul(&weight.t()?)? * scale
+    }
 }
 
 /// `x / sqrt(mean_c x^2 + eps)` over the channel axis (dim 1), as in ProGAN.
 pub fn pixel_norm(x: &Tensor) -> Result<Tensor> {
-    let denom = (x.sqr()?.mean_keepdim(1)? + 1e-8)?.sqrt()?;
+    let denom = (x.sqr()?.mean_keepdim(1)? + PIXEL_NORM_EPS)?.sqrt()?;
     x.broadcast_div(&denom)
 }
 
@@ -54,22 +116,113 @@ pub fn leaky_relu(x: &Tensor) -> Result<Tensor> {
     Ok(leaky_relu_with_slope(x)?.0)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct ConvSame;
-
-#[derive(Debug, Clone, Copy)]
-struct ConvSameKernelGrad {
-    k: usize,
-}
-
-fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("conv2d_same expects contiguous inputs"),
+/// `pixel_norm(leaky_relu(x + bias))` for `x` `[B, C, H, W]` and a per-channel `bias` `[C]`,
+/// in one pass on the CPU (the generator's activation after every convolution).
+pub(crate) fn bias_lrelu_pixel_norm(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.rank() == 4 {
+        x.contiguous()?.apply_op2(&bias.contiguous()?, BiasActNorm)
+    } else {
+        let shifted = x.broadcast_add(&bias.reshape((1, (), 1, 1))?)?;
+        pixel_norm(&leaky_relu(&shifted)?)
     }
 }
 
-/// Sizes of one convolution: batch, input/output channels, plane height/width, kernel size.
+/// Sum over 2x2 blocks: the adjoint of nearest 2x upsampling.
+fn sum_pool2(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(SumPool2)
+    } else {
+        let (b, c, h, w) = x.dims4()?;
+        x.reshape((b, c, h / 2, 2, w / 2, 2))?
+            .sum_keepdim(5)?
+            .sum_keepdim(3)?
+            .reshape((b, c, h / 2, w / 2))
+    }
+}
+
+fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("ganfit-texture CPU kernels expect contiguous inputs"),
+    }
+}
+
+/// Evaluates `$body` with each `$v` bound to the contiguous f32 (or f64) slice of its storage,
+/// wrapping the result in a storage of that dtype; mixed dtypes are an error.
+macro_rules! dispatch_float {
+    ($name:literal, $first:expr, [$($v:ident: $s:expr, $l:expr);+], $body:expr) => {
+        match $first {
+            CpuStorage::F32(_) => {
+                $(let $v = contiguous::<f32>($s, $l)?;)+
+                CpuStorage::F32($body)
+            }
+            CpuStorage::F64(_) => {
+                $(let $v = contiguous::<f64>($s, $l)?;)+
+                CpuStorage::F64($body)
+            }
+            _ => candle_core::bail!(concat!($name, " supports f32 and f64 tensors of one dtype")),
+        }
+    };
+}
+
+/// How the inner loops multiply-add: with a fused instruction where the CPU has one, otherwise
+/// as a plain multiply and add (a non-native `mul_add` would be a slow library call).
+trait MulAdd {
+    fn mul_add<T: Real>(a: T, b: T, c: T) -> T;
+}
+
+struct Fused;
+struct Unfused;
+
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add<T: Real>(a: T, b: T, c: T) -> T {
+        a.mul_add(b, c)
+    }
+}
+
+impl MulAdd for Unfused {
+    #[inline(always)]
+    fn mul_add<T: Real>(a: T, b: T, c: T) -> T {
+        a * b + c
+    }
+}
+
+/// Whether the AVX2 + FMA builds of the kernels can run here (checked once, then cached by std).
+fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `$name`, which runs the generic `$body_fn::<T, M>` compiled for AVX2 + FMA when the
+/// CPU has them and for the baseline target otherwise.
+macro_rules! multiversion {
+    ($name:ident, $avx:ident, $body_fn:ident, ($($arg:ident: $ty:ty),*)) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2,fma")]
+        fn $avx<T: Real>($($arg: $ty),*) {
+            $body_fn::<T, Fused>($($arg),*)
+        }
+
+        fn $name<T: Real>($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2_fma() {
+                // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                return unsafe { $avx::<T>($($arg),*) };
+            }
+            $body_fn::<T, Unfused>($($arg),*)
+        }
+    };
+}
+
+/// Sizes of one convolution: batch, input/output channels, output plane height/width, kernel
+/// size, and whether the input is half the size and upsampled on the fly.
 #[derive(Debug, Clone, Copy)]
 struct ConvDims {
     b: usize,
@@ -78,9 +231,28 @@ struct ConvDims {
     h: usize,
     w: usize,
     k: usize,
+    upsample: bool,
 }
 
 impl ConvDims {
+    fn new(x: &Layout, kernel: &Layout, upsample: bool) -> Result<Self> {
+        let (b, ci, h_in, w_in) = x.shape().dims4()?;
+        let (co, kci, k, _) = kernel.shape().dims4()?;
+        if kci != ci {
+            candle_core::bail!("conv2d_same: input has {ci} channels but the kernel expects {kci}")
+        }
+        let f = if upsample { 2 } else { 1 };
+        Ok(Self {
+            b,
+            ci,
+            co,
+            h: f * h_in,
+            w: f * w_in,
+            k,
+            upsample,
+        })
+    }
+
     /// Row stride of a zero-padded plane.
     fn padded_w(&self) -> usize {
         self.w + self.k - 1
@@ -91,102 +263,246 @@ impl ConvDims {
         (self.h + self.k - 1) * self.padded_w()
     }
 
-    /// Length of the "wide" output layout: rows of `padded_w` texels of which the first `w`
-    /// are real. In that layout kernel tap `(ky, kx)` reads the padded input at a constant
-    /// offset `ky * padded_w + kx`, so each tap is one long contiguous multiply-add instead of
-    /// `h` short ones, which is what makes small planes fast.
+    /// Length of the wide output layout (see the module docs).
     fn wide_len(&self) -> usize {
         (self.h - 1) * self.padded_w() + self.w
     }
+
+    /// The wide length rounded up to whole strips; reads past a plane's end stay inside the
+    /// padded buffer (see [`pad_planes`]) and only feed outputs that are dropped.
+    fn wide_strips(&self) -> usize {
+        self.wide_len().div_ceil(STRIP)
+    }
+
+    /// Offset of every kernel tap in a padded plane.
+    fn tap_offsets(&self) -> Vec<usize> {
+        let wp = self.padded_w();
+        (0..self.k * self.k)
+            .map(|t| (t / self.k) * wp + t % self.k)
+            .collect()
+    }
 }
 
-/// Copies `planes` planes of `h x w` into zero-padded planes (`k / 2` texels on every side).
-fn pad_planes<T: Copy + Default>(x: &[T], planes: usize, d: ConvDims) -> Vec<T> {
-    let (p, wp) = (d.k / 2, d.padded_w());
-    let mut out = vec![T::default(); planes * d.padded_len()];
-    for (src, dst) in x
-        .chunks_exact(d.h * d.w)
-        .zip(out.chunks_exact_mut(d.padded_len()))
-    {
-        for (y, row) in src.chunks_exact(d.w).enumerate() {
-            let start = (y + p) * wp + p;
-            dst[start..start + d.w].copy_from_slice(row);
-        }
-    }
+/// Copies the `b * ci` input planes into zero-padded output-sized planes (`k / 2` texels on
+/// every side, nearest-upsampled on the way when `d.upsample`), followed by one strip of zeros
+/// so the kernels' last strip can read past the end.
+fn pad_planes<T: Real>(x: &[T], d: ConvDims) -> Vec<T> {
+    let (p, wp, len) = (d.k / 2, d.padded_w(), d.padded_len());
+    let f = if d.upsample { 2 } else { 1 };
+    let (h_in, w_in) = (d.h / f, d.w / f);
+    let mut out = vec![T::zero(); d.b * d.ci * len + STRIP];
+    out[..d.b * d.ci * len]
+        .par_chunks_mut(len)
+        .zip(x.par_chunks_exact(h_in * w_in))
+        .for_each(|(dst, src)| {
+            for y in 0..d.h {
+                let row = &src[(y / f) * w_in..(y / f + 1) * w_in];
+                let dst_row = &mut dst[(y + p) * wp + p..(y + p) * wp + p + d.w];
+                if d.upsample {
+                    for (pair, &v) in dst_row.chunks_exact_mut(2).zip(row) {
+                        pair.fill(v);
+                    }
+                } else {
+                    dst_row.copy_from_slice(row);
+                }
+            }
+        });
     out
 }
 
-fn conv_forward<T>(x: &[T], kernel: &[T], d: ConvDims) -> Vec<T>
-where
-    T: Copy + Default + Send + Sync + Mul<Output = T> + AddAssign,
-{
-    let (hw, kk, wp, wide) = (d.h * d.w, d.k * d.k, d.padded_w(), d.wide_len());
-    let padded = pad_planes(x, d.b * d.ci, d);
-    let mut out = vec![T::default(); d.b * d.co * hw];
-    out.par_chunks_mut(hw).enumerate().for_each(|(bo, plane)| {
-        let (bi, o) = (bo / d.co, bo % d.co);
-        let mut acc = vec![T::default(); wide];
+/// One parallel task's share of `[B, C, HW]` output planes: the same texel range (`chunk`) of
+/// each plane in one group of channels of one image.
+struct PlaneChunks<'a, T> {
+    image: usize,
+    group: usize,
+    chunk: usize,
+    planes: Vec<&'a mut [T]>,
+}
+
+/// Splits `[B, C, HW]` planes into tasks: channels in groups of `group`, planes in runs of
+/// `chunk` texels. Tasks write disjoint slices, so kernels that produce several channels of a
+/// texel together can run in parallel without sharing the output.
+fn plane_chunks<T>(
+    out: &mut [T],
+    channels: usize,
+    group: usize,
+    hw: usize,
+    chunk: usize,
+) -> Vec<PlaneChunks<'_, T>> {
+    let (chunks, groups) = (hw.div_ceil(chunk), channels.div_ceil(group));
+    let images = out.len() / (channels * hw);
+    let mut tasks: Vec<_> = (0..images * groups * chunks)
+        .map(|t| PlaneChunks {
+            image: t / (groups * chunks),
+            group: (t / chunks) % groups,
+            chunk: t % chunks,
+            planes: Vec::with_capacity(group),
+        })
+        .collect();
+    for (index, plane) in out.chunks_mut(hw).enumerate() {
+        let (image, channel) = (index / channels, index % channels);
+        for (j, piece) in plane.chunks_mut(chunk).enumerate() {
+            tasks[(image * groups + channel / group) * chunks + j]
+                .planes
+                .push(piece);
+        }
+    }
+    tasks
+}
+
+/// Forward convolution: the output `[B, Cout, H, W]`.
+fn conv_forward<T: Real>(x: &[T], kernel: &[T], scale: f64, d: ConvDims) -> Vec<T> {
+    let scale = T::from_f64(scale);
+    let kk = d.k * d.k;
+    let blocks = d.co.div_ceil(OUT_BLOCK);
+    let block_len = d.ci * kk * OUT_BLOCK;
+    // Scaled weights regrouped as [block][ci][tap][OUT_BLOCK], zero for missing channels.
+    let mut packed = vec![T::zero(); blocks * block_len];
+    for o in 0..d.co {
         for i in 0..d.ci {
-            let src =
-                &padded[(bi * d.ci + i) * d.padded_len()..(bi * d.ci + i + 1) * d.padded_len()];
-            let taps = &kernel[(o * d.ci + i) * kk..(o * d.ci + i + 1) * kk];
-            for (t, &wv) in taps.iter().enumerate() {
-                let offset = (t / d.k) * wp + t % d.k;
-                for (a, s) in acc.iter_mut().zip(&src[offset..offset + wide]) {
-                    *a += wv * *s;
+            for t in 0..kk {
+                let at = (((o / OUT_BLOCK) * d.ci + i) * kk + t) * OUT_BLOCK + o % OUT_BLOCK;
+                packed[at] = kernel[(o * d.ci + i) * kk + t] * scale;
+            }
+        }
+    }
+    let padded = pad_planes(x, d);
+    let offsets = d.tap_offsets();
+    let rows_per_task = (TEXELS_PER_TASK / d.padded_w()).clamp(1, d.h);
+    let mut out = vec![T::zero(); d.b * d.co * d.h * d.w];
+    plane_chunks(&mut out, d.co, OUT_BLOCK, d.h * d.w, rows_per_task * d.w)
+        .into_par_iter()
+        .for_each(|mut task| {
+            let planes = &padded[task.image * d.ci * d.padded_len()..];
+            let weights = &packed[task.group * block_len..(task.group + 1) * block_len];
+            let first_row = task.chunk * rows_per_task;
+            conv_rows(planes, &offsets, weights, &d, first_row, &mut task.planes);
+        });
+    out
+}
+
+/// Computes output rows from `first_row` on (as many as `out` holds) for one block of output
+/// channels, strip by strip in the wide layout, scattering the real texels into `out`.
+#[inline(always)]
+fn conv_rows_with<T: Real, M: MulAdd>(
+    planes: &[T],
+    offsets: &[usize],
+    weights: &[T],
+    d: &ConvDims,
+    first_row: usize,
+    out: &mut [&mut [T]],
+) {
+    let (w, wp) = (d.w, d.padded_w());
+    let rows = out[0].len() / w;
+    let (start, end) = (first_row * wp, (first_row + rows - 1) * wp + w);
+    for pos in (start..end).step_by(STRIP) {
+        let mut acc = [[T::zero(); STRIP]; OUT_BLOCK];
+        for (i, w_i) in weights.chunks_exact(offsets.len() * OUT_BLOCK).enumerate() {
+            let plane = &planes[i * d.padded_len() + pos..];
+            for (&offset, w) in offsets.iter().zip(w_i.chunks_exact(OUT_BLOCK)) {
+                let src: &[T; STRIP] = plane[offset..offset + STRIP].try_into().unwrap();
+                for (acc_o, &w_o) in acc.iter_mut().zip(w) {
+                    for (a, &v) in acc_o.iter_mut().zip(src) {
+                        *a = M::mul_add(w_o, v, *a);
+                    }
                 }
             }
         }
-        for (y, row) in plane.chunks_exact_mut(d.w).enumerate() {
-            row.copy_from_slice(&acc[y * wp..y * wp + d.w]);
-        }
-    });
-    out
-}
-
-fn conv_kernel_grad<T>(x: &[T], grad_out: &[T], d: ConvDims) -> Vec<T>
-where
-    T: Copy + Default + Send + Sync + Mul<Output = T> + AddAssign,
-{
-    let (hw, kk, wp, wide) = (d.h * d.w, d.k * d.k, d.padded_w(), d.wide_len());
-    let padded = pad_planes(x, d.b * d.ci, d);
-    // Output gradients in the wide layout, zero in the padding columns.
-    let mut grad_wide = vec![T::default(); d.b * d.co * wide];
-    for (src, dst) in grad_out
-        .chunks_exact(hw)
-        .zip(grad_wide.chunks_exact_mut(wide))
-    {
-        for (y, row) in src.chunks_exact(d.w).enumerate() {
-            dst[y * wp..y * wp + d.w].copy_from_slice(row);
+        let (mut y, mut x) = (pos / wp - first_row, pos % wp);
+        for lane in 0..STRIP.min(end - pos) {
+            if x < w {
+                for (dst, acc_o) in out.iter_mut().zip(&acc) {
+                    dst[y * w + x] = acc_o[lane];
+                }
+            }
+            x += 1;
+            if x == wp {
+                (x, y) = (0, y + 1);
+            }
         }
     }
-    let mut out = vec![T::default(); d.co * d.ci * kk];
+}
+
+multiversion!(
+    conv_rows,
+    conv_rows_avx2,
+    conv_rows_with,
+    (
+        planes: &[T],
+        offsets: &[usize],
+        weights: &[T],
+        d: &ConvDims,
+        first_row: usize,
+        out: &mut [&mut [T]]
+    )
+);
+
+/// Gradient of the convolution w.r.t. its (unscaled) kernel: `[Cout, Cin, k, k]`.
+fn conv_kernel_grad<T: Real>(x: &[T], grad_out: &[T], scale: f64, d: ConvDims) -> Vec<T> {
+    let scale = T::from_f64(scale);
+    let (hw, kk, wp) = (d.h * d.w, d.k * d.k, d.padded_w());
+    let wide_pad = d.wide_strips() * STRIP;
+    let padded = pad_planes(x, d);
+    let offsets = d.tap_offsets();
+    // Output gradients in the wide layout, zero in the padding columns and the tail.
+    let mut grad_wide = vec![T::zero(); d.b * d.co * wide_pad];
+    grad_wide
+        .par_chunks_mut(wide_pad)
+        .zip(grad_out.par_chunks_exact(hw))
+        .for_each(|(dst, src)| {
+            for (y, row) in src.chunks_exact(d.w).enumerate() {
+                dst[y * wp..y * wp + d.w].copy_from_slice(row);
+            }
+        });
+    let mut out = vec![T::zero(); d.co * d.ci * kk];
     out.par_chunks_mut(kk).enumerate().for_each(|(oi, taps)| {
         let (o, i) = (oi / d.ci, oi % d.ci);
         for bi in 0..d.b {
-            let g = &grad_wide[(bi * d.co + o) * wide..(bi * d.co + o + 1) * wide];
-            let src =
-                &padded[(bi * d.ci + i) * d.padded_len()..(bi * d.ci + i + 1) * d.padded_len()];
-            for (t, tap) in taps.iter_mut().enumerate() {
-                let offset = (t / d.k) * wp + t % d.k;
-                let mut acc = T::default();
-                for (gv, s) in g.iter().zip(&src[offset..offset + wide]) {
-                    acc += *gv * *s;
-                }
-                *tap += acc;
-            }
+            let g = &grad_wide[(bi * d.co + o) * wide_pad..(bi * d.co + o + 1) * wide_pad];
+            let plane = &padded[(bi * d.ci + i) * d.padded_len()..];
+            tap_dots(g, plane, &offsets, taps);
+        }
+        for t in taps.iter_mut() {
+            *t *= scale;
         }
     });
     out
 }
 
-fn dims_of(x: &Layout, kernel: &Layout) -> Result<ConvDims> {
-    let (b, ci, h, w) = x.shape().dims4()?;
-    let (co, kci, k, _) = kernel.shape().dims4()?;
-    if kci != ci {
-        candle_core::bail!("conv2d_same: input has {ci} channels but the kernel expects {kci}")
+/// Adds `sum_s g[s] * plane[offset_t + s]` to `taps[t]` for every tap `t`.
+#[inline(always)]
+fn tap_dots_with<T: Real, M: MulAdd>(g: &[T], plane: &[T], offsets: &[usize], taps: &mut [T]) {
+    const TAPS: usize = 9;
+    for (offsets, taps) in offsets.chunks(TAPS).zip(taps.chunks_mut(TAPS)) {
+        let mut acc = [[T::zero(); DOT_LANES]; TAPS];
+        for (s, g) in g.chunks_exact(DOT_LANES).enumerate() {
+            let g: &[T; DOT_LANES] = g.try_into().unwrap();
+            for (acc_t, &offset) in acc.iter_mut().zip(offsets) {
+                let at = offset + s * DOT_LANES;
+                let src: &[T; DOT_LANES] = plane[at..at + DOT_LANES].try_into().unwrap();
+                for ((a, &gv), &v) in acc_t.iter_mut().zip(g).zip(src) {
+                    *a = M::mul_add(gv, v, *a);
+                }
+            }
+        }
+        for (tap, acc_t) in taps.iter_mut().zip(&acc) {
+            *tap += acc_t.iter().fold(T::zero(), |sum, &v| sum + v);
+        }
     }
-    Ok(ConvDims { b, ci, co, h, w, k })
+}
+
+multiversion!(
+    tap_dots,
+    tap_dots_avx2,
+    tap_dots_with,
+    (g: &[T], plane: &[T], offsets: &[usize], taps: &mut [T])
+);
+
+/// The convolution `conv(upsample?(x), kernel * scale)` with same padding.
+#[derive(Debug, Clone, Copy)]
+struct ConvSame {
+    scale: f64,
+    upsample: bool,
 }
 
 impl CustomOp2 for ConvSame {
@@ -201,22 +517,11 @@ impl CustomOp2 for ConvSame {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = dims_of(l1, l2)?;
-        let shape = Shape::from((d.b, d.co, d.h, d.w));
-        let storage = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(conv_forward(
-                contiguous::<f32>(s1, l1)?,
-                contiguous::<f32>(s2, l2)?,
-                d,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(conv_forward(
-                contiguous::<f64>(s1, l1)?,
-                contiguous::<f64>(s2, l2)?,
-                d,
-            )),
-            _ => candle_core::bail!("conv2d_same supports f32 and f64 tensors of one dtype"),
-        };
-        Ok((storage, shape))
+        let d = ConvDims::new(l1, l2, self.upsample)?;
+        let storage = dispatch_float!("conv2d_same", s1, [x: s1, l1; k: s2, l2], {
+            conv_forward(x, k, self.scale, d)
+        });
+        Ok((storage, Shape::from((d.b, d.co, d.h, d.w))))
     }
 
     fn bwd(
@@ -228,13 +533,18 @@ impl CustomOp2 for ConvSame {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Skipping untracked operands halves the cost of gradients w.r.t. a generator's latent.
         let grad_x = if x.track_op() {
-            Some(conv2d_same_input_grad(grad_res, kernel)?)
+            let g = conv2d_input_grad(grad_res, kernel, self.scale)?;
+            Some(if self.upsample { sum_pool2(&g)? } else { g })
         } else {
             None
         };
         let grad_kernel = if kernel.track_op() {
-            let k = kernel.dim(3)?;
-            Some(x.apply_op2(&grad_res.contiguous()?, ConvSameKernelGrad { k })?)
+            let op = ConvSameKernelGrad {
+                k: kernel.dim(3)?,
+                scale: self.scale,
+                upsample: self.upsample,
+            };
+            Some(x.apply_op2(&grad_res.contiguous()?, op)?)
         } else {
             None
         };
@@ -242,9 +552,16 @@ impl CustomOp2 for ConvSame {
     }
 }
 
-/// Kernel gradient of [`ConvSame`]: inputs are the forward input `[B, Cin, H, W]` and the output
-/// gradient `[B, Cout, H, W]`; the result is `[Cout, Cin, k, k]`. Only first-order use is needed
-/// (it appears when a gradient penalty is differentiated), so it has no backward of its own.
+/// Kernel gradient of [`ConvSame`]: inputs are the forward input and the output gradient
+/// `[B, Cout, H, W]`; the result is `[Cout, Cin, k, k]`. Only first-order use is needed (it
+/// appears when a gradient penalty is differentiated), so it has no backward of its own.
+#[derive(Debug, Clone, Copy)]
+struct ConvSameKernelGrad {
+    k: usize,
+    scale: f64,
+    upsample: bool,
+}
+
 impl CustomOp2 for ConvSameKernelGrad {
     fn name(&self) -> &'static str {
         "conv2d-same-kernel-grad"
@@ -259,31 +576,529 @@ impl CustomOp2 for ConvSameKernelGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (b, ci, h, w) = l1.shape().dims4()?;
         let (gb, co, gh, gw) = l2.shape().dims4()?;
-        if (gb, gh, gw) != (b, h, w) {
+        let f = if self.upsample { 2 } else { 1 };
+        if (gb, gh, gw) != (b, f * h, f * w) {
             candle_core::bail!("conv2d_same kernel grad: mismatched input and gradient shapes")
         }
         let d = ConvDims {
             b,
             ci,
             co,
-            h,
-            w,
+            h: gh,
+            w: gw,
             k: self.k,
+            upsample: self.upsample,
         };
-        let shape = Shape::from((co, ci, self.k, self.k));
-        let storage = match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(conv_kernel_grad(
-                contiguous::<f32>(s1, l1)?,
-                contiguous::<f32>(s2, l2)?,
-                d,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(conv_kernel_grad(
-                contiguous::<f64>(s1, l1)?,
-                contiguous::<f64>(s2, l2)?,
-                d,
-            )),
-            _ => candle_core::bail!("conv2d_same supports f32 and f64 tensors of one dtype"),
+        let storage = dispatch_float!("conv2d_same", s1, [x: s1, l1; g: s2, l2], {
+            conv_kernel_grad(x, g, self.scale, d)
+        });
+        Ok((storage, Shape::from((co, ci, self.k, self.k))))
+    }
+}
+
+/// The leaky ReLU's slope at `pre` (1 at zero, like [`leaky_relu_with_slope`]), written as a
+/// select so the compiler emits no branch: on random signs a branch mispredicts half the time.
+#[inline(always)]
+fn lrelu_slope<T: Real>(pre: T, slope: T) -> T {
+    if pre >= T::zero() { T::one() } else { slope }
+}
+
+/// `pixel_norm(leaky_relu(x + bias))` over `[B, C, H*W]` planes or, given the output gradient
+/// `grad`, the input gradient: with `a = leaky_relu(x + bias)`, `inv = 1 / sqrt(mean_c a^2 +
+/// eps)` and `y = a * inv`, `dL/da = inv * g - a * inv^3 * mean_c(g * a)`, times the slope.
+fn bias_act_norm<T: Real>(x: &[T], bias: &[T], grad: Option<&[T]>, hw: usize) -> Vec<T> {
+    let c = bias.len();
+    let slope = T::from_f64(LEAKY_SLOPE);
+    let (eps, inv_c) = (T::from_f64(PIXEL_NORM_EPS), T::from_f64(1.0 / c as f64));
+    let mut out = vec![T::zero(); x.len()];
+    plane_chunks(&mut out, c, c, hw, PIXELS_PER_TASK)
+        .into_par_iter()
+        .for_each(|mut task| {
+            let n = task.planes[0].len();
+            let first = task.image * c * hw + task.chunk * PIXELS_PER_TASK;
+            let range = |ch: usize| first + ch * hw..first + ch * hw + n;
+            // Per texel: sum of squares, then inv; sum of g * a, then inv^3 * mean_c(g * a).
+            let (mut inv, mut coef) = (vec![T::zero(); n], vec![T::zero(); n]);
+            for (ch, &b) in bias.iter().enumerate() {
+                let xs = &x[range(ch)];
+                match grad {
+                    None => {
+                        for (sq, &v) in inv.iter_mut().zip(xs) {
+                            let a = (v + b) * lrelu_slope(v + b, slope);
+                            *sq += a * a;
+                        }
+                    }
+                    Some(g) => {
+                        for ((sq, dot), (&v, &g)) in inv
+                            .iter_mut()
+                            .zip(coef.iter_mut())
+                            .zip(xs.iter().zip(&g[range(ch)]))
+                        {
+                            let a = (v + b) * lrelu_slope(v + b, slope);
+                            *sq += a * a;
+                            *dot += a * g;
+                        }
+                    }
+                }
+            }
+            for (inv, coef) in inv.iter_mut().zip(coef.iter_mut()) {
+                *inv = (*inv * inv_c + eps).sqrt().recip();
+                *coef = *inv * *inv * *inv * *coef * inv_c;
+            }
+            for ((ch, &b), dst) in bias.iter().enumerate().zip(task.planes.iter_mut()) {
+                let xs = &x[range(ch)];
+                match grad {
+                    None => {
+                        for ((y, &v), &inv) in dst.iter_mut().zip(xs).zip(&inv) {
+                            *y = (v + b) * lrelu_slope(v + b, slope) * inv;
+                        }
+                    }
+                    Some(g) => {
+                        for (((gx, &v), &gy), (&inv, &coef)) in dst
+                            .iter_mut()
+                            .zip(xs)
+                            .zip(&g[range(ch)])
+                            .zip(inv.iter().zip(&coef))
+                        {
+                            let k = lrelu_slope(v + b, slope);
+                            *gx = (inv * gy - (v + b) * k * coef) * k;
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+fn act_dims(x: &Layout, bias: &Layout) -> Result<usize> {
+    let (_, c, h, w) = x.shape().dims4()?;
+    if bias.shape().dims() != [c] {
+        candle_core::bail!(
+            "bias_lrelu_pixel_norm: bias {:?} does not match {c} channels",
+            bias.shape()
+        )
+    }
+    Ok(h * w)
+}
+
+/// `pixel_norm(leaky_relu(x + bias))`; inputs `[B, C, H, W]` and `[C]`.
+#[derive(Debug, Clone, Copy)]
+struct BiasActNorm;
+
+impl CustomOp2 for BiasActNorm {
+    fn name(&self) -> &'static str {
+        "bias-lrelu-pixel-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let hw = act_dims(l1, l2)?;
+        let storage = dispatch_float!("bias_lrelu_pixel_norm", s1, [x: s1, l1; b: s2, l2], {
+            bias_act_norm(x, b, None, hw)
+        });
+        Ok((storage, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !x.track_op() && !bias.track_op() {
+            return Ok((None, None));
+        }
+        let grad_x = x.apply_op3(bias, &grad_res.contiguous()?, BiasActNormGrad)?;
+        let grad_bias = if bias.track_op() {
+            Some(grad_x.sum(3)?.sum(2)?.sum(0)?)
+        } else {
+            None
         };
-        Ok((storage, shape))
+        Ok((Some(grad_x), grad_bias))
+    }
+}
+
+/// Input gradient of [`BiasActNorm`]: inputs `x`, `bias` and the output gradient. First order
+/// only (the generator is never differentiated twice).
+#[derive(Debug, Clone, Copy)]
+struct BiasActNormGrad;
+
+impl CustomOp3 for BiasActNormGrad {
+    fn name(&self) -> &'static str {
+        "bias-lrelu-pixel-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let hw = act_dims(l1, l2)?;
+        if l3.shape() != l1.shape() {
+            candle_core::bail!("bias_lrelu_pixel_norm grad: gradient shape differs from input")
+        }
+        let storage = dispatch_float!(
+            "bias_lrelu_pixel_norm",
+            s1,
+            [x: s1, l1; b: s2, l2; g: s3, l3],
+            bias_act_norm(x, b, Some(g), hw)
+        );
+        Ok((storage, l1.shape().clone()))
+    }
+}
+
+fn sum_pool2_planes<T: Real>(x: &[T], h: usize, w: usize) -> Vec<T> {
+    let (ho, wo) = (h / 2, w / 2);
+    let mut out = vec![T::zero(); x.len() / 4];
+    out.par_chunks_mut(ho * wo)
+        .zip(x.par_chunks_exact(h * w))
+        .for_each(|(dst, src)| {
+            for (y, row) in dst.chunks_exact_mut(wo).enumerate() {
+                let (top, bottom) = (
+                    &src[2 * y * w..(2 * y + 1) * w],
+                    &src[(2 * y + 1) * w..(2 * y + 2) * w],
+                );
+                for ((v, t), b) in row
+                    .iter_mut()
+                    .zip(top.chunks_exact(2))
+                    .zip(bottom.chunks_exact(2))
+                {
+                    *v = (t[0] + t[1]) + (b[0] + b[1]);
+                }
+            }
+        });
+    out
+}
+
+/// Sum over 2x2 blocks of `[B, C, H, W]` with even `H` and `W`.
+#[derive(Debug, Clone, Copy)]
+struct SumPool2;
+
+impl candle_core::CustomOp1 for SumPool2 {
+    fn name(&self) -> &'static str {
+        "sum-pool-2x2"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        if h % 2 != 0 || w % 2 != 0 {
+            candle_core::bail!("sum_pool2 needs even plane sizes, got {h}x{w}")
+        }
+        let storage = dispatch_float!("sum_pool2", s, [x: s, l], sum_pool2_planes(x, h, w));
+        Ok((storage, Shape::from((b, c, h / 2, w / 2))))
+    }
+
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let (b, c, h, w) = grad_res.dims4()?;
+        let up = grad_res
+            .reshape((b, c, h, 1, w, 1))?
+            .broadcast_as((b, c, h, 2, w, 2))?
+            .reshape((b, c, 2 * h, 2 * w))?;
+        Ok(Some(up))
+    }
+}
+
+/// Outputs per parallel task of the dense layer.
+const DENSE_OUTPUTS_PER_TASK: usize = 256;
+
+/// `out[j] = scale * dot(x, weight row first + j)` for the outputs of one task.
+#[inline(always)]
+fn dense_outputs_with<T: Real, M: MulAdd>(
+    x: &[T],
+    weight: &[T],
+    first: usize,
+    scale: T,
+    out: &mut [T],
+) {
+    let l = x.len();
+    let whole = l - l % DOT_LANES;
+    for (j, y) in out.iter_mut().enumerate() {
+        let row = &weight[(first + j) * l..(first + j + 1) * l];
+        let mut acc = [T::zero(); DOT_LANES];
+        for (xs, ws) in x[..whole]
+            .chunks_exact(DOT_LANES)
+            .zip(row[..whole].chunks_exact(DOT_LANES))
+        {
+            for ((a, &xv), &wv) in acc.iter_mut().zip(xs).zip(ws) {
+                *a = M::mul_add(xv, wv, *a);
+            }
+        }
+        let tail = x[whole..]
+            .iter()
+            .zip(&row[whole..])
+            .fold(T::zero(), |sum, (&xv, &wv)| sum + xv * wv);
+        *y = (acc.iter().fold(T::zero(), |sum, &v| sum + v) + tail) * scale;
+    }
+}
+
+multiversion!(
+    dense_outputs,
+    dense_outputs_avx2,
+    dense_outputs_with,
+    (x: &[T], weight: &[T], first: usize, scale: T, out: &mut [T])
+);
+
+fn dense_forward<T: Real>(x: &[T], weight: &[T], scale: f64, l: usize, n: usize) -> Vec<T> {
+    let scale = T::from_f64(scale);
+    let mut out = vec![T::zero(); x.len() / l * n];
+    plane_chunks(&mut out, 1, 1, n, DENSE_OUTPUTS_PER_TASK)
+        .into_par_iter()
+        .for_each(|mut task| {
+            let row = &x[task.image * l..(task.image + 1) * l];
+            let first = task.chunk * DENSE_OUTPUTS_PER_TASK;
+            dense_outputs(row, weight, first, scale, task.planes[0]);
+        });
+    out
+}
+
+/// `x @ (weight * scale)^T`, see [`dense`].
+#[derive(Debug, Clone, Copy)]
+struct Dense {
+    scale: f64,
+}
+
+impl CustomOp2 for Dense {
+    fn name(&self) -> &'static str {
+        "dense"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, l) = l1.shape().dims2()?;
+        let (n, wl) = l2.shape().dims2()?;
+        if wl != l {
+            candle_core::bail!("dense: input has {l} features but the weight expects {wl}")
+        }
+        let storage = dispatch_float!("dense", s1, [x: s1, l1; w: s2, l2], {
+            dense_forward(x, w, self.scale, l, n)
+        });
+        Ok((storage, Shape::from((b, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_x = if x.track_op() {
+            Some((grad_res.matmul(weight)? * self.scale)?)
+        } else {
+            None
+        };
+        let grad_weight = if weight.track_op() {
+            Some((grad_res.t()?.matmul(x)? * self.scale)?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_weight))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// A deterministic, irregular test tensor (no two entries alike, both signs).
+    fn pattern(shape: &[usize], salt: f64) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n)
+            .map(|i| ((i as f64 * 0.7548 + salt) * 12.9898).sin() * 1.3)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// Checks autodiff gradients of `energy(inputs)` against central differences (f64) on every
+    /// `stride`-th entry of every input.
+    fn check_gradients(energy: impl Fn(&[Tensor]) -> Tensor, inputs: &[Tensor], stride: usize) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let tracked: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let grads = energy(&tracked).backward().unwrap();
+        for (which, var) in vars.iter().enumerate() {
+            let analytic: Vec<f64> = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let base: Vec<f64> = inputs[which].flatten_all().unwrap().to_vec1().unwrap();
+            for i in (0..base.len()).step_by(stride) {
+                let at = |delta: f64| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    let mut shifted = inputs.to_vec();
+                    shifted[which] =
+                        Tensor::from_vec(v, inputs[which].dims(), &Device::Cpu).unwrap();
+                    energy(&shifted).to_scalar::<f64>().unwrap()
+                };
+                let h = 1e-6;
+                let numeric = (at(h) - at(-h)) / (2.0 * h);
+                assert!(
+                    (analytic[i] - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                    "input {which}, entry {i}: autodiff {} vs finite difference {numeric}",
+                    analytic[i]
+                );
+            }
+        }
+    }
+
+    fn reference_conv(x: &Tensor, kernel: &Tensor, scale: f64, upsample: bool) -> Tensor {
+        let (_, _, h, w) = x.dims4().unwrap();
+        let x = if upsample {
+            x.upsample_nearest2d(2 * h, 2 * w).unwrap()
+        } else {
+            x.clone()
+        };
+        let k = kernel.dim(3).unwrap();
+        x.conv2d(&(kernel * scale).unwrap(), k / 2, 1, 1, 1)
+            .unwrap()
+    }
+
+    #[test]
+    fn convolution_matches_candle_across_tasks_blocks_and_dtypes() {
+        // 37x36 upsampled to 74x72 spans several row tasks; 6 outputs leave a partial block.
+        for (shape, k, upsample) in [
+            ([2, 3, 37, 36], 3, true),
+            ([1, 5, 9, 70], 3, false),
+            ([2, 4, 5, 3], 1, false),
+            ([1, 2, 1, 1], 3, true),
+        ] {
+            let x = pattern(&shape, 0.3);
+            let kernel = pattern(&[6, shape[1], k, k], 0.8);
+            let expected = reference_conv(&x, &kernel, 0.37, upsample);
+            let got = conv2d(&x, &kernel, 0.37, upsample).unwrap();
+            assert!(max_abs_diff(&got, &expected) < 1e-12, "{shape:?} k={k}");
+            let got32 = conv2d(
+                &x.to_dtype(DType::F32).unwrap(),
+                &kernel.to_dtype(DType::F32).unwrap(),
+                0.37,
+                upsample,
+            )
+            .unwrap();
+            assert!(max_abs_diff(&got32.to_dtype(DType::F64).unwrap(), &expected) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn upsampling_scaled_convolution_gradients_match_finite_differences() {
+        let probe = pattern(&[2, 5, 8, 10], 0.45);
+        let energy = |t: &[Tensor]| {
+            (conv2d(&t[0], &t[1], 0.6, true).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        check_gradients(
+            energy,
+            &[pattern(&[2, 3, 4, 5], 0.2), pattern(&[5, 3, 3, 3], 0.9)],
+            3,
+        );
+    }
+
+    #[test]
+    fn sum_pool_is_the_adjoint_of_upsampling() {
+        let x = pattern(&[2, 3, 6, 8], 0.1);
+        let expected = (x
+            .reshape((2, 3, 3, 2, 4, 2))
+            .unwrap()
+            .sum_keepdim(5)
+            .unwrap())
+        .sum_keepdim(3)
+        .unwrap()
+        .reshape((2, 3, 3, 4))
+        .unwrap();
+        assert!(max_abs_diff(&sum_pool2(&x).unwrap(), &expected) < 1e-12);
+        let probe = pattern(&[2, 3, 3, 4], 0.7);
+        check_gradients(
+            |t| {
+                (sum_pool2(&t[0]).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            },
+            &[x],
+            5,
+        );
+    }
+
+    #[test]
+    fn fused_activation_matches_its_definition_and_finite_differences() {
+        // 3 x 50x50 texels span two pixel tasks per image.
+        for shape in [[2, 3, 50, 50], [1, 7, 3, 5]] {
+            let x = pattern(&shape, 0.25);
+            let bias = pattern(&[shape[1]], 0.5);
+            let shifted = x
+                .broadcast_add(&bias.reshape((1, (), 1, 1)).unwrap())
+                .unwrap();
+            let expected = pixel_norm(&leaky_relu(&shifted).unwrap()).unwrap();
+            let got = bias_lrelu_pixel_norm(&x, &bias).unwrap();
+            assert!(max_abs_diff(&got, &expected) < 1e-12, "{shape:?}");
+        }
+        let probe = pattern(&[2, 4, 3, 5], 0.65);
+        check_gradients(
+            |t| {
+                (bias_lrelu_pixel_norm(&t[0], &t[1]).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            },
+            &[pattern(&[2, 4, 3, 5], 0.15), pattern(&[4], 0.35)],
+            1,
+        );
+    }
+
+    #[test]
+    fn dense_matches_matmul_and_finite_differences() {
+        // 300 outputs span two tasks; 13 inputs leave a tail after whole lanes.
+        let (x, w) = (pattern(&[3, 13], 0.2), pattern(&[300, 13], 0.4));
+        let expected = (x.matmul(&w.t().unwrap()).unwrap() * 0.3).unwrap();
+        assert!(max_abs_diff(&dense(&x, &w, 0.3).unwrap(), &expected) < 1e-12);
+        let probe = pattern(&[2, 5], 0.6);
+        check_gradients(
+            |t| {
+                (dense(&t[0], &t[1], 0.7).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+            },
+            &[pattern(&[2, 9], 0.1), pattern(&[5, 9], 0.3)],
+            2,
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Named parameter sets with equalised-learning-rate layers, and their safetensors files.
 
-use crate::ops::conv2d_same;
+use crate::ops::conv2d;
 use crate::{Result, TextureError};
 use candle_core::{DType, Device, Tensor};
 use std::collections::{BTreeMap, HashMap};
@@ -23,11 +23,16 @@ pub(crate) fn param<'a>(params: &'a ParamMap, name: &str) -> Result<&'a Tensor> 
     })
 }
 
-/// The run-time weight `w * gain / sqrt(fan_in)`.
-pub(crate) fn scaled_weight(params: &ParamMap, layer: &str, gain: f64) -> Result<Tensor> {
+/// An equalised-LR layer's stored (unscaled) weight and its run-time scale
+/// `gain / sqrt(fan_in)`.
+pub(crate) fn weight_and_scale<'a>(
+    params: &'a ParamMap,
+    layer: &str,
+    gain: f64,
+) -> Result<(&'a Tensor, f64)> {
     let w = param(params, &format!("{layer}.weight"))?;
     let fan_in = w.elem_count() / w.dim(0)?;
-    Ok((w * (gain / (fan_in as f64).sqrt()))?)
+    Ok((w, gain / (fan_in as f64).sqrt()))
 }
 
 /// Adds a per-channel bias to `[B, C, ...]`.
@@ -38,16 +43,29 @@ pub(crate) fn add_channel_bias(x: &Tensor, params: &ParamMap, layer: &str) -> Re
     Ok(x.broadcast_add(&bias.reshape(shape)?)?)
 }
 
-/// Equalised-LR same-padding convolution plus bias; also returns the scaled kernel.
+/// Equalised-LR dense layer without bias: `x @ (w * scale)^T`. A trained weight goes through
+/// candle's matmul (both gradients are needed); a fixed one through [`crate::ops::dense`],
+/// whose backward skips the weight gradient.
+pub(crate) fn dense(params: &ParamMap, layer: &str, x: &Tensor, gain: f64) -> Result<Tensor> {
+    let (w, scale) = weight_and_scale(params, layer, gain)?;
+    if w.track_op() {
+        Ok((x.matmul(&w.t()?)? * scale)?)
+    } else {
+        Ok(crate::ops::dense(x, w, scale)?)
+    }
+}
+
+/// Equalised-LR same-padding convolution without bias, of `x` upsampled 2x (nearest) first
+/// when `upsample`.
 pub(crate) fn conv(
     params: &ParamMap,
     layer: &str,
     x: &Tensor,
     gain: f64,
-) -> Result<(Tensor, Tensor)> {
-    let w = scaled_weight(params, layer, gain)?;
-    let y = add_channel_bias(&conv2d_same(x, &w)?, params, layer)?;
-    Ok((y, w))
+    upsample: bool,
+) -> Result<Tensor> {
+    let (w, scale) = weight_and_scale(params, layer, gain)?;
+    Ok(conv2d(x, w, scale, upsample)?)
 }
 
 /// Random initial parameters for `specs`: N(0, 1) weights from a ChaCha8 stream, zero biases.

