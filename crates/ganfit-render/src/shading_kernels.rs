@@ -202,7 +202,7 @@ impl ShadeSh {
     }
 
     /// Gradients to albedo, normals and coefficients in one sweep.
-    fn backward<T: Real>(
+    fn sh_backward<T: Real>(
         &self,
         albedo: &[T],
         normals: &[T],
@@ -297,34 +297,12 @@ impl CustomOp3 for ShadeSh {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let d = ShDims::of(albedo.shape())?;
-        fn run<T: Real>(
-            op: &ShadeSh,
-            ts: [&Tensor; 4],
-            d: ShDims,
-        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let [albedo, normals, coeffs, grad] = ts;
-            with_data::<T, _>(albedo, |a| {
-                with_data::<T, _>(normals, |n| {
-                    with_data::<T, _>(coeffs, |l| {
-                        with_data::<T, _>(grad, |g| {
-                            let (ga, gn, gl) = op.backward(a, n, l, g, d);
-                            Ok((
-                                Some(cpu_tensor(ga, albedo.shape())?),
-                                Some(cpu_tensor(gn, normals.shape())?),
-                                Some(cpu_tensor(gl, coeffs.shape())?),
-                            ))
-                        })
-                    })
-                })
-            })
-        }
-        let ts = [albedo, normals, coeffs, grad];
-        match albedo.dtype() {
-            DType::F32 => run::<f32>(self, ts, d),
-            DType::F64 => run::<f64>(self, ts, d),
-            dt => candle_core::bail!("ganfit-render kernels take f32 or f64 tensors, got {dt:?}"),
-        }
+        fused_backward(
+            self,
+            [albedo, normals, coeffs],
+            grad,
+            ShDims::of(albedo.shape())?,
+        )
     }
 }
 
@@ -430,7 +408,7 @@ impl ShadePhong {
     }
 
     /// Gradients to albedo, geometry and light in one sweep.
-    fn backward<T: Real>(
+    fn phong_backward<T: Real>(
         &self,
         albedo: &[T],
         geometry: &[T],
@@ -549,33 +527,77 @@ impl CustomOp3 for ShadePhong {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = PhongDims::of(albedo.shape(), geometry.shape())?;
-        fn run<T: Real>(
-            op: &ShadePhong,
-            ts: [&Tensor; 4],
-            d: PhongDims,
-        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let [albedo, geometry, light, grad] = ts;
-            with_data::<T, _>(albedo, |a| {
-                with_data::<T, _>(geometry, |n| {
-                    with_data::<T, _>(light, |l| {
-                        with_data::<T, _>(grad, |g| {
-                            let (ga, gn, gl) = op.backward(a, n, l, g, d);
-                            Ok((
-                                Some(cpu_tensor(ga, albedo.shape())?),
-                                Some(cpu_tensor(gn, geometry.shape())?),
-                                Some(cpu_tensor(gl, light.shape())?),
-                            ))
-                        })
+        fused_backward(self, [albedo, geometry, light], grad, d)
+    }
+}
+
+/// A shading kernel whose backward sweep gives the gradients of its three inputs at once.
+trait ThreeInputBackward {
+    type Dims: Copy;
+    fn backward<T: Real>(
+        &self,
+        inputs: [&[T]; 3],
+        grad: &[T],
+        d: Self::Dims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>);
+}
+
+impl ThreeInputBackward for ShadeSh {
+    type Dims = ShDims;
+    fn backward<T: Real>(
+        &self,
+        [albedo, normals, coeffs]: [&[T]; 3],
+        grad: &[T],
+        d: ShDims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        self.sh_backward(albedo, normals, coeffs, grad, d)
+    }
+}
+
+impl ThreeInputBackward for ShadePhong {
+    type Dims = PhongDims;
+    fn backward<T: Real>(
+        &self,
+        [albedo, geometry, light]: [&[T]; 3],
+        grad: &[T],
+        d: PhongDims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        self.phong_backward(albedo, geometry, light, grad, d)
+    }
+}
+
+/// `bwd` of a [`ThreeInputBackward`] kernel on CPU tensors of either float type.
+fn fused_backward<K: ThreeInputBackward>(
+    op: &K,
+    inputs: [&Tensor; 3],
+    grad: &Tensor,
+    d: K::Dims,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn run<T: Real, K: ThreeInputBackward>(
+        op: &K,
+        [a, b, c]: [&Tensor; 3],
+        grad: &Tensor,
+        d: K::Dims,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        with_data::<T, _>(a, |da| {
+            with_data::<T, _>(b, |db| {
+                with_data::<T, _>(c, |dc| {
+                    with_data::<T, _>(grad, |g| {
+                        let (ga, gb, gc) = op.backward([da, db, dc], g, d);
+                        Ok((
+                            Some(cpu_tensor(ga, a.shape())?),
+                            Some(cpu_tensor(gb, b.shape())?),
+                            Some(cpu_tensor(gc, c.shape())?),
+                        ))
                     })
                 })
             })
-        }
-        let ts = [albedo, geometry, light, grad];
-        match albedo.dtype() {
-            DType::F32 => run::<f32>(self, ts, d),
-            DType::F64 => run::<f64>(self, ts, d),
-            dt => candle_core::bail!("ganfit-render kernels take f32 or f64 tensors, got {dt:?}"),
-        }
+        })
+    }
+    match inputs[0].dtype() {
+        DType::F32 => run::<f32, K>(op, inputs, grad, d),
+        DType::F64 => run::<f64, K>(op, inputs, grad, d),
+        dt => candle_core::bail!("ganfit-render kernels take f32 or f64 tensors, got {dt:?}"),
     }
 }
 
