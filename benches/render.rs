@@ -5,6 +5,10 @@
 //! `RAYON_NUM_THREADS=1 cargo bench --bench render -- --warm-up-time 1 --measurement-time 3`
 //! gives the one-core numbers. Names are `cpu/<what>/<size>/b<batch>`.
 
+// The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit::morphable::MorphableModel;

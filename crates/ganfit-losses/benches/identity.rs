@@ -6,6 +6,10 @@
 //! (tools/bench/identity_torch.py times the same network in PyTorch; tools/bench/compare_identity.sh
 //! runs both, interleaved, with 1 and 2 threads).
 
+// The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit_losses::identity::{FaceRecognitionNet, INPUT_SIZE};

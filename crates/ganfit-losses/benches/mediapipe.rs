@@ -6,6 +6,10 @@
 //! medians are in `target/criterion/<name>/new/estimates.json` (`median.point_estimate`, ns).
 //! Set `RAYON_NUM_THREADS=1` for single-thread numbers.
 
+// The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::Path;
 
 use candle_core::Device;

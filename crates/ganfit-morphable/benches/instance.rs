@@ -7,6 +7,10 @@
 //! RAYON_NUM_THREADS=1 cargo bench -p ganfit-morphable --bench instance -- --warm-up-time 1 --measurement-time 3
 //! ```
 
+// The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::{Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit_assets::Resolver;

@@ -4,8 +4,12 @@
 //!
 //! Names are `cpu/<what>/<size>/b<batch>`. Run single-threaded for the per-core target:
 //! `RAYON_NUM_THREADS=1 cargo bench -p ganfit-render --bench render -- --warm-up-time 1 --measurement-time 3`
-//! (and say which glibc malloc setting a number was taken with: candle's autograd allocates
-//! image-sized buffers every call, which glibc's default thresholds hand back to the kernel).
+//! (under mimalloc, like the `ganfit` binary: candle's autograd allocates image-sized buffers
+//! every call, which glibc's default thresholds hand back to the kernel).
+
+// The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};

@@ -1,6 +1,10 @@
 //! Timing of the two hot paths: the fitter's generator forward + backward w.r.t. the latent
 //! at 256x256, and one training step (G + D, batch 16) at 128x128.
 
+// The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_core::{Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit_texture::{
