@@ -221,26 +221,29 @@ impl MorphableModel {
             shape.to_dtype(DType::F32)?,
             expression.to_dtype(DType::F32)?,
         );
-        let vertices = if self.device().is_cpu() {
-            shape.contiguous()?.apply_op2(
+        if self.device().is_cpu() {
+            return Ok(shape.contiguous()?.apply_op2(
                 &expression.contiguous()?,
                 AffineBlend {
                     basis: self.basis.clone(),
                     expression_row: self.shape_modes(),
                     offset: self.mean.clone(),
+                    output_shape: Some(if batched {
+                        (b, n, 3).into()
+                    } else {
+                        (n, 3).into()
+                    }),
                 },
-            )?
-        } else {
-            // Elsewhere candle's matmul (whose backward also forms an unused basis gradient).
-            let mut sum = self.mean.flatten_all()?.unsqueeze(0)?.repeat((b, 1))?;
-            for (coeffs, first_row, k) in [(shape, 0, ks), (expression, self.shape_modes(), ke)] {
-                if k > 0 {
-                    sum = (sum + coeffs.matmul(&self.basis.narrow(0, first_row, k)?)?)?;
-                }
-            }
-            sum
+            )?);
         }
-        .reshape((b, n, 3))?;
+        // Elsewhere candle's matmul (whose backward also forms an unused basis gradient).
+        let mut sum = self.mean.flatten_all()?.unsqueeze(0)?.repeat((b, 1))?;
+        for (coeffs, first_row, k) in [(shape, 0, ks), (expression, self.shape_modes(), ke)] {
+            if k > 0 {
+                sum = (sum + coeffs.matmul(&self.basis.narrow(0, first_row, k)?)?)?;
+            }
+        }
+        let vertices = sum.reshape((b, n, 3))?;
         Ok(if batched {
             vertices
         } else {
