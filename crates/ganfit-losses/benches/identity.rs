@@ -1,6 +1,8 @@
 //! Forward + backward (to the input) of the dlib face-recognition ResNet on a batch of two
 //! 150×150 images — GANFIT's render R and frontal render R̂ — through the identity and content
-//! losses against a fixed photo; the forward pass alone is timed too.
+//! losses against a fixed photo; the forward pass alone is timed too. `forward_backward_cpu`
+//! reports the same step's CPU time (all threads of the process), which on a shared machine
+//! moves much less with the load than the wall time.
 //!
 //! `cargo bench --release -p ganfit-losses --bench identity -- --warm-up-time 2 --measurement-time 5`
 //! (tools/bench/identity_torch.py times the same network in PyTorch; tools/bench/compare_identity.sh
@@ -9,6 +11,8 @@
 // The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -30,18 +34,38 @@ fn bench(c: &mut Criterion) {
     c.bench_function("cpu/dlib_resnet/forward/b2", |b| {
         b.iter(|| net.embed(&images).unwrap())
     });
-    c.bench_function("cpu/dlib_resnet/forward_backward/b2", |b| {
-        b.iter(|| {
-            let render = net.forward(input.as_tensor()).unwrap();
-            let loss = (identity_loss(&photo.embedding, &render.embedding).unwrap()
-                + content_loss(&photo.maps, &render.maps).unwrap())
-            .unwrap()
-            .sum_all()
-            .unwrap();
-            let grads = loss.backward().unwrap();
-            grads.get(input.as_tensor()).unwrap().clone()
+    let step = || {
+        let render = net.forward(input.as_tensor()).unwrap();
+        let loss = (identity_loss(&photo.embedding, &render.embedding).unwrap()
+            + content_loss(&photo.maps, &render.maps).unwrap())
+        .unwrap()
+        .sum_all()
+        .unwrap();
+        let grads = loss.backward().unwrap();
+        grads.get(input.as_tensor()).unwrap().clone()
+    };
+    c.bench_function("cpu/dlib_resnet/forward_backward/b2", |b| b.iter(step));
+    c.bench_function("cpu/dlib_resnet/forward_backward_cpu/b2", |b| {
+        b.iter_custom(|iters| {
+            let start = process_cpu_time();
+            for _ in 0..iters {
+                std::hint::black_box(step());
+            }
+            process_cpu_time() - start
         })
     });
+}
+
+/// CPU time used so far by all threads of this process.
+fn process_cpu_time() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write to; the clock id is a constant Linux supports.
+    let status = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    assert_eq!(status, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 criterion_group!(benches, bench);

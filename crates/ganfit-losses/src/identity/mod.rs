@@ -4,6 +4,7 @@
 pub(crate) mod arch;
 mod net;
 mod ops;
+mod stages;
 mod winograd;
 
 pub use arch::{EMBEDDING_DIM, INPUT_SIZE};

@@ -1,5 +1,6 @@
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{D, DType, Device, Tensor};
 use ganfit_assets::Resolver;
@@ -8,7 +9,10 @@ use super::arch::{
     self, EMBEDDING_DIM, FC, INPUT_MEAN, INPUT_SIZE, STAGES, STEM_AFFINE, STEM_CHANNELS, STEM_CONV,
     STEM_KERNEL, STEM_POOL, STEM_POOL_STRIDE, STEM_STRIDE,
 };
-use super::ops::{FixedConv, MaxPool, ResidualRelu};
+use super::ops::{FixedConv, MaxPool};
+use super::stages::{Block, Pool, Stage, StageOp};
+use super::winograd::Scratch;
+
 use crate::{LossError, Result};
 
 /// Manifest id of the converted dlib model (`weights-manifest.toml`).
@@ -25,24 +29,53 @@ pub const DLIB_RESNET_ASSET_ID: &str = "dlib-face-recognition-resnet-v1";
 /// larger shape; global average pool; 256→128 fully connected layer without bias.
 ///
 /// Each convolution is fused with the affine (folded batch-norm) layer that follows it, and with
-/// the ReLU after it where there is one. The weights are constants: backward passes compute
-/// input gradients only. The custom ops have CPU kernels only, so the network runs on
-/// [`Device::Cpu`].
-#[derive(Debug, Clone)]
+/// the ReLU and residual addition after it where there are some; the input normalisation is
+/// folded into the stem. The stem and each residual stage run as one custom op that processes
+/// the images of a batch in parallel. The weights are constants: backward passes compute input
+/// gradients only. The ops have CPU kernels only, so the network runs on [`Device::Cpu`].
+#[derive(Clone)]
 pub struct FaceRecognitionNet {
-    /// `[1, 3, 1, 1]` input means (R, G, B) in pixel units.
-    mean: Tensor,
-    stem: FixedConv,
-    stages: Vec<Vec<Block>>,
+    /// The stem, then the residual stages.
+    stages: Stages,
     /// `[256, 128]`: pooled features times this give the descriptor.
     fc_t: Tensor,
 }
 
-#[derive(Debug, Clone)]
-struct Block {
-    conv1: FixedConv,
-    conv2: FixedConv,
-    down: bool,
+/// The stages in the network's element type, and the buffers they share.
+#[derive(Clone)]
+enum Stages {
+    F32(Vec<Arc<Stage<f32>>>, Arc<Pool<f32>>),
+    F64(Vec<Arc<Stage<f64>>>, Arc<Pool<f64>>),
+}
+
+impl Stages {
+    fn len(&self) -> usize {
+        match self {
+            Self::F32(stages, _) => stages.len(),
+            Self::F64(stages, _) => stages.len(),
+        }
+    }
+
+    /// Stage `i` applied to `x`.
+    fn apply(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Self::F32(stages, pool) => x.apply_op1(StageOp::new(stages[i].clone(), pool.clone())),
+            Self::F64(stages, pool) => x.apply_op1(StageOp::new(stages[i].clone(), pool.clone())),
+        }
+    }
+
+    fn cast<T: Scratch, U: Scratch>(stages: &[Arc<Stage<T>>]) -> Vec<Arc<Stage<U>>> {
+        stages.iter().map(|s| Arc::new(s.cast())).collect()
+    }
+}
+
+impl std::fmt::Debug for FaceRecognitionNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaceRecognitionNet")
+            .field("dtype", &self.fc_t.dtype())
+            .field("stages", &self.stages.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The outputs of [`FaceRecognitionNet::forward`].
@@ -99,9 +132,8 @@ impl FaceRecognitionNet {
                            affine: &str,
                            inputs: usize,
                            filters: usize,
-                           kernel: usize,
-                           stride: usize|
-         -> Result<FixedConv> {
+                           kernel: usize|
+         -> Result<(Vec<f32>, Vec<f32>)> {
             let weight = get(
                 &format!("{conv}.weight"),
                 &[filters, inputs, kernel, kernel],
@@ -117,26 +149,42 @@ impl FaceRecognitionNet {
             // affine(conv(x)) = γ·(W∗x + b) + β = (γW)∗x + (γb + β).
             let weight = weight.broadcast_mul(&gamma.reshape((filters, 1, 1, 1))?)?;
             let bias = ((bias * &gamma)? + beta)?;
-            Ok(FixedConv::new(
-                &weight,
-                &bias,
+            Ok((weight.flatten_all()?.to_vec1()?, bias.to_vec1()?))
+        };
+        let conv3x3 = |prefix: &str, n: usize, inputs: usize, layer: usize, stride: usize| {
+            let (weight, bias) = conv_affine(
+                &format!("{prefix}.conv{layer}"),
+                &format!("{prefix}.affine{layer}"),
+                inputs,
+                n,
+                3,
+            )?;
+            Ok::<_, LossError>(FixedConv::new(
+                weight,
+                bias,
+                (n, inputs, 3),
                 stride,
-                arch::dlib_padding(kernel, stride),
-            )?)
+                arch::dlib_padding(3, stride),
+            ))
         };
 
-        let mean = get(INPUT_MEAN, &[3])?.reshape((1, 3, 1, 1))?;
-        let stem = conv_affine(
-            STEM_CONV,
-            STEM_AFFINE,
-            3,
-            STEM_CHANNELS,
-            STEM_KERNEL,
-            STEM_STRIDE,
-        )?
-        .with_relu();
+        let mean = get(INPUT_MEAN, &[3])?.to_vec1::<f32>()?;
+        let (weight, bias) = conv_affine(STEM_CONV, STEM_AFFINE, 3, STEM_CHANNELS, STEM_KERNEL)?;
+        let (weight, bias) = fold_input_normalisation(&weight, &bias, &mean);
+        let mut stages = vec![Arc::new(Stage::Stem {
+            conv: FixedConv::new(
+                weight,
+                bias,
+                (STEM_CHANNELS, 3, STEM_KERNEL),
+                STEM_STRIDE,
+                arch::dlib_padding(STEM_KERNEL, STEM_STRIDE),
+            ),
+            pool: MaxPool {
+                kernel: STEM_POOL,
+                stride: STEM_POOL_STRIDE,
+            },
+        })];
         let mut channels = STEM_CHANNELS;
-        let mut stages = Vec::with_capacity(STAGES.len());
         for (s, stage) in STAGES.iter().enumerate() {
             let mut blocks = Vec::with_capacity(stage.blocks);
             for b in 0..stage.blocks {
@@ -144,62 +192,39 @@ impl FaceRecognitionNet {
                 let down = arch::is_down_block(stage, b);
                 let n = stage.channels;
                 blocks.push(Block {
-                    conv1: conv_affine(
-                        &format!("{prefix}.conv1"),
-                        &format!("{prefix}.affine1"),
-                        channels,
-                        n,
-                        3,
-                        if down { 2 } else { 1 },
-                    )?
-                    .with_relu(),
-                    conv2: conv_affine(
-                        &format!("{prefix}.conv2"),
-                        &format!("{prefix}.affine2"),
-                        n,
-                        n,
-                        3,
-                        1,
-                    )?,
+                    conv1: conv3x3(&prefix, n, channels, 1, if down { 2 } else { 1 })?,
+                    conv2: conv3x3(&prefix, n, n, 2, 1)?,
                     down,
                 });
                 channels = n;
             }
-            stages.push(blocks);
+            stages.push(Arc::new(Stage::Residual(blocks)));
         }
         let fc_t = get(&format!("{FC}.weight"), &[EMBEDDING_DIM, channels])?
             .t()?
             .contiguous()?;
         Ok(Self {
-            mean,
-            stem,
-            stages,
+            stages: Stages::F32(stages, Arc::default()),
             fc_t,
         })
     }
 
     /// The same network computing in `dtype` (`F32` or `F64`; f64 serves gradient checks).
     pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        let conv = |c: &FixedConv| c.to_dtype(dtype);
+        let stages = match (&self.stages, dtype) {
+            (Stages::F32(s, _), DType::F32) => Stages::F32(Stages::cast(s), Arc::default()),
+            (Stages::F64(s, _), DType::F32) => Stages::F32(Stages::cast(s), Arc::default()),
+            (Stages::F32(s, _), DType::F64) => Stages::F64(Stages::cast(s), Arc::default()),
+            (Stages::F64(s, _), DType::F64) => Stages::F64(Stages::cast(s), Arc::default()),
+            (_, other) => {
+                return Err(LossError::InputValue {
+                    what: "the face-recognition network's dtype",
+                    reason: format!("must be F32 or F64, not {other:?}"),
+                });
+            }
+        };
         Ok(Self {
-            mean: self.mean.to_dtype(dtype)?,
-            stem: conv(&self.stem)?,
-            stages: self
-                .stages
-                .iter()
-                .map(|blocks| {
-                    blocks
-                        .iter()
-                        .map(|b| {
-                            Ok(Block {
-                                conv1: conv(&b.conv1)?,
-                                conv2: conv(&b.conv2)?,
-                                down: b.down,
-                            })
-                        })
-                        .collect::<Result<Vec<_>>>()
-                })
-                .collect::<Result<Vec<_>>>()?,
+            stages,
             fc_t: self.fc_t.to_dtype(dtype)?,
         })
     }
@@ -216,20 +241,10 @@ impl FaceRecognitionNet {
                 actual: dims.to_vec(),
             });
         }
-        let x = (images
-            .to_dtype(self.mean.dtype())?
-            .broadcast_sub(&self.mean)?
-            / 256.0)?;
-        let x = x.contiguous()?.apply_op1(self.stem.clone())?;
-        let mut x = x.apply_op1(MaxPool {
-            kernel: STEM_POOL,
-            stride: STEM_POOL_STRIDE,
-        })?;
-        let mut maps = vec![x.clone()];
-        for blocks in &self.stages {
-            for block in blocks {
-                x = block.forward(&x)?;
-            }
+        let mut x = images.to_dtype(self.fc_t.dtype())?.contiguous()?;
+        let mut maps = Vec::with_capacity(self.stages.len());
+        for i in 0..self.stages.len() {
+            x = self.stages.apply(i, &x)?;
             maps.push(x.clone());
         }
         let pooled = x.mean((D::Minus2, D::Minus1))?;
@@ -243,42 +258,24 @@ impl FaceRecognitionNet {
     }
 }
 
-impl Block {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let main = x.apply_op1(self.conv1.clone())?;
-        let main = main.apply_op1(self.conv2.clone())?;
-        let shortcut = if self.down {
-            avg_pool_2x2_floor(x)?
-        } else {
-            x.clone()
-        };
-        Ok(main.apply_op2(&shortcut, ResidualRelu)?)
-    }
-}
-
-/// 2×2/2 average pooling that drops an odd last row/column, as dlib does.
-fn avg_pool_2x2_floor(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    x.narrow(2, 0, h / 2 * 2)?
-        .narrow(3, 0, w / 2 * 2)?
-        .contiguous()?
-        .avg_pool2d(2)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gradcheck::{check_input_gradient, seeded_tensor};
-
-    #[test]
-    fn floor_average_pool_drops_the_odd_edge_and_has_exact_gradients() -> candle_core::Result<()> {
-        let x = seeded_tensor(&[1, 2, 5, 5], 11)?;
-        let y = avg_pool_2x2_floor(&x)?;
-        assert_eq!(y.dims(), &[1, 2, 2, 2]);
-        let xv: Vec<Vec<Vec<f64>>> = x.squeeze(0)?.to_vec3()?;
-        let yv: Vec<Vec<Vec<f64>>> = y.squeeze(0)?.to_vec3()?;
-        let expected = (xv[1][2][2] + xv[1][2][3] + xv[1][3][2] + xv[1][3][3]) / 4.0;
-        assert!((yv[1][1][1] - expected).abs() < 1e-12);
-        check_input_gradient(&x, avg_pool_2x2_floor, 1e-6)
-    }
+/// Folds dlib's input normalisation `(pixel − mean)/256` into the stem convolution (which has
+/// no padding, so every tap reads a pixel): `W∗((x − m)/256) + b = (W/256)∗x + (b − Σ W·m/256)`.
+/// Dividing by 256 is exact; the bias correction is summed in f64.
+fn fold_input_normalisation(weight: &[f32], bias: &[f32], mean: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let per_filter = weight.len() / bias.len();
+    let per_channel = per_filter / mean.len();
+    let scaled = weight.iter().map(|w| w / 256.0).collect();
+    let bias = weight
+        .chunks(per_filter)
+        .zip(bias)
+        .map(|(filter, &b)| {
+            let shift: f64 = filter
+                .chunks(per_channel)
+                .zip(mean)
+                .map(|(taps, &m)| taps.iter().map(|&w| f64::from(w)).sum::<f64>() * f64::from(m))
+                .sum();
+            (f64::from(b) - shift / 256.0) as f32
+        })
+        .collect();
+    (scaled, bias)
 }

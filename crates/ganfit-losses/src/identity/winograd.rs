@@ -11,25 +11,24 @@
 
 use std::cell::RefCell;
 
-use super::ops::for_each_chunk;
-use candle_core::{DType, Result, Tensor, WithDType};
+use super::ops::{Epilogue, matmul};
+use candle_core::WithDType;
 
 /// Elements of a transformed 4×4 tile.
 const TILE: usize = 16;
 
 /// Transformed filters `G g Gᵀ`, stored `[16, rows, cols]` (one `rows × cols` matrix per tile
-/// element) in the dtype of the filters they were made from.
+/// element).
 #[derive(Debug, Clone)]
-pub(crate) struct WinogradFilters {
-    matrices: Tensor,
+pub(crate) struct WinogradFilters<T> {
+    matrices: Vec<T>,
     rows: usize,
     cols: usize,
 }
 
-impl WinogradFilters {
+impl<T: Scratch> WinogradFilters<T> {
     /// Filters for the forward pass of `weight` `[F, C, 3, 3]`: `[16, F, C]`.
-    pub fn forward(weight: &Tensor) -> Result<Self> {
-        let (filters, channels, _, _) = weight.dims4()?;
+    pub fn forward(weight: &[T], filters: usize, channels: usize) -> Self {
         Self::transform(weight, filters, channels, |f, c, ky, kx| {
             ((f * channels + c) * 3 + ky) * 3 + kx
         })
@@ -37,25 +36,20 @@ impl WinogradFilters {
 
     /// Filters for the input gradient of `weight` `[F, C, 3, 3]`: the correlation with
     /// `w'[c, f, a, b] = w[f, c, 2 − a, 2 − b]`, `[16, C, F]`.
-    pub fn input_gradient(weight: &Tensor) -> Result<Self> {
-        let (filters, channels, _, _) = weight.dims4()?;
+    pub fn input_gradient(weight: &[T], filters: usize, channels: usize) -> Self {
         Self::transform(weight, channels, filters, |c, f, a, b| {
             ((f * channels + c) * 3 + 2 - a) * 3 + 2 - b
         })
     }
 
     /// `G g Gᵀ` with `G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]` for the 3×3 kernel
-    /// `g(ky, kx) = weight[index(row, col, ky, kx)]` of every (row, col) pair.
+    /// `g(ky, kx) = weight[index(row, col, ky, kx)]` of every (row, col) pair, computed in f64.
     fn transform(
-        weight: &Tensor,
+        weight: &[T],
         rows: usize,
         cols: usize,
         index: impl Fn(usize, usize, usize, usize) -> usize,
-    ) -> Result<Self> {
-        let w = weight
-            .to_dtype(DType::F64)?
-            .flatten_all()?
-            .to_vec1::<f64>()?;
+    ) -> Self {
         let g_rows = |g: [f64; 3]| {
             [
                 g[0],
@@ -64,89 +58,66 @@ impl WinogradFilters {
                 g[2],
             ]
         };
-        let mut out = vec![0f64; TILE * rows * cols];
+        let mut matrices = vec![T::zero(); TILE * rows * cols];
         for r in 0..rows {
             for c in 0..cols {
-                let g = |ky: usize, kx: usize| w[index(r, c, ky, kx)];
+                let g = |ky: usize, kx: usize| weight[index(r, c, ky, kx)].to_f64();
                 // G g: 4×3, one column at a time.
                 let columns: [[f64; 4]; 3] =
                     std::array::from_fn(|kx| g_rows([g(0, kx), g(1, kx), g(2, kx)]));
                 for i in 0..4 {
                     let row = g_rows([columns[0][i], columns[1][i], columns[2][i]]);
                     for (j, value) in row.into_iter().enumerate() {
-                        out[((i * 4 + j) * rows + r) * cols + c] = value;
+                        matrices[((i * 4 + j) * rows + r) * cols + c] = T::from_f64(value);
                     }
                 }
             }
         }
-        let matrices =
-            Tensor::from_vec(out, (TILE, rows, cols), weight.device())?.to_dtype(weight.dtype())?;
-        Ok(Self {
+        Self {
             matrices,
             rows,
             cols,
-        })
+        }
     }
 
-    /// The same filters in `dtype`.
-    pub fn to_dtype(&self, dtype: DType) -> Result<Self> {
-        Ok(Self {
-            matrices: self.matrices.to_dtype(dtype)?,
-            ..self.clone()
-        })
-    }
-
-    /// `out[b, f] = act(bias[f] + Σ_c filters[f, c] ⋆ src[b, c])`, a "same" 3×3 correlation of the
-    /// `[B, C, H, W]` planes `src` (each element zeroed where `gate` is not positive, for the
-    /// gradient of a ReLU), with `act` a ReLU if `relu`. Returns `[B, F, H, W]`.
-    pub fn apply<T: Scratch>(
+    /// `out[f] = epilogue(Σ_c filters[f, c] ⋆ src[c])`, a "same" 3×3 correlation of the
+    /// `[C, H, W]` planes `src` of one image (each element zeroed where `gate` is not positive,
+    /// for the gradient of a ReLU), into `out` `[F, H, W]`.
+    pub fn apply(
         &self,
         src: &[T],
         gate: Option<&[T]>,
-        (batch, height, width): (usize, usize, usize),
-        bias: Option<&[T]>,
-        relu: bool,
-    ) -> Result<Vec<T>> {
+        (height, width): (usize, usize),
+        epilogue: &Epilogue<'_, T>,
+        out: &mut [T],
+    ) {
         let channels = self.cols;
-        let tiles = Tiles::new(batch, height, width);
-        if tiles.total() == 0 {
-            return Ok(Vec::new());
-        }
+        let tiles = Tiles::new(height, width);
         T::with_scratch(|transformed, products| {
             let total = tiles.total();
             let transformed = fit(transformed, TILE * channels * total);
             transform_input(src, gate, channels, &tiles, transformed);
             let transformed: &[T] = transformed;
             let products = fit(products, TILE * self.rows * total);
-            super::ops::with_cpu_slice(&self.matrices, |u: &[T]| {
-                // For each tile element ξ, [F, C] · [C, tiles] into products laid out
-                // [16, F, tiles]. The 16 products are independent, so with several threads each
-                // product runs whole on one: splitting these small products inside the matrix
-                // multiply would synchronise the threads 16 times per layer.
-                for_each_chunk(
-                    products,
-                    self.rows * total,
-                    || (),
-                    |_, xi, product| {
-                        super::ops::matmul_serial(
-                            (product, total),
-                            (&u[xi * self.rows * channels..], channels),
-                            (&transformed[xi * total..], TILE * total),
-                            (self.rows, channels, total),
-                        );
-                    },
+            // For each tile element ξ, [F, C] · [C, tiles] into products laid out [16, F, tiles].
+            for (xi, product) in products.chunks_mut(self.rows * total).enumerate() {
+                matmul(
+                    (product, total),
+                    (&self.matrices[xi * self.rows * channels..], channels),
+                    (&transformed[xi * total..], TILE * total),
+                    (self.rows, channels, total),
                 );
-            })?;
-            Ok(transform_output(products, self.rows, &tiles, bias, relu))
-        })
+            }
+            transform_output(products, self.rows, &tiles, epilogue, out);
+        });
     }
 }
 
 /// Element types with per-thread scratch buffers for the convolutions' intermediates (transformed
 /// tiles and their products, im2col columns): these are several times the size of a layer's
 /// input and output, so reusing them saves the allocator's zeroing and page faults on every
-/// layer. Each thread that runs the network keeps the largest (about 6 MB for f32, from the
-/// stem's columns) until it exits.
+/// layer. Each thread that runs the network keeps the largest (about 1.3 MB for f32, from the
+/// 35×35 layers' Winograd products) until it exits.
 pub(crate) trait Scratch: WithDType {
     /// Calls `f` with two buffers of any length and contents, this thread's own unless `f` is
     /// already running on this thread.
@@ -184,20 +155,18 @@ pub(crate) fn fit<T: WithDType>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
     &mut buffer[..len]
 }
 
-/// How a batch of `height × width` planes splits into 2×2 output tiles.
+/// How a `height × width` plane splits into 2×2 output tiles.
 struct Tiles {
-    batch: usize,
     height: usize,
     width: usize,
-    /// Tile rows and columns per plane.
+    /// Tile rows and columns.
     rows: usize,
     cols: usize,
 }
 
 impl Tiles {
-    fn new(batch: usize, height: usize, width: usize) -> Self {
+    fn new(height: usize, width: usize) -> Self {
         Self {
-            batch,
             height,
             width,
             rows: height.div_ceil(2),
@@ -205,12 +174,8 @@ impl Tiles {
         }
     }
 
-    fn per_plane(&self) -> usize {
-        self.rows * self.cols
-    }
-
     fn total(&self) -> usize {
-        self.batch * self.per_plane()
+        self.rows * self.cols
     }
 }
 
@@ -228,9 +193,20 @@ macro_rules! avx2_twin {
     };
 }
 
+/// Whether the CPU has AVX2 (the standard library caches the answer).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx2() -> bool {
+    false
+}
+
 /// `Bᵀ d B` of every 4×4 input tile `d` (rows and columns from `2t − 1`, zero outside the
 /// plane), with `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0], [0, 1, 0, −1]]`, written to
-/// `out` laid out `[C, 16, tiles]` so that each channel's values are written by one task.
+/// `out` laid out `[C, 16, tiles]`.
 fn transform_input<T: WithDType>(
     src: &[T],
     gate: Option<&[T]>,
@@ -238,15 +214,6 @@ fn transform_input<T: WithDType>(
     tiles: &Tiles,
     out: &mut [T],
 ) {
-    let total = tiles.total();
-    let context = InputContext {
-        src,
-        gate,
-        channels,
-        tiles,
-    };
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
     // The plane with a zero border of one pixel, rounded up to whole tiles, is split into four
     // quarters by row and column parity, each `(rows + 1) × (cols + 1)`. Element (i, k) of
     // tile (ty, tx) is then quarter (i % 2, k % 2) at (ty + i / 2, tx + k / 2): with tiles
@@ -255,134 +222,126 @@ fn transform_input<T: WithDType>(
     let half = tiles.cols + 1;
     let quarter = (tiles.rows + 1) * half;
     let spread = tiles.rows * half;
-    for_each_chunk(
-        out,
-        TILE * total,
-        // One element more: the unused tile of the last row reads one past the last quarter.
-        || {
-            (
-                vec![T::zero(); 4 * quarter + 1],
-                vec![T::zero(); 2 * TILE * spread],
-            )
-        },
-        |(quarters, work), c, dst| {
-            let channel = InputChannel { c, quarters, work };
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2, the only requirement of the function.
-                return unsafe { transform_input_channel_avx2(&context, channel, dst) };
-            }
-            transform_input_channel(&context, channel, dst)
-        },
-    );
+    let plane = tiles.height * tiles.width;
+    // One element more: the unused tile of the last row reads one past the last quarter.
+    let mut quarters = vec![T::zero(); 4 * quarter + 1];
+    let mut work = vec![T::zero(); 2 * TILE * spread];
+    let avx2 = has_avx2();
+    for (c, dst) in out
+        .chunks_mut(TILE * tiles.total())
+        .enumerate()
+        .take(channels)
+    {
+        let channel = InputChannel {
+            src: &src[c * plane..][..plane],
+            gate: gate.map(|gate| &gate[c * plane..][..plane]),
+            tiles,
+            quarters: &mut quarters,
+            work: &mut work,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU has AVX2, the only requirement of the function.
+            unsafe { transform_input_channel_avx2(channel, dst) };
+            continue;
+        }
+        let _ = avx2;
+        transform_input_channel(channel, dst);
+    }
 }
 
-/// What every channel's input transform reads.
-struct InputContext<'a, T> {
+/// One channel's plane, its gate and the work buffers of its input transform.
+struct InputChannel<'a, T> {
     src: &'a [T],
     gate: Option<&'a [T]>,
-    channels: usize,
     tiles: &'a Tiles,
-}
-
-/// One channel and its task's work buffers.
-struct InputChannel<'a, T> {
-    c: usize,
     quarters: &'a mut [T],
     work: &'a mut [T],
 }
 
-/// The input transform of channel `c` of every image, into `dst` (`[16, tiles]`).
+/// The input transform of one channel into `dst` (`[16, tiles]`).
 #[inline(always)]
-fn transform_input_channel<T: WithDType>(
-    context: &InputContext<'_, T>,
-    channel: InputChannel<'_, T>,
-    dst: &mut [T],
-) {
-    let InputContext {
+fn transform_input_channel<T: WithDType>(channel: InputChannel<'_, T>, dst: &mut [T]) {
+    let InputChannel {
         src,
         gate,
-        channels,
         tiles,
-    } = *context;
-    let InputChannel { c, quarters, work } = channel;
-    let total = tiles.total();
+        quarters,
+        work,
+    } = channel;
     let (h, w) = (tiles.height, tiles.width);
     let half = tiles.cols + 1;
     let quarter = (tiles.rows + 1) * half;
     let spread = tiles.rows * half;
-    for b in 0..tiles.batch {
-        let start = (b * channels + c) * h * w;
-        for y in 0..h {
-            let from = start + y * w;
-            // Padded row y + 1; padded columns 2j + 1 (odd) and 2j + 2 (even) hold
-            // pixels 2j and 2j + 1.
-            let (row, parity) = (y.div_ceil(2) * half, (y + 1) % 2);
-            let (even, odd) = quarters[2 * parity * quarter..][..2 * quarter].split_at_mut(quarter);
-            let pairs = src[from..from + w].chunks(2);
-            let (even, odd) = (
-                &mut even[row + 1..][..w / 2],
-                &mut odd[row..][..w.div_ceil(2)],
-            );
-            match gate {
-                Some(gate) => {
-                    let open = |v: T, g: T| if g > T::zero() { v } else { T::zero() };
-                    let gates = gate[from..from + w].chunks(2);
-                    for (j, (pair, g)) in pairs.zip(gates).enumerate() {
-                        odd[j] = open(pair[0], g[0]);
-                        if let (Some(e), Some(&v)) = (even.get_mut(j), pair.get(1)) {
-                            *e = open(v, g[1]);
-                        }
+    for y in 0..h {
+        let from = y * w;
+        // Padded row y + 1; padded columns 2j + 1 (odd) and 2j + 2 (even) hold
+        // pixels 2j and 2j + 1.
+        let (row, parity) = (y.div_ceil(2) * half, (y + 1) % 2);
+        let (even, odd) = quarters[2 * parity * quarter..][..2 * quarter].split_at_mut(quarter);
+        let pairs = src[from..from + w].chunks(2);
+        let (even, odd) = (
+            &mut even[row + 1..][..w / 2],
+            &mut odd[row..][..w.div_ceil(2)],
+        );
+        match gate {
+            Some(gate) => {
+                let open = |v: T, g: T| if g > T::zero() { v } else { T::zero() };
+                let gates = gate[from..from + w].chunks(2);
+                for (j, (pair, g)) in pairs.zip(gates).enumerate() {
+                    odd[j] = open(pair[0], g[0]);
+                    if let (Some(e), Some(&v)) = (even.get_mut(j), pair.get(1)) {
+                        *e = open(v, g[1]);
                     }
                 }
-                None => {
-                    for (j, pair) in pairs.enumerate() {
-                        odd[j] = pair[0];
-                        if let (Some(e), Some(&v)) = (even.get_mut(j), pair.get(1)) {
-                            *e = v;
-                        }
+            }
+            None => {
+                for (j, pair) in pairs.enumerate() {
+                    odd[j] = pair[0];
+                    if let (Some(e), Some(&v)) = (even.get_mut(j), pair.get(1)) {
+                        *e = v;
                     }
                 }
             }
         }
-        let d = |i: usize, k: usize| {
-            let base = (2 * (i % 2) + k % 2) * quarter + (i / 2) * half + k / 2;
-            &quarters[base..base + spread]
-        };
-        let (columns, rows) = work.split_at_mut(TILE * spread);
-        // d B: the combination of the columns of each row i, into columns[4i + k].
-        for i in 0..4 {
-            let [c0, c1, c2, c3] = split4(&mut columns[4 * i * spread..][..4 * spread]);
-            combine_b([d(i, 0), d(i, 1), d(i, 2), d(i, 3)], [c0, c1, c2, c3]);
-        }
-        // Bᵀ (d B): the same combination of the rows, into rows[4i + k].
-        for k in 0..4 {
-            let c = |i: usize| &columns[(4 * i + k) * spread..][..spread];
-            let (r01, r23) = rows.split_at_mut(8 * spread);
-            let (r0, r1) = r01.split_at_mut(4 * spread);
-            let (r2, r3) = r23.split_at_mut(4 * spread);
-            let at = k * spread;
-            combine_b(
-                [c(0), c(1), c(2), c(3)],
-                [
-                    &mut r0[at..at + spread],
-                    &mut r1[at..at + spread],
-                    &mut r2[at..at + spread],
-                    &mut r3[at..at + spread],
-                ],
-            );
-        }
-        // Drop the unused tile of each row while copying out.
-        for (xi, values) in rows.chunks(spread).enumerate() {
-            let row = &mut dst[xi * total + b * tiles.per_plane()..][..tiles.per_plane()];
-            for (to, from) in row.chunks_mut(tiles.cols).zip(values.chunks(half)) {
-                to.copy_from_slice(&from[..tiles.cols]);
-            }
+    }
+    let d = |i: usize, k: usize| {
+        let base = (2 * (i % 2) + k % 2) * quarter + (i / 2) * half + k / 2;
+        &quarters[base..base + spread]
+    };
+    let (columns, rows) = work.split_at_mut(TILE * spread);
+    // d B: the combination of the columns of each row i, into columns[4i + k].
+    for i in 0..4 {
+        let [c0, c1, c2, c3] = split4(&mut columns[4 * i * spread..][..4 * spread]);
+        combine_b([d(i, 0), d(i, 1), d(i, 2), d(i, 3)], [c0, c1, c2, c3]);
+    }
+    // Bᵀ (d B): the same combination of the rows, into rows[4i + k].
+    for k in 0..4 {
+        let c = |i: usize| &columns[(4 * i + k) * spread..][..spread];
+        let (r01, r23) = rows.split_at_mut(8 * spread);
+        let (r0, r1) = r01.split_at_mut(4 * spread);
+        let (r2, r3) = r23.split_at_mut(4 * spread);
+        let at = k * spread;
+        combine_b(
+            [c(0), c(1), c(2), c(3)],
+            [
+                &mut r0[at..at + spread],
+                &mut r1[at..at + spread],
+                &mut r2[at..at + spread],
+                &mut r3[at..at + spread],
+            ],
+        );
+    }
+    // Drop the unused tile of each row while copying out.
+    for (xi, values) in rows.chunks(spread).enumerate() {
+        let row = &mut dst[xi * tiles.total()..][..tiles.total()];
+        for (to, from) in row.chunks_mut(tiles.cols).zip(values.chunks(half)) {
+            to.copy_from_slice(&from[..tiles.cols]);
         }
     }
 }
 
-avx2_twin!(transform_input_channel_avx2 = transform_input_channel(context: &InputContext<'_, T>, channel: InputChannel<'_, T>, dst: &mut [T]));
+avx2_twin!(transform_input_channel_avx2 = transform_input_channel(channel: InputChannel<'_, T>, dst: &mut [T]));
 
 /// Four equal consecutive parts of `values`.
 #[inline(always)]
@@ -422,73 +381,64 @@ fn combine_a<T: WithDType>(m: [&[T]; 4], out: [&mut [T]; 2]) {
     }
 }
 
-/// `Aᵀ m A` of every transformed tile, `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`, plus the bias and
-/// the ReLU, cropped to the planes: `[B, F, H, W]`.
+/// `Aᵀ m A` of every transformed tile, `Aᵀ = [[1, 1, 1, 0], [0, 1, −1, −1]]`, cropped to the
+/// planes and finished by `epilogue`, into `out` `[F, H, W]`.
 fn transform_output<T: WithDType>(
     products: &[T],
     outputs: usize,
     tiles: &Tiles,
-    bias: Option<&[T]>,
-    relu: bool,
-) -> Vec<T> {
-    let n = tiles.per_plane();
-    let (h, w) = (tiles.height, tiles.width);
-    let mut out = vec![T::zero(); tiles.batch * outputs * h * w];
-    let context = OutputContext {
-        products,
-        outputs,
-        tiles,
-        bias,
-        relu,
-    };
-    #[cfg(target_arch = "x86_64")]
-    let avx2 = std::arch::is_x86_feature_detected!("avx2");
-    for_each_chunk(
-        &mut out,
-        h * w,
-        || vec![T::zero(); 12 * n],
-        |work, p, dst| {
-            #[cfg(target_arch = "x86_64")]
-            if avx2 {
-                // SAFETY: the CPU has AVX2, the only requirement of the function.
-                return unsafe { transform_output_plane_avx2(&context, work, p, dst) };
-            }
-            transform_output_plane(&context, work, p, dst)
-        },
-    );
-    out
+    epilogue: &Epilogue<'_, T>,
+    out: &mut [T],
+) {
+    let plane = tiles.height * tiles.width;
+    let mut work = vec![T::zero(); 12 * tiles.total()];
+    let avx2 = has_avx2();
+    for (f, dst) in out.chunks_mut(plane).enumerate().take(outputs) {
+        let context = OutputPlane {
+            products,
+            outputs,
+            tiles,
+            epilogue,
+            f,
+        };
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: the CPU has AVX2, the only requirement of the function.
+            unsafe { transform_output_plane_avx2(&context, &mut work, dst) };
+            continue;
+        }
+        let _ = avx2;
+        transform_output_plane(&context, &mut work, dst);
+    }
 }
 
-/// What every output plane's transform reads.
-struct OutputContext<'a, T> {
+/// What one output plane's transform reads.
+struct OutputPlane<'a, T> {
     products: &'a [T],
     outputs: usize,
     tiles: &'a Tiles,
-    bias: Option<&'a [T]>,
-    relu: bool,
+    epilogue: &'a Epilogue<'a, T>,
+    /// The plane's filter.
+    f: usize,
 }
 
-/// The output transform of plane `p` (image `p / outputs`, filter `p % outputs`) into `dst`.
+/// The output transform of one plane into `dst`.
 #[inline(always)]
 fn transform_output_plane<T: WithDType>(
-    context: &OutputContext<'_, T>,
+    context: &OutputPlane<'_, T>,
     work: &mut [T],
-    p: usize,
     dst: &mut [T],
 ) {
-    let OutputContext {
+    let OutputPlane {
         products,
         outputs,
         tiles,
-        bias,
-        relu,
+        epilogue,
+        f,
     } = *context;
-    let total = tiles.total();
-    let n = tiles.per_plane();
+    let n = tiles.total();
     let w = tiles.width;
-    let (b, f) = (p / outputs, p % outputs);
-    let at = f * total + b * n;
-    let m = |xi: usize| &products[xi * outputs * total + at..][..n];
+    let m = |xi: usize| &products[(xi * outputs + f) * n..][..n];
     // Each step is one loop over all the plane's tiles, element by element.
     let (rows, corners) = work.split_at_mut(8 * n);
     // Aᵀ m: rows[k] and rows[4 + k] from column k of the four rows.
@@ -505,11 +455,6 @@ fn transform_output_plane<T: WithDType>(
         let (left, right) = corners[2 * dy * n..][..2 * n].split_at_mut(n);
         combine_a([r(0), r(1), r(2), r(3)], [left, right]);
     }
-    let offset = bias.map_or(T::zero(), |bias| bias[f]);
-    for v in corners.iter_mut() {
-        let y = *v + offset;
-        *v = if relu && y < T::zero() { T::zero() } else { y };
-    }
     let corner = |dy: usize, dx: usize| &corners[(2 * dy + dx) * n..][..n];
     for (y, row) in dst.chunks_mut(w).enumerate() {
         let first = y / 2 * tiles.cols;
@@ -521,7 +466,8 @@ fn transform_output_plane<T: WithDType>(
                 *second = r;
             }
         }
+        epilogue.finish(f, (f * tiles.height + y) * w, row);
     }
 }
 
-avx2_twin!(transform_output_plane_avx2 = transform_output_plane(context: &OutputContext<'_, T>, work: &mut [T], p: usize, dst: &mut [T]));
+avx2_twin!(transform_output_plane_avx2 = transform_output_plane(context: &OutputPlane<'_, T>, work: &mut [T], dst: &mut [T]));
