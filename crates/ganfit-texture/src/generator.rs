@@ -1,5 +1,6 @@
 //! The ProGAN generator (Karras et al., ICLR 2018) used as GANFIT's texture model.
 
+use crate::latent_pass::{LatentPass, PackedWeights};
 use crate::model::{TextureModel, check_latent};
 use crate::ops::{bias_lrelu_pixel_norm, pixel_norm};
 use crate::params::{
@@ -147,6 +148,9 @@ pub struct Generator {
     config: GeneratorConfig,
     params: ParamMap,
     device: Device,
+    /// The final level's packed weights, shared by clones; `None` where the parameters may be
+    /// updated in place (built around a trainer's variables), which forbids keeping them.
+    packed: Option<PackedWeights>,
 }
 
 impl Generator {
@@ -158,6 +162,7 @@ impl Generator {
             config,
             params,
             device: device.clone(),
+            packed: Some(PackedWeights::default()),
         })
     }
 
@@ -181,6 +186,7 @@ impl Generator {
             config,
             params,
             device,
+            packed: None,
         })
     }
 
@@ -196,6 +202,7 @@ impl Generator {
             config,
             params,
             device: device.clone(),
+            packed: Some(PackedWeights::default()),
         })
     }
 
@@ -234,6 +241,7 @@ impl Generator {
             config: self.config.clone(),
             params,
             device: self.device.clone(),
+            packed: Some(PackedWeights::default()),
         })
     }
 
@@ -249,6 +257,7 @@ impl Generator {
             config: self.config.clone(),
             params,
             device: self.device.clone(),
+            packed: self.packed.clone(),
         }
     }
 
@@ -256,12 +265,33 @@ impl Generator {
     /// blending in the new level with weight `alpha` during progressive growing
     /// (`alpha = 1` for a fully grown level).
     pub fn forward(&self, latent: &Tensor, level: usize, alpha: f64) -> Result<Tensor> {
+        self.forward_mapped(latent, level, alpha, (1.0, 0.0))
+    }
+
+    /// [`Generator::forward`] followed by `x * mul + add` (`map = (mul, add)`), which the
+    /// fused latent pass folds into its last layer.
+    fn forward_mapped(
+        &self,
+        latent: &Tensor,
+        level: usize,
+        alpha: f64,
+        map: (f64, f64),
+    ) -> Result<Tensor> {
         let b = check_latent(latent, self.config.latent_dim, self.dtype())?;
         if level > self.config.max_level() {
             return Err(TextureError::InvalidConfig(format!(
                 "level {level} exceeds this generator's final level {}",
                 self.config.max_level()
             )));
+        }
+        let fixed = !self.params.values().any(Tensor::track_op);
+        if fixed && self.device.is_cpu() && (alpha >= 1.0 || level == 0) {
+            let packed = match &self.packed {
+                Some(packed) if level == self.config.max_level() => packed.clone(),
+                _ => PackedWeights::default(),
+            };
+            let pass = LatentPass::new(&self.params, &self.config.channels, level, packed, map)?;
+            return Ok(latent.contiguous()?.apply_op1(pass)?);
         }
         let p = &self.params;
         let c0 = self.config.channels[0];
@@ -277,13 +307,17 @@ impl Generator {
             previous = Some(std::mem::replace(&mut x, next));
         }
         let rgb = self.to_rgb(level, &x)?;
-        match previous {
+        let raw = match previous {
             Some(prev) if alpha < 1.0 => {
                 let coarse = upsample2(&self.to_rgb(level - 1, &prev)?)?;
-                Ok((&coarse + ((&rgb - &coarse)? * alpha)?)?)
+                (&coarse + ((&rgb - &coarse)? * alpha)?)?
             }
-            _ => Ok(rgb),
-        }
+            _ => rgb,
+        };
+        Ok(match map {
+            (1.0, 0.0) => raw,
+            (mul, add) => raw.affine(mul, add)?,
+        })
     }
 
     /// Adds the layer's bias, then leaky ReLU and pixel normalisation, fused into one op.
@@ -324,8 +358,7 @@ impl TextureModel for Generator {
     }
 
     fn generate(&self, latent: &Tensor) -> Result<Tensor> {
-        let raw = self.forward(latent, self.config.max_level(), 1.0)?;
-        Ok(raw.affine(0.5, 0.5)?)
+        self.forward_mapped(latent, self.config.max_level(), 1.0, (0.5, 0.5))
     }
 
     /// GANFIT keeps `p_t` on the shell where a standard normal's mass concentrates; since the

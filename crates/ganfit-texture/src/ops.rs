@@ -19,7 +19,7 @@ use rayon::prelude::*;
 pub const LEAKY_SLOPE: f64 = 0.2;
 
 /// Pixel normalisation's epsilon, as in ProGAN.
-const PIXEL_NORM_EPS: f64 = 1e-8;
+pub(crate) const PIXEL_NORM_EPS: f64 = 1e-8;
 
 /// Output channels accumulated together by the convolution kernel.
 const OUT_BLOCK: usize = 4;
@@ -37,7 +37,7 @@ const TEXELS_PER_TASK: usize = 4096;
 const PIXELS_PER_TASK: usize = 2048;
 
 /// Floating-point element types the CPU kernels support (f32, and f64 for gradient checks).
-trait Real:
+pub(crate) trait Real:
     WithDType + Float + Default + Send + Sync + std::ops::AddAssign + std::ops::MulAssign
 {
 }
@@ -63,8 +63,12 @@ pub(crate) fn conv2d(x: &Tensor, kernel: &Tensor, scale: f64, upsample: bool) ->
         )
     }
     if x.device().is_cpu() {
-        x.contiguous()?
-            .apply_op2(&kernel.contiguous()?, ConvSame { scale, upsample })
+        let op = ConvSame {
+            scale,
+            upsample,
+            transposed: false,
+        };
+        x.contiguous()?.apply_op2(&kernel.contiguous()?, op)
     } else {
         let x = if upsample {
             let (_, _, h, w) = x.dims4()?;
@@ -80,8 +84,17 @@ pub(crate) fn conv2d(x: &Tensor, kernel: &Tensor, scale: f64, upsample: bool) ->
 /// differentiable ops so that losses on input gradients (gradient penalties) can be
 /// differentiated again.
 pub(crate) fn conv2d_input_grad(grad_out: &Tensor, kernel: &Tensor, scale: f64) -> Result<Tensor> {
-    let flipped = kernel.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
-    conv2d(grad_out, &flipped, scale, false)
+    if grad_out.device().is_cpu() {
+        let op = ConvSame {
+            scale,
+            upsample: false,
+            transposed: true,
+        };
+        grad_out.contiguous()?.apply_op2(&kernel.contiguous()?, op)
+    } else {
+        let flipped = kernel.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
+        conv2d(grad_out, &flipped, scale, false)
+    }
 }
 
 /// `x @ (weight * scale)^T` for `x` `[B, L]` and `weight` `[N, L]`. Unlike candle's matmul,
@@ -127,20 +140,7 @@ pub(crate) fn bias_lrelu_pixel_norm(x: &Tensor, bias: &Tensor) -> Result<Tensor>
     }
 }
 
-/// Sum over 2x2 blocks: the adjoint of nearest 2x upsampling.
-fn sum_pool2(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
-        x.contiguous()?.apply_op1(SumPool2)
-    } else {
-        let (b, c, h, w) = x.dims4()?;
-        x.reshape((b, c, h / 2, 2, w / 2, 2))?
-            .sum_keepdim(5)?
-            .sum_keepdim(3)?
-            .reshape((b, c, h / 2, w / 2))
-    }
-}
-
-fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+pub(crate) fn contiguous<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => candle_core::bail!("ganfit-texture CPU kernels expect contiguous inputs"),
@@ -224,20 +224,25 @@ macro_rules! multiversion {
 /// Sizes of one convolution: batch, input/output channels, output plane height/width, kernel
 /// size, and whether the input is half the size and upsampled on the fly.
 #[derive(Debug, Clone, Copy)]
-struct ConvDims {
-    b: usize,
-    ci: usize,
-    co: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    upsample: bool,
+pub(crate) struct ConvDims {
+    pub(crate) b: usize,
+    pub(crate) ci: usize,
+    pub(crate) co: usize,
+    pub(crate) h: usize,
+    pub(crate) w: usize,
+    pub(crate) k: usize,
+    pub(crate) upsample: bool,
 }
 
 impl ConvDims {
-    fn new(x: &Layout, kernel: &Layout, upsample: bool) -> Result<Self> {
+    /// Sizes of `conv(upsample?(x), kernel)`, with `kernel` `[Cout, Cin, k, k]`, or
+    /// `[Cin, Cout, k, k]` when `transposed` (see [`pack_kernel`]).
+    fn new(x: &Layout, kernel: &Layout, upsample: bool, transposed: bool) -> Result<Self> {
         let (b, ci, h_in, w_in) = x.shape().dims4()?;
-        let (co, kci, k, _) = kernel.shape().dims4()?;
+        let (mut co, mut kci, k, _) = kernel.shape().dims4()?;
+        if transposed {
+            (co, kci) = (kci, co);
+        }
         if kci != ci {
             candle_core::bail!("conv2d_same: input has {ci} channels but the kernel expects {kci}")
         }
@@ -290,7 +295,7 @@ fn pad_planes<T: Real>(x: &[T], d: ConvDims) -> Vec<T> {
     let (p, wp, len) = (d.k / 2, d.padded_w(), d.padded_len());
     let f = if d.upsample { 2 } else { 1 };
     let (h_in, w_in) = (d.h / f, d.w / f);
-    let mut out = vec![T::zero(); d.b * d.ci * len + STRIP];
+    let mut out = zeros(d.b * d.ci * len + STRIP);
     out[..d.b * d.ci * len]
         .par_chunks_mut(len)
         .zip(x.par_chunks_exact(h_in * w_in))
@@ -350,35 +355,106 @@ fn plane_chunks<T>(
     tasks
 }
 
-/// Forward convolution: the output `[B, Cout, H, W]`.
-fn conv_forward<T: Real>(x: &[T], kernel: &[T], scale: f64, d: ConvDims) -> Vec<T> {
-    let scale = T::from_f64(scale);
-    let kk = d.k * d.k;
-    let blocks = d.co.div_ceil(OUT_BLOCK);
-    let block_len = d.ci * kk * OUT_BLOCK;
-    // Scaled weights regrouped as [block][ci][tap][OUT_BLOCK], zero for missing channels.
-    let mut packed = vec![T::zero(); blocks * block_len];
-    for o in 0..d.co {
-        for i in 0..d.ci {
-            for t in 0..kk {
-                let at = (((o / OUT_BLOCK) * d.ci + i) * kk + t) * OUT_BLOCK + o % OUT_BLOCK;
-                packed[at] = kernel[(o * d.ci + i) * kk + t] * scale;
+/// Weights laid out for [`conv_rows`] as `[block][input plane][tap][OUT_BLOCK]` with
+/// `value(output channel, input plane, tap)`, zero for the missing channels of the last block.
+/// Filled in destination order, block by block in parallel: the layout is written once,
+/// sequentially, whatever order `value` reads its source in.
+fn pack_weights<T: Real>(
+    co: usize,
+    planes: usize,
+    taps: usize,
+    value: impl Fn(usize, usize, usize) -> T + Sync + Send,
+) -> Vec<T> {
+    let block_len = planes * taps * OUT_BLOCK;
+    let mut packed = vec![T::zero(); co.div_ceil(OUT_BLOCK) * block_len];
+    let blocks: Vec<_> = packed.chunks_mut(block_len).enumerate().collect();
+    for_each_task(blocks, |(block, dst)| {
+        let outputs = (block * OUT_BLOCK..co).take(OUT_BLOCK);
+        for (plane, dst) in dst.chunks_exact_mut(taps * OUT_BLOCK).enumerate() {
+            for (tap, lanes) in dst.chunks_exact_mut(OUT_BLOCK).enumerate() {
+                for (lane, o) in lanes.iter_mut().zip(outputs.clone()) {
+                    *lane = value(o, plane, tap);
+                }
             }
         }
-    }
-    let padded = pad_planes(x, d);
-    let offsets = d.tap_offsets();
+    });
+    packed
+}
+
+/// The scaled kernel of a same-size convolution packed for [`conv_rows`]. With `transposed`,
+/// `kernel` is `[Cin, Cout, k, k]` and used transposed in its channels and flipped in space:
+/// the kernel whose correlation is the adjoint of correlating with `kernel`.
+pub(crate) fn pack_kernel<T: Real>(
+    kernel: &[T],
+    scale: f64,
+    d: &ConvDims,
+    transposed: bool,
+) -> Vec<T> {
+    let (scale, kk) = (T::from_f64(scale), d.k * d.k);
+    pack_weights(d.co, d.ci, kk, |o, i, t| {
+        let from = if transposed {
+            (i * d.co + o) * kk + kk - 1 - t
+        } else {
+            (o * d.ci + i) * kk + t
+        };
+        kernel[from] * scale
+    })
+}
+
+/// Forward convolution: the output `[B, Cout, H, W]`.
+fn conv_forward<T: Real>(
+    x: &[T],
+    kernel: &[T],
+    scale: f64,
+    d: ConvDims,
+    transposed: bool,
+) -> Vec<T> {
+    conv_forward_packed(x, &pack_kernel(kernel, scale, &d, transposed), d)
+}
+
+/// [`conv_forward`] with the kernel already packed by [`pack_kernel`].
+pub(crate) fn conv_forward_packed<T: Real>(x: &[T], packed: &[T], d: ConvDims) -> Vec<T> {
+    let offsets = d.tap_offsets().repeat(d.ci);
+    conv_planes(&pad_planes(x, d), packed, &offsets, d)
+}
+
+/// Runs [`conv_rows`] over all images, blocks of output channels and row ranges in parallel:
+/// `padded` holds `b * ci` planes of `d.padded_len()` texels, `offsets` the tap offsets of every
+/// input plane (`ci` runs of equal length) and `packed` the weights laid out to match.
+fn conv_planes<T: Real>(padded: &[T], packed: &[T], offsets: &[usize], d: ConvDims) -> Vec<T> {
+    let block_len = packed.len() / d.co.div_ceil(OUT_BLOCK);
     let rows_per_task = (TEXELS_PER_TASK / d.padded_w()).clamp(1, d.h);
-    let mut out = vec![T::zero(); d.b * d.co * d.h * d.w];
-    plane_chunks(&mut out, d.co, OUT_BLOCK, d.h * d.w, rows_per_task * d.w)
-        .into_par_iter()
-        .for_each(|mut task| {
-            let planes = &padded[task.image * d.ci * d.padded_len()..];
-            let weights = &packed[task.group * block_len..(task.group + 1) * block_len];
-            let first_row = task.chunk * rows_per_task;
-            conv_rows(planes, &offsets, weights, &d, first_row, &mut task.planes);
-        });
+    let mut out = zeros(d.b * d.co * d.h * d.w);
+    let tasks = plane_chunks(&mut out, d.co, OUT_BLOCK, d.h * d.w, rows_per_task * d.w);
+    for_each_task(tasks, |mut task| {
+        let planes = &padded[task.image * d.ci * d.padded_len()..];
+        let weights = &packed[task.group * block_len..(task.group + 1) * block_len];
+        let first_row = task.chunk * rows_per_task;
+        conv_rows(planes, offsets, weights, &d, first_row, &mut task.planes);
+    });
     out
+}
+
+/// A zeroed buffer of `n` values for the kernels' image-sized outputs and padded inputs,
+/// zeroed by all of rayon's threads: allocators hand back reused memory, which a plain
+/// `vec![0; n]` clears on the calling thread alone while the others wait.
+fn zeros<T: Real>(n: usize) -> Vec<T> {
+    if rayon::current_num_threads() == 1 {
+        return vec![T::zero(); n];
+    }
+    let mut out = Vec::with_capacity(n);
+    out.par_extend(rayon::iter::repeat_n(T::zero(), n));
+    out
+}
+
+/// Runs `f` on every task, in parallel unless rayon has a single thread: there, handing work
+/// to the one worker and waiting for it costs a sleep and a wake-up per call.
+fn for_each_task<I: Send>(tasks: Vec<I>, f: impl Fn(I) + Sync + Send) {
+    if rayon::current_num_threads() == 1 {
+        tasks.into_iter().for_each(f)
+    } else {
+        tasks.into_par_iter().for_each(f)
+    }
 }
 
 /// Computes output rows from `first_row` on (as many as `out` holds) for one block of output
@@ -393,13 +469,18 @@ fn conv_rows_with<T: Real, M: MulAdd>(
     out: &mut [&mut [T]],
 ) {
     let (w, wp) = (d.w, d.padded_w());
+    let taps = offsets.len() / d.ci;
     let rows = out[0].len() / w;
     let (start, end) = (first_row * wp, (first_row + rows - 1) * wp + w);
     for pos in (start..end).step_by(STRIP) {
         let mut acc = [[T::zero(); STRIP]; OUT_BLOCK];
-        for (i, w_i) in weights.chunks_exact(offsets.len() * OUT_BLOCK).enumerate() {
+        for (i, (w_i, offsets_i)) in weights
+            .chunks_exact(taps * OUT_BLOCK)
+            .zip(offsets.chunks_exact(taps))
+            .enumerate()
+        {
             let plane = &planes[i * d.padded_len() + pos..];
-            for (&offset, w) in offsets.iter().zip(w_i.chunks_exact(OUT_BLOCK)) {
+            for (&offset, w) in offsets_i.iter().zip(w_i.chunks_exact(OUT_BLOCK)) {
                 let src: &[T; STRIP] = plane[offset..offset + STRIP].try_into().unwrap();
                 for (acc_o, &w_o) in acc.iter_mut().zip(w) {
                     for (a, &v) in acc_o.iter_mut().zip(src) {
@@ -409,6 +490,13 @@ fn conv_rows_with<T: Real, M: MulAdd>(
             }
         }
         let (mut y, mut x) = (pos / wp - first_row, pos % wp);
+        if x + STRIP <= w {
+            // Most strips lie inside one row's real texels: whole-strip stores.
+            for (dst, acc_o) in out.iter_mut().zip(&acc) {
+                dst[y * w + x..][..STRIP].copy_from_slice(acc_o);
+            }
+            continue;
+        }
         for lane in 0..STRIP.min(end - pos) {
             if x < w {
                 for (dst, acc_o) in out.iter_mut().zip(&acc) {
@@ -436,6 +524,126 @@ multiversion!(
         out: &mut [&mut [T]]
     )
 );
+
+/// The half-resolution correlation of [`conv_up_input_grad_packed`]: its sizes (inputs are the
+/// polyphase planes, outputs the upsampling convolution's input channels), the padding of the
+/// polyphase planes, and per parity of a full-resolution offset, the kernel taps along one
+/// axis as `(row offset in the padded plane, kernel row)`.
+struct Polyphase {
+    d: ConvDims,
+    pad: usize,
+    axis_taps: [Vec<(usize, usize)>; 2],
+}
+
+impl Polyphase {
+    fn new(g: ConvDims) -> Self {
+        let p = g.k / 2;
+        let pad = p.div_ceil(2);
+        let mut axis_taps = [Vec::new(), Vec::new()];
+        for a in 0..2 {
+            for ky in 0..g.k {
+                let dy = (a + p) as isize - ky as isize;
+                let offset = (dy.div_euclid(2) + pad as isize) as usize;
+                axis_taps[dy.rem_euclid(2) as usize].push((offset, ky));
+            }
+        }
+        let d = ConvDims {
+            b: g.b,
+            ci: 4 * g.co,
+            co: g.ci,
+            h: g.h / 2,
+            w: g.w / 2,
+            k: 2 * pad + 1,
+            upsample: false,
+        };
+        Self { d, pad, axis_taps }
+    }
+
+    /// The distinct row offsets of one parity, in increasing order: the taps of a phase plane.
+    fn offsets(&self, parity: usize) -> Vec<usize> {
+        let mut offsets: Vec<usize> = self.axis_taps[parity].iter().map(|t| t.0).collect();
+        offsets.sort_unstable();
+        offsets.dedup();
+        offsets
+    }
+
+    /// Taps per phase plane (the same for all four).
+    fn taps(&self) -> usize {
+        self.offsets(0).len() * self.offsets(1).len()
+    }
+}
+
+/// The weights of [`conv_up_input_grad_packed`] packed for [`conv_rows`]: input plane
+/// `phase * Cout + o` of output channel `i` sums the kernel taps meeting at each of its taps.
+pub(crate) fn pack_up_input_grad<T: Real>(kernel: &[T], scale: f64, g: ConvDims) -> Vec<T> {
+    let plan = Polyphase::new(g);
+    let (kk, taps) = (g.k * g.k, plan.taps());
+    let per_axis = [plan.offsets(0), plan.offsets(1)];
+    let mut meeting = vec![vec![Vec::new(); taps]; 4];
+    for (py, rows) in plan.axis_taps.iter().enumerate() {
+        for &(oy, ky) in rows {
+            let ty = per_axis[py].iter().position(|&o| o == oy).unwrap();
+            for (px, columns) in plan.axis_taps.iter().enumerate() {
+                for &(ox, kx) in columns {
+                    let tx = per_axis[px].iter().position(|&o| o == ox).unwrap();
+                    meeting[py * 2 + px][ty * per_axis[px].len() + tx].push(ky * g.k + kx);
+                }
+            }
+        }
+    }
+    let scale = T::from_f64(scale);
+    pack_weights(plan.d.co, plan.d.ci, taps, |i, plane, tap| {
+        let (phase, o) = (plane / g.co, plane % g.co);
+        let source = &kernel[(o * g.ci + i) * kk..][..kk];
+        meeting[phase][tap]
+            .iter()
+            .fold(T::zero(), |sum, &t| sum + source[t])
+            * scale
+    })
+}
+
+/// Input gradient of the upsampling convolution: the 2x2 block sums of `conv(g, flipped
+/// kernel^T)`, computed at the input's (half) resolution. Summing the full-resolution gradient
+/// over 2x2 blocks makes output texel `(Y, X)` a correlation of `g` around `(2Y, 2X)` at
+/// stride 2: row `2Y + dy` of `g` meets the kernel rows `ky` with `a - ky + k/2 = dy` for the
+/// block row `a` in {0, 1}. Splitting `g` into its four polyphase planes (even/odd rows and
+/// columns) turns that into a stride-1 correlation at half resolution over `4 * Cout` planes
+/// with `(k/2 + 1)^2` summed taps each: 16 instead of 4 x 9 multiply-adds per channel pair for
+/// `k = 3`, and no full-resolution temporary. `g` holds the upsampling convolution's sizes; the
+/// weights come from [`pack_up_input_grad`].
+pub(crate) fn conv_up_input_grad_packed<T: Real>(grad: &[T], packed: &[T], g: ConvDims) -> Vec<T> {
+    let plan = Polyphase::new(g);
+    let (d, pad) = (plan.d, plan.pad);
+    let (wp, len) = (d.padded_w(), d.padded_len());
+    let per_axis = [plan.offsets(0), plan.offsets(1)];
+    let offsets: Vec<usize> = (0..d.ci)
+        .flat_map(|plane| {
+            let phase = plane / g.co;
+            let (rows, columns) = (&per_axis[phase / 2], &per_axis[phase % 2]);
+            rows.iter()
+                .flat_map(move |&oy| columns.iter().map(move |&ox| oy * wp + ox))
+        })
+        .collect();
+    // Polyphase planes of `grad`, zero-padded by `pad` at half resolution.
+    let mut planes = zeros(g.b * d.ci * len + STRIP);
+    planes[..g.b * d.ci * len]
+        .par_chunks_mut(len)
+        .enumerate()
+        .for_each(|(index, dst)| {
+            let (image, plane) = (index / d.ci, index % d.ci);
+            let (phase, o) = (plane / g.co, plane % g.co);
+            let (py, px) = (phase / 2, phase % 2);
+            let src = &grad[(image * g.co + o) * g.h * g.w..][..g.h * g.w];
+            for y in 0..d.h {
+                let row = &src[(2 * y + py) * g.w..(2 * y + py + 1) * g.w];
+                let dst_row = &mut dst[(y + pad) * wp + pad..][..d.w];
+                for (v, &s) in dst_row.iter_mut().zip(row.iter().skip(px).step_by(2)) {
+                    *v = s;
+                }
+            }
+        });
+    conv_planes(&planes, packed, &offsets, d)
+}
 
 /// Gradient of the convolution w.r.t. its (unscaled) kernel: `[Cout, Cin, k, k]`.
 fn conv_kernel_grad<T: Real>(x: &[T], grad_out: &[T], scale: f64, d: ConvDims) -> Vec<T> {
@@ -498,11 +706,14 @@ multiversion!(
     (g: &[T], plane: &[T], offsets: &[usize], taps: &mut [T])
 );
 
-/// The convolution `conv(upsample?(x), kernel * scale)` with same padding.
+/// The convolution `conv(upsample?(x), kernel * scale)` with same padding; with `transposed`
+/// the kernel is stored `[Cin, Cout, k, k]` and used transposed and flipped (the adjoint of the
+/// plain convolution, see [`pack_kernel`]), which never combines with `upsample`.
 #[derive(Debug, Clone, Copy)]
 struct ConvSame {
     scale: f64,
     upsample: bool,
+    transposed: bool,
 }
 
 impl CustomOp2 for ConvSame {
@@ -517,9 +728,9 @@ impl CustomOp2 for ConvSame {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = ConvDims::new(l1, l2, self.upsample)?;
+        let d = ConvDims::new(l1, l2, self.upsample, self.transposed)?;
         let storage = dispatch_float!("conv2d_same", s1, [x: s1, l1; k: s2, l2], {
-            conv_forward(x, k, self.scale, d)
+            conv_forward(x, k, self.scale, d, self.transposed)
         });
         Ok((storage, Shape::from((d.b, d.co, d.h, d.w))))
     }
@@ -532,19 +743,43 @@ impl CustomOp2 for ConvSame {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Skipping untracked operands halves the cost of gradients w.r.t. a generator's latent.
-        let grad_x = if x.track_op() {
-            let g = conv2d_input_grad(grad_res, kernel, self.scale)?;
-            Some(if self.upsample { sum_pool2(&g)? } else { g })
-        } else {
+        let grad_res = grad_res.contiguous()?;
+        let grad_x = if !x.track_op() {
             None
+        } else if self.upsample {
+            // The full-resolution adjoint, then 2x2 sums. The fused latent pass uses the
+            // stride-2 kernel (`conv_up_input_grad_packed`, 16 instead of 36 multiply-adds per
+            // texel and channel pair); training keeps this form because its rounding is part of
+            // the chaotic 32x32 learning test's outcome (with the stride-2 kernel here, none of
+            // 13 seeds passed that test).
+            let op = ConvSame {
+                scale: self.scale,
+                upsample: false,
+                transposed: true,
+            };
+            let full = grad_res.apply_op2(kernel, op)?;
+            let (b, c, h, w) = full.dims4()?;
+            Some(
+                full.reshape((b, c, h / 2, 2, w / 2, 2))?
+                    .sum_keepdim(5)?
+                    .sum_keepdim(3)?
+                    .reshape((b, c, h / 2, w / 2))?,
+            )
+        } else {
+            let op = ConvSame {
+                transposed: !self.transposed,
+                ..*self
+            };
+            Some(grad_res.apply_op2(kernel, op)?)
         };
         let grad_kernel = if kernel.track_op() {
             let op = ConvSameKernelGrad {
                 k: kernel.dim(3)?,
                 scale: self.scale,
                 upsample: self.upsample,
+                transposed: self.transposed,
             };
-            Some(x.apply_op2(&grad_res.contiguous()?, op)?)
+            Some(x.apply_op2(&grad_res, op)?)
         } else {
             None
         };
@@ -553,13 +788,14 @@ impl CustomOp2 for ConvSame {
 }
 
 /// Kernel gradient of [`ConvSame`]: inputs are the forward input and the output gradient
-/// `[B, Cout, H, W]`; the result is `[Cout, Cin, k, k]`. Only first-order use is needed (it
+/// `[B, Cout, H, W]`; the result has the kernel's shape. Only first-order use is needed (it
 /// appears when a gradient penalty is differentiated), so it has no backward of its own.
 #[derive(Debug, Clone, Copy)]
 struct ConvSameKernelGrad {
     k: usize,
     scale: f64,
     upsample: bool,
+    transposed: bool,
 }
 
 impl CustomOp2 for ConvSameKernelGrad {
@@ -589,10 +825,27 @@ impl CustomOp2 for ConvSameKernelGrad {
             k: self.k,
             upsample: self.upsample,
         };
+        let kk = self.k * self.k;
         let storage = dispatch_float!("conv2d_same", s1, [x: s1, l1; g: s2, l2], {
-            conv_kernel_grad(x, g, self.scale, d)
+            let grad = conv_kernel_grad(x, g, self.scale, d);
+            if self.transposed {
+                // The stored kernel entry [i][o][kk - 1 - t] is the effective [o][i][t].
+                let mut stored = vec![grad[0]; grad.len()];
+                for (at, &v) in grad.iter().enumerate() {
+                    let (o, i, t) = (at / (ci * kk), (at / kk) % ci, at % kk);
+                    stored[(i * co + o) * kk + kk - 1 - t] = v;
+                }
+                stored
+            } else {
+                grad
+            }
         });
-        Ok((storage, Shape::from((co, ci, self.k, self.k))))
+        let shape = if self.transposed {
+            (ci, co, self.k, self.k)
+        } else {
+            (co, ci, self.k, self.k)
+        };
+        Ok((storage, Shape::from(shape)))
     }
 }
 
@@ -606,11 +859,11 @@ fn lrelu_slope<T: Real>(pre: T, slope: T) -> T {
 /// `pixel_norm(leaky_relu(x + bias))` over `[B, C, H*W]` planes or, given the output gradient
 /// `grad`, the input gradient: with `a = leaky_relu(x + bias)`, `inv = 1 / sqrt(mean_c a^2 +
 /// eps)` and `y = a * inv`, `dL/da = inv * g - a * inv^3 * mean_c(g * a)`, times the slope.
-fn bias_act_norm<T: Real>(x: &[T], bias: &[T], grad: Option<&[T]>, hw: usize) -> Vec<T> {
+pub(crate) fn bias_act_norm<T: Real>(x: &[T], bias: &[T], grad: Option<&[T]>, hw: usize) -> Vec<T> {
     let c = bias.len();
     let slope = T::from_f64(LEAKY_SLOPE);
     let (eps, inv_c) = (T::from_f64(PIXEL_NORM_EPS), T::from_f64(1.0 / c as f64));
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = zeros(x.len());
     plane_chunks(&mut out, c, c, hw, PIXELS_PER_TASK)
         .into_par_iter()
         .for_each(|mut task| {
@@ -757,57 +1010,6 @@ impl CustomOp3 for BiasActNormGrad {
     }
 }
 
-fn sum_pool2_planes<T: Real>(x: &[T], h: usize, w: usize) -> Vec<T> {
-    let (ho, wo) = (h / 2, w / 2);
-    let mut out = vec![T::zero(); x.len() / 4];
-    out.par_chunks_mut(ho * wo)
-        .zip(x.par_chunks_exact(h * w))
-        .for_each(|(dst, src)| {
-            for (y, row) in dst.chunks_exact_mut(wo).enumerate() {
-                let (top, bottom) = (
-                    &src[2 * y * w..(2 * y + 1) * w],
-                    &src[(2 * y + 1) * w..(2 * y + 2) * w],
-                );
-                for ((v, t), b) in row
-                    .iter_mut()
-                    .zip(top.chunks_exact(2))
-                    .zip(bottom.chunks_exact(2))
-                {
-                    *v = (t[0] + t[1]) + (b[0] + b[1]);
-                }
-            }
-        });
-    out
-}
-
-/// Sum over 2x2 blocks of `[B, C, H, W]` with even `H` and `W`.
-#[derive(Debug, Clone, Copy)]
-struct SumPool2;
-
-impl candle_core::CustomOp1 for SumPool2 {
-    fn name(&self) -> &'static str {
-        "sum-pool-2x2"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, c, h, w) = l.shape().dims4()?;
-        if h % 2 != 0 || w % 2 != 0 {
-            candle_core::bail!("sum_pool2 needs even plane sizes, got {h}x{w}")
-        }
-        let storage = dispatch_float!("sum_pool2", s, [x: s, l], sum_pool2_planes(x, h, w));
-        Ok((storage, Shape::from((b, c, h / 2, w / 2))))
-    }
-
-    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let (b, c, h, w) = grad_res.dims4()?;
-        let up = grad_res
-            .reshape((b, c, h, 1, w, 1))?
-            .broadcast_as((b, c, h, 2, w, 2))?
-            .reshape((b, c, 2 * h, 2 * w))?;
-        Ok(Some(up))
-    }
-}
-
 /// Outputs per parallel task of the dense layer.
 const DENSE_OUTPUTS_PER_TASK: usize = 256;
 
@@ -848,7 +1050,13 @@ multiversion!(
     (x: &[T], weight: &[T], first: usize, scale: T, out: &mut [T])
 );
 
-fn dense_forward<T: Real>(x: &[T], weight: &[T], scale: f64, l: usize, n: usize) -> Vec<T> {
+pub(crate) fn dense_forward<T: Real>(
+    x: &[T],
+    weight: &[T],
+    scale: f64,
+    l: usize,
+    n: usize,
+) -> Vec<T> {
     let scale = T::from_f64(scale);
     let mut out = vec![T::zero(); x.len() / l * n];
     plane_chunks(&mut out, 1, 1, n, DENSE_OUTPUTS_PER_TASK)
@@ -858,6 +1066,36 @@ fn dense_forward<T: Real>(x: &[T], weight: &[T], scale: f64, l: usize, n: usize)
             let first = task.chunk * DENSE_OUTPUTS_PER_TASK;
             dense_outputs(row, weight, first, scale, task.planes[0]);
         });
+    out
+}
+
+/// `out += g * weight row`: one output gradient's share of the dense layer's input gradient.
+#[inline(always)]
+fn add_scaled_row_with<T: Real, M: MulAdd>(g: T, row: &[T], out: &mut [T]) {
+    for (o, &w) in out.iter_mut().zip(row) {
+        *o = M::mul_add(g, w, *o);
+    }
+}
+
+multiversion!(
+    add_scaled_row,
+    add_scaled_row_avx2,
+    add_scaled_row_with,
+    (g: T, row: &[T], out: &mut [T])
+);
+
+/// The input gradient `grad @ (weight * scale)` of [`dense_forward`], for `grad` `[B, N]` and
+/// `weight` `[N, L]`.
+pub(crate) fn dense_input_grad<T: Real>(grad: &[T], weight: &[T], scale: f64, l: usize) -> Vec<T> {
+    let n = weight.len() / l;
+    let mut out = vec![T::zero(); grad.len() / n * l];
+    for (g_row, out_row) in grad.chunks_exact(n).zip(out.chunks_exact_mut(l)) {
+        for (&g, w_row) in g_row.iter().zip(weight.chunks_exact(l)) {
+            add_scaled_row(g, w_row, out_row);
+        }
+        let scale = T::from_f64(scale);
+        out_row.iter_mut().for_each(|v| *v *= scale);
+    }
     out
 }
 
@@ -1032,28 +1270,63 @@ mod tests {
     }
 
     #[test]
-    fn sum_pool_is_the_adjoint_of_upsampling() {
-        let x = pattern(&[2, 3, 6, 8], 0.1);
-        let expected = (x
-            .reshape((2, 3, 3, 2, 4, 2))
-            .unwrap()
-            .sum_keepdim(5)
-            .unwrap())
-        .sum_keepdim(3)
-        .unwrap()
-        .reshape((2, 3, 3, 4))
-        .unwrap();
-        assert!(max_abs_diff(&sum_pool2(&x).unwrap(), &expected) < 1e-12);
-        let probe = pattern(&[2, 3, 3, 4], 0.7);
+    fn upsampling_input_gradient_equals_block_sums_of_the_full_resolution_gradient() {
+        // Odd half sizes (5x7), a partial output block (6 channels) and kernel sizes 1, 3, 5.
+        for k in [1, 3, 5] {
+            let g = pattern(&[2, 5, 10, 14], 0.15);
+            let kernel = pattern(&[5, 6, k, k], 0.55);
+            let full = reference_conv(
+                &g,
+                &kernel
+                    .transpose(0, 1)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+                    .flip(&[2, 3])
+                    .unwrap(),
+                0.8,
+                false,
+            );
+            let expected = full
+                .reshape((2, 6, 5, 2, 7, 2))
+                .unwrap()
+                .sum_keepdim(5)
+                .unwrap()
+                .sum_keepdim(3)
+                .unwrap()
+                .reshape((2, 6, 5, 7))
+                .unwrap();
+            let d = ConvDims {
+                b: 2,
+                ci: 6,
+                co: 5,
+                h: 10,
+                w: 14,
+                k,
+                upsample: true,
+            };
+            let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+            let packed = pack_up_input_grad(&values(&kernel), 0.8, d);
+            let got = conv_up_input_grad_packed(&values(&g), &packed, d);
+            let got = Tensor::from_vec(got, (2, 6, 5, 7), &Device::Cpu).unwrap();
+            assert!(max_abs_diff(&got, &expected) < 1e-12, "k={k}");
+        }
+    }
+
+    #[test]
+    fn transposed_convolution_gradients_match_finite_differences() {
+        // conv2d_input_grad is differentiated again by the discriminator's gradient penalty.
+        let probe = pattern(&[2, 3, 5, 6], 0.35);
+        let energy = |t: &[Tensor]| {
+            (conv2d_input_grad(&t[0], &t[1], 0.7).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
         check_gradients(
-            |t| {
-                (sum_pool2(&t[0]).unwrap() * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-            },
-            &[x],
-            5,
+            energy,
+            &[pattern(&[2, 4, 5, 6], 0.25), pattern(&[4, 3, 3, 3], 0.75)],
+            3,
         );
     }
 

@@ -366,11 +366,14 @@ impl Adam {
             1.0 - self.beta2.powi(t as i32),
         );
         for (name, var) in &self.vars {
-            let Some(g) = grads.get(var.as_tensor()) else {
+            // Gradients of leaves keep the graph of the ops that made them (e.g. a kernel
+            // gradient built from the step's activations); moments built from them would chain
+            // every step's graph together, so they are detached.
+            let Some(g) = grads.get(var.as_tensor()).map(Tensor::detach) else {
                 continue;
             };
             let m = self.first.get_mut(name).expect("moment per variable");
-            *m = ((&*m * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            *m = ((&*m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
             let v = self.second.get_mut(name).expect("moment per variable");
             *v = ((&*v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
             let update = ((&*m / c1)? / ((&*v / c2)?.sqrt()? + self.eps)?)?;

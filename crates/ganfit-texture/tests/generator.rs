@@ -83,6 +83,28 @@ fn fade_in_endpoints_match_the_two_levels() {
     assert!(max_abs_diff(&coarse, &g.forward(&z, 2, 0.0).unwrap()) < 1e-6);
 }
 
+/// The gradient of `sum(weights * output(z))` w.r.t. `z`, and that energy.
+fn latent_gradient(z: &Tensor, output: impl Fn(&Tensor) -> Tensor) -> (Vec<f64>, f64) {
+    let z = Var::from_tensor(z).unwrap();
+    let out = output(z.as_tensor());
+    let weights = pattern(out.dims(), 0.3, out.dtype());
+    let energy = (out * &weights).unwrap().sum_all().unwrap();
+    let grads = energy.backward().unwrap();
+    let grad = grads
+        .get(z.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    (
+        grad,
+        energy.to_dtype(DType::F64).unwrap().to_scalar().unwrap(),
+    )
+}
+
 #[test]
 fn latent_gradient_matches_central_differences() {
     let g = Generator::new_random(tiny_config(), 4, &Device::Cpu)
@@ -90,36 +112,83 @@ fn latent_gradient_matches_central_differences() {
         .to_dtype(DType::F64)
         .unwrap();
     let z0 = pattern(&[2, 6], 0.1, DType::F64);
-    let weights = pattern(&[2, 3, 16, 16], 0.3, DType::F64);
-    let energy = |z: &Tensor| {
-        (g.forward(z, 2, 0.6).unwrap() * &weights)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-    };
-    let z = Var::from_tensor(&z0).unwrap();
-    let grads = energy(z.as_tensor()).backward().unwrap();
-    let analytic: Vec<f64> = grads
-        .get(z.as_tensor())
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
     let base: Vec<f64> = z0.flatten_all().unwrap().to_vec1().unwrap();
-    let h = 1e-5;
-    for (i, a) in analytic.iter().enumerate() {
-        let shifted = |d: f64| {
-            let mut v = base.clone();
-            v[i] += d;
-            energy(&Tensor::from_vec(v, (2, 6), &Device::Cpu).unwrap())
-                .to_scalar::<f64>()
-                .unwrap()
-        };
-        let numeric = (shifted(h) - shifted(-h)) / (2.0 * h);
+    // Fixed weights at alpha = 1 (forward and generate) run the fused latent pass, alpha < 1
+    // the candle graph.
+    let outputs: [&dyn Fn(&Tensor) -> Tensor; 3] = [
+        &|z| g.forward(z, 2, 0.6).unwrap(),
+        &|z| g.forward(z, 2, 1.0).unwrap(),
+        &|z| g.generate(z).unwrap(),
+    ];
+    for (which, output) in outputs.iter().enumerate() {
+        let (analytic, _) = latent_gradient(&z0, output);
+        let h = 1e-5;
+        for (i, a) in analytic.iter().enumerate() {
+            let shifted = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                let z = Tensor::from_vec(v, (2, 6), &Device::Cpu).unwrap();
+                latent_gradient(&z, output).1
+            };
+            let numeric = (shifted(h) - shifted(-h)) / (2.0 * h);
+            assert!(
+                (a - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                "output {which}, component {i}: autodiff {a} vs finite difference {numeric}"
+            );
+        }
+    }
+}
+
+#[test]
+fn fixed_weight_pass_matches_the_candle_graph() {
+    // Fixed weights at alpha = 1 take the fused latent pass; alpha < 1 and trainable (Var)
+    // weights take the candle graph. In f64, alpha = 1 - 1e-12 isolates the path difference.
+    let config = GeneratorConfig {
+        latent_dim: 9,
+        channels: vec![6, 5, 4, 3],
+    };
+    let fixed = Generator::new_random(config.clone(), 5, &Device::Cpu).unwrap();
+    let fixed64 = fixed.to_dtype(DType::F64).unwrap();
+    let z64 = pattern(&[3, 9], 0.4, DType::F64);
+    let graph_texture = |z: &Tensor| {
+        let raw = fixed64.forward(z, 3, 1.0 - 1e-12).unwrap();
+        raw.affine(0.5, 0.5).unwrap()
+    };
+    let texture = fixed64.generate(&z64).unwrap();
+    assert!(max_abs_diff(&texture, &graph_texture(&z64)) < 1e-10);
+    let (fused, _) = latent_gradient(&z64, |z| fixed64.generate(z).unwrap());
+    let (graph, _) = latent_gradient(&z64, graph_texture);
+    for (x, y) in fused.iter().zip(&graph) {
+        assert!((x - y).abs() <= 1e-9 * (1.0 + y.abs()), "{x} vs {y}");
+    }
+    for level in 1..4 {
+        let fused = fixed64.forward(&z64, level, 1.0).unwrap();
+        let graph = fixed64.forward(&z64, level, 1.0 - 1e-12).unwrap();
+        assert!(max_abs_diff(&fused, &graph) < 1e-10, "level {level}");
+        let (fused, _) = latent_gradient(&z64, |z| fixed64.forward(z, level, 1.0).unwrap());
+        let (graph, _) = latent_gradient(&z64, |z| fixed64.forward(z, level, 1.0 - 1e-12).unwrap());
+        for (x, y) in fused.iter().zip(&graph) {
+            assert!(
+                (x - y).abs() <= 1e-9 * (1.0 + y.abs()),
+                "level {level}: {x} vs {y}"
+            );
+        }
+    }
+    // Trainable weights are f32; a few rounding steps through 3-channel pixel norms remain.
+    let vars = fixed
+        .params()
+        .iter()
+        .map(|(k, t)| (k.clone(), Var::from_tensor(t).unwrap().as_tensor().clone()))
+        .collect();
+    let trainable = Generator::from_params(config, &vars).unwrap();
+    let z = z64.to_dtype(DType::F32).unwrap();
+    for level in 0..4 {
+        let graph = trainable.forward(&z, level, 1.0).unwrap();
+        let magnitude = max_abs_diff(&graph, &graph.zeros_like().unwrap());
+        let fused = fixed.forward(&z, level, 1.0).unwrap();
         assert!(
-            (a - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()),
-            "component {i}: autodiff {a} vs finite difference {numeric}"
+            max_abs_diff(&fused, &graph) <= 1e-4 * magnitude,
+            "level {level}"
         );
     }
 }
