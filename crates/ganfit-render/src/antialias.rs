@@ -93,6 +93,9 @@ pub(crate) struct Silhouettes {
     w: usize,
     nv: usize,
     images: Vec<ImageSilhouettes>,
+    /// Where rast lives on a CUDA device: the crossings found there (`images` is then empty).
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::GpuCrossings>,
 }
 
 /// One image's crossings (in the dtype of the call, widened to f64 exactly) and coverage.
@@ -112,6 +115,17 @@ impl Silhouettes {
     ) -> Result<Arc<Self>> {
         let (batch, h, w) = check_rast(rast)?;
         let nv = clip_pos.dim(1)?;
+        #[cfg(feature = "cuda")]
+        if rast.device().is_cuda() {
+            let gpu = crate::cuda::GpuCrossings::find(rast, clip_pos, triangles, find_crossings)?;
+            return Ok(Arc::new(Self {
+                h,
+                w,
+                nv,
+                images: Vec::new(),
+                gpu: Some(gpu),
+            }));
+        }
         fn run<T: Real>(
             rast: &Tensor,
             clip: &Tensor,
@@ -146,7 +160,14 @@ impl Silhouettes {
             DType::F32 => run::<f32>(rast, clip_pos, triangles, find_crossings, dims)?,
             _ => run::<f64>(rast, clip_pos, triangles, find_crossings, dims)?,
         };
-        Ok(Arc::new(Self { h, w, nv, images }))
+        Ok(Arc::new(Self {
+            h,
+            w,
+            nv,
+            images,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        }))
     }
 
     fn find(rast: &Tensor, clip_pos: &Tensor, triangles: &Triangles) -> Result<Arc<Self>> {
@@ -155,6 +176,10 @@ impl Silhouettes {
 
     /// The plain coverage `[B, H, W, 1]` in `dtype`, with no gradient.
     pub(crate) fn covered(&self, dtype: DType) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return Ok(gpu.covered(dtype)?);
+        }
         let shape = (self.images.len(), self.h, self.w, 1);
         Ok(match dtype {
             DType::F32 => cpu_tensor(self.coverage_image::<f32>(), shape)?,
@@ -492,6 +517,18 @@ impl Silhouettes {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Silhouettes {
+    fn on_gpu(&self) -> candle_core::Result<&crate::cuda::GpuCrossings> {
+        match &self.gpu {
+            Some(gpu) => Ok(gpu),
+            None => candle_core::bail!(
+                "silhouettes found on the CPU cannot blend GPU tensors; analyse the GPU rast"
+            ),
+        }
+    }
+}
+
 impl CustomOp2 for Blend {
     fn name(&self) -> &'static str {
         "ganfit-antialias"
@@ -511,6 +548,19 @@ impl CustomOp2 for Blend {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        color: &candle_core::CudaStorage,
+        color_l: &Layout,
+        _clip: &candle_core::CudaStorage,
+        _clip_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.silhouettes
+            .on_gpu()?
+            .blend((color, color_l), self.mask, false)
+    }
+
     fn bwd(
         &self,
         color: &Tensor,
@@ -518,6 +568,24 @@ impl CustomOp2 for Blend {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.silhouettes.gpu {
+            let grad = &grad.contiguous()?;
+            let d_color = grad.apply_op1_no_bwd(&crate::cuda::BlendColorGrad {
+                crossings: gpu.clone(),
+                mask: self.mask,
+            })?;
+            let d_clip = color.apply_op2_no_bwd(
+                grad,
+                &crate::cuda::BlendPositionGrad {
+                    crossings: gpu.clone(),
+                    mask: self.mask,
+                    coverage: false,
+                    num_vertices: self.silhouettes.nv,
+                },
+            )?;
+            return Ok((Some(d_color), Some(d_clip)));
+        }
         let c = color.dims4()?.3;
         fn run<T: Real>(
             op: &Blend,
@@ -563,12 +631,36 @@ impl CustomOp1 for Coverage {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        clip: &candle_core::CudaStorage,
+        clip_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        // The coverage is read from rast; `clip` only supplies the dtype.
+        self.silhouettes
+            .on_gpu()?
+            .blend((clip, clip_l), false, true)
+    }
+
     fn bwd(
         &self,
         clip: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.silhouettes.gpu {
+            let grad = grad.contiguous()?;
+            // The coverage comes from rast, so the first input is not read.
+            let op = crate::cuda::BlendPositionGrad {
+                crossings: gpu.clone(),
+                mask: false,
+                coverage: true,
+                num_vertices: self.silhouettes.nv,
+            };
+            return Ok(Some(grad.apply_op2_no_bwd(&grad, &op)?));
+        }
         fn run<T: Real>(
             s: &Silhouettes,
             clip: &Tensor,

@@ -171,6 +171,17 @@ impl CustomOp2 for Interpolate {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        attr: &candle_core::CudaStorage,
+        attr_l: &Layout,
+        rast: &candle_core::CudaStorage,
+        rast_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::interpolate(&self.triangles, (attr, attr_l), (rast, rast_l))
+    }
+
     fn bwd(
         &self,
         attr: &Tensor,
@@ -178,6 +189,12 @@ impl CustomOp2 for Interpolate {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if attr.device().is_cuda() {
+            let (g_attr, g_rast) =
+                crate::cuda::interpolate_grads(&self.triangles, attr, rast, grad)?;
+            return Ok((Some(g_attr), Some(g_rast)));
+        }
         let d = dims(attr.shape(), rast.shape())?;
         fn run<T: Real>(
             op: &Interpolate,

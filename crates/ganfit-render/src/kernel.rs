@@ -128,9 +128,11 @@ pub(crate) fn dot<T: Real>(a: [T; 3], b: [T; 3]) -> T {
     a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
 }
 
-/// Whether the fused CPU kernels can take `t` (else callers fall back to candle tensor ops).
-pub(crate) fn on_cpu_float(t: &Tensor) -> bool {
-    t.device().is_cpu() && matches!(t.dtype(), DType::F32 | DType::F64)
+/// Whether the fused shading kernels can take `t`: f32 or f64 on the CPU, or on a CUDA device
+/// with the `cuda` feature (else callers fall back to candle tensor ops).
+pub(crate) fn has_fused_kernels(t: &Tensor) -> bool {
+    let device_has_them = t.device().is_cpu() || (cfg!(feature = "cuda") && t.device().is_cuda());
+    device_has_them && matches!(t.dtype(), DType::F32 | DType::F64)
 }
 
 /// Runs `f` on the contiguous CPU data of `t`, for backward passes that produce several

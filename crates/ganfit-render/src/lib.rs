@@ -4,8 +4,9 @@
 //!
 //! The split follows nvdiffrast: [`rasterize`] finds which triangle covers each pixel centre,
 //! [`interpolate`] and [`texture`] turn that into per-pixel attributes, [`antialias`] gives
-//! silhouettes a position gradient. The kernels run on the CPU (rayon) in f32 or f64; on other
-//! devices the custom ops return candle's "no cuda implementation" error until GPU kernels exist.
+//! silhouettes a position gradient. The kernels run on the CPU (rayon) in f32 or f64, and with the
+//! `cuda` feature on CUDA devices too (kernels/render.cu: the same arithmetic, so forward outputs
+//! agree bit for bit, except for [`shade_phong`]'s power function).
 //!
 //! Conventions, shared by every op:
 //! * Camera space is OpenCV's: x right, y down, z forward ([`Camera`]).
@@ -23,6 +24,8 @@
 
 mod antialias;
 mod camera;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 mod interpolate;
 mod kernel;

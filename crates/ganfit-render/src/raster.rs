@@ -496,6 +496,16 @@ impl CustomOp1 for Rasterize {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let size = (self.height, self.width);
+        crate::cuda::rasterize(&self.triangles, size, self.cull_backfaces, storage, layout)
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,
@@ -755,6 +765,20 @@ impl CustomOp3 for RasterizeGrad {
             );
             Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), clip_l.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        clip: &candle_core::CudaStorage,
+        clip_l: &Layout,
+        rast: &candle_core::CudaStorage,
+        rast_l: &Layout,
+        grad: &candle_core::CudaStorage,
+        grad_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let inputs = [(clip, clip_l), (rast, rast_l), (grad, grad_l)];
+        crate::cuda::rasterize_grad(&self.triangles, inputs)
     }
 }
 

@@ -9,7 +9,7 @@
 use candle_core::{D, Tensor};
 
 use crate::error::{RenderError, Result};
-use crate::kernel::{check_float, on_cpu_float};
+use crate::kernel::{check_float, has_fused_kernels};
 use crate::shading_kernels::{FaceNormalSums, Normalize, ShBands, ShadePhong, ShadeSh};
 use crate::triangles::Triangles;
 
@@ -30,7 +30,7 @@ fn cross3(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// Rescales the last dim to unit length: `v / sqrt(|v|² + 1e-12)`, so that zero vectors stay
 /// (almost exactly) zero.
 pub fn normalize(v: &Tensor) -> Result<Tensor> {
-    if on_cpu_float(v) && v.rank() > 0 {
+    if has_fused_kernels(v) && v.rank() > 0 {
         return Ok(v.contiguous()?.apply_op1(Normalize { eps: NORM_EPS })?);
     }
     normalize_with_tensor_ops(v)
@@ -57,7 +57,7 @@ pub fn vertex_normals(positions: &Tensor, triangles: &Triangles) -> Result<Tenso
             got: positions.dims().to_vec(),
         });
     }
-    if on_cpu_float(positions) {
+    if has_fused_kernels(positions) {
         let op = FaceNormalSums {
             triangles: triangles.clone(),
         };
@@ -174,7 +174,7 @@ pub fn shade_sh(albedo: &Tensor, normals: &Tensor, coeffs: &Tensor) -> Result<Te
             got: albedo.dtype(),
         });
     }
-    if on_cpu_float(normals) {
+    if has_fused_kernels(normals) {
         let op = ShadeSh { bands: SH_BANDS };
         return Ok(albedo.contiguous()?.apply_op3(
             &normals.contiguous()?,
@@ -279,7 +279,7 @@ pub fn shade_phong(
         }
     }
     let direction = normalize(&light.direction)?;
-    if on_cpu_float(normals) {
+    if has_fused_kernels(normals) {
         // The light travels as one [B, 9] tensor, and the view vectors (needed only for the
         // specular term) alongside the normals: the custom op takes three inputs.
         let packed = Tensor::cat(&[&direction, &light.color, &light.ambient], 1)?;

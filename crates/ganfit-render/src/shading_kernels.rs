@@ -53,6 +53,15 @@ impl CustomOp1 for Normalize {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::normalize(self.eps, storage, layout)
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,
@@ -102,6 +111,17 @@ impl CustomOp2 for NormalizeGrad {
                 });
             Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), v_l.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+        g: &candle_core::CudaStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::normalize_grad(self.eps, (v, v_l), (g, g_l))
     }
 }
 
@@ -289,6 +309,20 @@ impl CustomOp3 for ShadeSh {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        albedo: &candle_core::CudaStorage,
+        albedo_l: &Layout,
+        normals: &candle_core::CudaStorage,
+        normals_l: &Layout,
+        coeffs: &candle_core::CudaStorage,
+        coeffs_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let inputs = [(albedo, albedo_l), (normals, normals_l), (coeffs, coeffs_l)];
+        crate::cuda::shade(crate::cuda::Shading::sh(&self.bands), inputs)
+    }
+
     fn bwd(
         &self,
         albedo: &Tensor,
@@ -297,6 +331,13 @@ impl CustomOp3 for ShadeSh {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if albedo.device().is_cuda() {
+            let inputs = [albedo, normals, coeffs];
+            let shading = crate::cuda::Shading::sh(&self.bands);
+            let (ga, gn, gc) = crate::cuda::shade_grads(shading, inputs, grad)?;
+            return Ok((Some(ga), Some(gn), Some(gc)));
+        }
         fused_backward(
             self,
             [albedo, normals, coeffs],
@@ -518,6 +559,21 @@ impl CustomOp3 for ShadePhong {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        albedo: &candle_core::CudaStorage,
+        albedo_l: &Layout,
+        geometry: &candle_core::CudaStorage,
+        geometry_l: &Layout,
+        light: &candle_core::CudaStorage,
+        light_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let inputs = [(albedo, albedo_l), (geometry, geometry_l), (light, light_l)];
+        let shading = crate::cuda::Shading::phong(self.specular, self.shininess);
+        crate::cuda::shade(shading, inputs)
+    }
+
     fn bwd(
         &self,
         albedo: &Tensor,
@@ -526,6 +582,12 @@ impl CustomOp3 for ShadePhong {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if albedo.device().is_cuda() {
+            let shading = crate::cuda::Shading::phong(self.specular, self.shininess);
+            let (ga, gg, gl) = crate::cuda::shade_grads(shading, [albedo, geometry, light], grad)?;
+            return Ok((Some(ga), Some(gg), Some(gl)));
+        }
         let d = PhongDims::of(albedo.shape(), geometry.shape())?;
         fused_backward(self, [albedo, geometry, light], grad, d)
     }
@@ -655,6 +717,15 @@ impl CustomOp1 for FaceNormalSums {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::face_normal_sums(&self.triangles, storage, layout)
+    }
+
     fn bwd(
         &self,
         arg: &Tensor,
@@ -711,5 +782,16 @@ impl CustomOp2 for FaceNormalSumsGrad {
                 });
             Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), p_l.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &candle_core::CudaStorage,
+        p_l: &Layout,
+        g: &candle_core::CudaStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::face_normal_sums_grad(&self.triangles, (p, p_l), (g, g_l))
     }
 }

@@ -191,6 +191,17 @@ impl CustomOp2 for Texture {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        tex: &candle_core::CudaStorage,
+        tex_l: &Layout,
+        uv: &candle_core::CudaStorage,
+        uv_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::texture(self.wrap, (tex, tex_l), (uv, uv_l))
+    }
+
     fn bwd(
         &self,
         tex: &Tensor,
@@ -272,6 +283,17 @@ impl CustomOp2 for TexGrad {
             Ok((T::to_cpu_storage_owned(out), self.tex_shape.clone()))
         })
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        uv: &candle_core::CudaStorage,
+        uv_l: &Layout,
+        grad: &candle_core::CudaStorage,
+        grad_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::texture_tex_grad(self.wrap, &self.tex_shape, (uv, uv_l), (grad, grad_l))
+    }
 }
 
 /// d uv of [`Texture`]: (tex, uv, d out) -> d uv.
@@ -318,5 +340,18 @@ impl CustomOp3 for UvGrad {
             });
             Ok((T::to_cpu_storage_owned(out), uv_l.shape().clone()))
         })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        tex: &candle_core::CudaStorage,
+        tex_l: &Layout,
+        uv: &candle_core::CudaStorage,
+        uv_l: &Layout,
+        grad: &candle_core::CudaStorage,
+        grad_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::texture_uv_grad(self.wrap, [(tex, tex_l), (uv, uv_l), (grad, grad_l)])
     }
 }

@@ -27,6 +27,8 @@ struct Inner {
     indices: Vec<[u32; 3]>,
     num_vertices: usize,
     neighbours: OnceLock<Vec<[u32; 3]>>,
+    #[cfg(feature = "cuda")]
+    gpu: crate::cuda::GpuTriangles,
 }
 
 impl Triangles {
@@ -49,6 +51,8 @@ impl Triangles {
                 indices,
                 num_vertices,
                 neighbours: OnceLock::new(),
+                #[cfg(feature = "cuda")]
+                gpu: Default::default(),
             }),
         })
     }
@@ -100,6 +104,12 @@ impl Triangles {
         &self.inner.indices
     }
 
+    /// The list's copy in GPU memory, made on first use.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gpu_copy(&self) -> &crate::cuda::GpuTriangles {
+        &self.inner.gpu
+    }
+
     /// Number of triangles.
     pub fn len(&self) -> usize {
         self.inner.indices.len()
@@ -121,9 +131,10 @@ impl Triangles {
         Ok(Tensor::from_vec(flat, (self.len(), 3), device)?)
     }
 
-    /// For triangle `t` and edge `k`, the other triangle sharing that edge, or [`NO_NEIGHBOUR`]
-    /// when the edge is on the mesh boundary or shared by more than two triangles.
-    pub(crate) fn neighbours(&self) -> &[[u32; 3]] {
+    /// For triangle `t` and edge `k` (from corner k to corner k + 1), the other triangle sharing
+    /// that edge, or `u32::MAX` when the edge is on the mesh boundary or shared by more than two
+    /// triangles.
+    pub fn neighbours(&self) -> &[[u32; 3]] {
         self.inner.neighbours.get_or_init(|| {
             let tris = self.as_slice();
             let mut owners: HashMap<(u32, u32), Vec<(u32, usize)>> = HashMap::new();

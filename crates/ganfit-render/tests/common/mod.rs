@@ -201,3 +201,26 @@ pub fn check_gradient(
 pub fn dot(t: &Tensor, cot: &Tensor) -> Tensor {
     (t * cot).unwrap().sum_all().unwrap()
 }
+
+/// The gradients of `Σ cot ⊙ f(inputs)` with respect to each input, on the inputs' device.
+pub fn vjp(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, cot: &Tensor) -> Vec<Tensor> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = (f(&tensors) * cot)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    vars.iter()
+        .map(|v| {
+            grads
+                .get(v.as_tensor())
+                .cloned()
+                .unwrap_or_else(|| v.zeros_like().unwrap())
+        })
+        .collect()
+}

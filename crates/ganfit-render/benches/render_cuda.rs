@@ -1,0 +1,121 @@
+//! The renderer's ops on a CUDA device (feature `cuda`), on the CPU benches' face-sized mesh
+//! (18,432 triangles): rasterize alone, rasterize + interpolate + texture (a UV-textured face,
+//! as the fit's texture stage draws it), and `Renderer::render` with vertex colours and SH light
+//! (the fit's per-iteration render), forward and forward + backward, at 224² and 512², batch
+//! 1 and 8. Each iteration waits for the GPU to finish. Names are `cuda/<what>/<size>/b<batch>`;
+//! scripts/device-check.sh runs them on the lent GPU.
+
+// The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod common;
+
+use candle_core::{Device, Tensor, Var};
+use common::{camera, face_like_mesh};
+use criterion::{Criterion, criterion_group, criterion_main};
+use ganfit_render::{
+    Appearance, Lighting, RasterOptions, RenderOptions, Renderer, Scene, WrapMode, interpolate,
+    rasterize, texture,
+};
+
+fn benches(c: &mut Criterion) {
+    let dev = Device::new_cuda(0).expect("the cuda benches need a CUDA device");
+    let (verts, tris) = face_like_mesh();
+    let nv = tris.num_vertices();
+    // The mesh's planar projection as UVs, into a 512² texture.
+    let uv: Vec<f32> = verts
+        .chunks(3)
+        .flat_map(|p| [p[0] / 0.16 + 0.5, p[1] / 0.2 + 0.5])
+        .collect();
+    let uv = Tensor::from_vec(uv, (nv, 2), &dev).unwrap();
+    let tex =
+        Var::from_tensor(&Tensor::rand(0.0f32, 1.0, (1, 512, 512, 3), &dev).unwrap()).unwrap();
+    let mut group = c.benchmark_group("cuda");
+    for size in [224usize, 512] {
+        let cam = camera(size);
+        for batch in [1usize, 8] {
+            let points = Tensor::from_slice(&verts, (1, nv, 3), &Device::Cpu)
+                .unwrap()
+                .repeat((batch, 1, 1))
+                .unwrap();
+            let clip = cam.to_clip(&points).unwrap().to_device(&dev).unwrap();
+            let var = Var::from_tensor(&clip).unwrap();
+            let opts = RasterOptions::default();
+            let id = |what: &str| format!("{what}/{size}/b{batch}");
+            let sync = || dev.synchronize().unwrap();
+            group.bench_function(id("raster_fwd"), |b| {
+                b.iter(|| {
+                    let rast = rasterize(&clip, &tris, size, size, opts).unwrap();
+                    sync();
+                    rast
+                })
+            });
+            group.bench_function(id("raster_fwd_bwd"), |b| {
+                b.iter(|| {
+                    let rast = rasterize(var.as_tensor(), &tris, size, size, opts).unwrap();
+                    let grads = rast.sum_all().unwrap().backward().unwrap();
+                    sync();
+                    grads
+                })
+            });
+            let textured = |clip: &Tensor| {
+                let rast = rasterize(clip, &tris, size, size, opts).unwrap();
+                let uv_px = interpolate(&uv, &rast, &tris).unwrap();
+                texture(tex.as_tensor(), &uv_px, WrapMode::Clamp).unwrap()
+            };
+            group.bench_function(id("textured_fwd"), |b| {
+                b.iter(|| {
+                    let image = textured(&clip);
+                    sync();
+                    image
+                })
+            });
+            group.bench_function(id("textured_fwd_bwd"), |b| {
+                b.iter(|| {
+                    let grads = textured(var.as_tensor())
+                        .mean_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    sync();
+                    grads
+                })
+            });
+            let renderer = Renderer::new(tris.clone(), cam, RenderOptions::default());
+            let world = Var::from_tensor(&points.to_device(&dev).unwrap()).unwrap();
+            let pose = |v: [f32; 3]| {
+                Var::from_tensor(&Tensor::new(&[v], &dev).unwrap().repeat((batch, 1)).unwrap())
+                    .unwrap()
+            };
+            let (rotation, translation) = (pose([0.02, -0.03, 0.01]), pose([0.0; 3]));
+            let albedo =
+                Var::from_tensor(&Tensor::full(0.7f32, (batch, nv, 3), &dev).unwrap()).unwrap();
+            let light =
+                Var::from_tensor(&Tensor::rand(0.0f32, 0.3, (batch, 3, 9), &dev).unwrap()).unwrap();
+            group.bench_function(id("renderer_fwd_bwd"), |b| {
+                b.iter(|| {
+                    let out = renderer
+                        .render(&Scene {
+                            vertices: world.as_tensor(),
+                            rotation: rotation.as_tensor(),
+                            translation: translation.as_tensor(),
+                            appearance: Appearance::VertexColors(albedo.as_tensor()),
+                            lighting: Lighting::SphericalHarmonics(light.as_tensor()),
+                        })
+                        .unwrap();
+                    let grads = (out.image.mean_all().unwrap() + out.mask.mean_all().unwrap())
+                        .unwrap()
+                        .backward()
+                        .unwrap();
+                    sync();
+                    grads
+                })
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(render_cuda, benches);
+criterion_main!(render_cuda);
