@@ -4,6 +4,7 @@
 pub(crate) mod arch;
 mod net;
 mod ops;
+mod portable;
 mod stages;
 mod winograd;
 

@@ -10,6 +10,7 @@ use super::arch::{
     STEM_KERNEL, STEM_POOL, STEM_POOL_STRIDE, STEM_STRIDE,
 };
 use super::ops::{FixedConv, MaxPool};
+use super::portable::PortableStages;
 use super::stages::{Block, Pool, Stage, StageOp};
 use super::winograd::Scratch;
 
@@ -32,11 +33,14 @@ pub const DLIB_RESNET_ASSET_ID: &str = "dlib-face-recognition-resnet-v1";
 /// the ReLU and residual addition after it where there are some; the input normalisation is
 /// folded into the stem. The stem and each residual stage run as one custom op that processes
 /// the images of a batch in parallel. The weights are constants: backward passes compute input
-/// gradients only. The ops have CPU kernels only, so the network runs on [`Device::Cpu`].
+/// gradients only. The fused ops have CPU kernels; on other devices (CUDA) the same network
+/// runs as candle tensor operations on the same folded weights.
 #[derive(Clone)]
 pub struct FaceRecognitionNet {
     /// The stem, then the residual stages.
     stages: Stages,
+    /// The stages as tensor operations, where the weights live on a device other than the CPU.
+    portable: Option<PortableStages>,
     /// `[256, 128]`: pooled features times this give the descriptor.
     fc_t: Tensor,
 }
@@ -62,6 +66,18 @@ impl Stages {
             Self::F32(stages, pool) => x.apply_op1(StageOp::new(stages[i].clone(), pool.clone())),
             Self::F64(stages, pool) => x.apply_op1(StageOp::new(stages[i].clone(), pool.clone())),
         }
+    }
+
+    /// The stages as tensor operations on `device`, unless that is the CPU (where the fused
+    /// ops run).
+    fn portable(&self, device: &Device) -> candle_core::Result<Option<PortableStages>> {
+        if device.is_cpu() {
+            return Ok(None);
+        }
+        Ok(Some(match self {
+            Self::F32(stages, _) => PortableStages::new(stages, device)?,
+            Self::F64(stages, _) => PortableStages::new(stages, device)?,
+        }))
     }
 
     fn cast<T: Scratch, U: Scratch>(stages: &[Arc<Stage<T>>]) -> Vec<Arc<Stage<U>>> {
@@ -203,8 +219,10 @@ impl FaceRecognitionNet {
         let fc_t = get(&format!("{FC}.weight"), &[EMBEDDING_DIM, channels])?
             .t()?
             .contiguous()?;
+        let stages = Stages::F32(stages, Arc::default());
         Ok(Self {
-            stages: Stages::F32(stages, Arc::default()),
+            portable: stages.portable(fc_t.device())?,
+            stages,
             fc_t,
         })
     }
@@ -224,6 +242,7 @@ impl FaceRecognitionNet {
             }
         };
         Ok(Self {
+            portable: stages.portable(self.fc_t.device())?,
             stages,
             fc_t: self.fc_t.to_dtype(dtype)?,
         })
@@ -244,7 +263,10 @@ impl FaceRecognitionNet {
         let mut x = images.to_dtype(self.fc_t.dtype())?.contiguous()?;
         let mut maps = Vec::with_capacity(self.stages.len());
         for i in 0..self.stages.len() {
-            x = self.stages.apply(i, &x)?;
+            x = match &self.portable {
+                Some(portable) => portable.apply(i, &x)?,
+                None => self.stages.apply(i, &x)?,
+            };
             maps.push(x.clone());
         }
         let pooled = x.mean((D::Minus2, D::Minus1))?;
@@ -255,6 +277,16 @@ impl FaceRecognitionNet {
     /// The `[B, 128]` descriptors of `[B, 3, 150, 150]` images in 0–255.
     pub fn embed(&self, images: &Tensor) -> Result<Tensor> {
         Ok(self.forward(images)?.embedding)
+    }
+
+    /// The same network running its tensor-operation path on the CPU, for comparing the two.
+    #[cfg(test)]
+    pub(crate) fn with_portable_stages(mut self) -> Result<Self> {
+        self.portable = Some(match &self.stages {
+            Stages::F32(stages, _) => PortableStages::new(stages, &Device::Cpu)?,
+            Stages::F64(stages, _) => PortableStages::new(stages, &Device::Cpu)?,
+        });
+        Ok(self)
     }
 }
 

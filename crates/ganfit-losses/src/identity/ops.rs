@@ -5,7 +5,7 @@
 //! parallelises over the images of a batch (see `stages`), so that the threads meet once per
 //! stage instead of once per layer.
 
-use candle_core::WithDType;
+use candle_core::{Device, Result, Tensor, WithDType};
 
 use super::winograd::{Scratch, WinogradFilters, fit};
 
@@ -123,6 +123,15 @@ impl<T: Scratch> FixedConv<T> {
             padding,
             winograd,
         }
+    }
+
+    /// The weights `[filters, channels, k, k]` and bias `[1, filters, 1, 1]` as tensors on
+    /// `device`, with the stride and padding: the layer for candle's own `conv2d`.
+    pub fn to_tensors(&self, device: &Device) -> Result<(Tensor, Tensor, usize, usize)> {
+        let (f, c, k) = (self.filters, self.channels, self.kernel);
+        let weight = Tensor::from_slice(&self.weight, (f, c, k, k), device)?;
+        let bias = Tensor::from_slice(&self.bias, (1, f, 1, 1), device)?;
+        Ok((weight, bias, self.stride, self.padding))
     }
 
     /// The same convolution in another element type.

@@ -1,0 +1,186 @@
+//! The network as candle tensor operations, for devices the fused CPU kernels do not run on
+//! (CUDA): the same folded weights, convolutions by candle's `conv2d`, the 3×3/2 max-pool as
+//! the maximum of nine strided views, the residual sums zero-padded as dlib's `add_prev` does.
+//! Slower than the fused ops on the CPU, but differentiable with candle's autograd anywhere.
+
+use candle_core::{Device, Result, Tensor};
+
+use super::ops::FixedConv;
+use super::stages::Stage;
+use super::winograd::Scratch;
+
+/// A convolution with its affine layer folded in: `conv2d(x, weight) + bias`.
+#[derive(Debug, Clone)]
+struct Conv {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv {
+    fn new<T: Scratch>(conv: &FixedConv<T>, device: &Device) -> Result<Self> {
+        let (weight, bias, stride, padding) = conv.to_tensors(device)?;
+        Ok(Self {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Layer {
+    /// Convolution, ReLU, 3×3/2 max-pool.
+    Stem(Conv),
+    /// Residual blocks: (conv1, conv2, down block).
+    Residual(Vec<(Conv, Conv, bool)>),
+}
+
+/// The stem and residual stages of [`super::FaceRecognitionNet`] as tensor operations.
+#[derive(Debug, Clone)]
+pub(crate) struct PortableStages(Vec<Layer>);
+
+impl PortableStages {
+    /// The stages' weights on `device`.
+    pub fn new<T: Scratch>(stages: &[std::sync::Arc<Stage<T>>], device: &Device) -> Result<Self> {
+        let layers = stages
+            .iter()
+            .map(|stage| {
+                Ok(match stage.as_ref() {
+                    Stage::Stem { conv, .. } => Layer::Stem(Conv::new(conv, device)?),
+                    Stage::Residual(blocks) => Layer::Residual(
+                        blocks
+                            .iter()
+                            .map(|b| {
+                                Ok((
+                                    Conv::new(&b.conv1, device)?,
+                                    Conv::new(&b.conv2, device)?,
+                                    b.down,
+                                ))
+                            })
+                            .collect::<Result<_>>()?,
+                    ),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self(layers))
+    }
+
+    /// Stage `i` applied to `x`.
+    pub fn apply(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        match &self.0[i] {
+            Layer::Stem(conv) => max_pool_3x3_stride_2(&conv.apply(x)?.relu()?),
+            Layer::Residual(blocks) => {
+                let mut x = x.clone();
+                for (conv1, conv2, down) in blocks {
+                    let main = conv2.apply(&conv1.apply(&x)?.relu()?)?;
+                    let shortcut = if *down {
+                        average_pool_2x2_floor(&x)?
+                    } else {
+                        x.clone()
+                    };
+                    x = (pad_to(&main, &shortcut)? + pad_to(&shortcut, &main)?)?.relu()?;
+                }
+                Ok(x)
+            }
+        }
+    }
+}
+
+/// Every second entry of dim `dim` from `offset` on, `count` of them: a strided view built
+/// from a narrow, a reshape that pairs neighbours and a narrow to the first of each pair.
+fn every_second(t: &Tensor, dim: usize, offset: usize, count: usize) -> Result<Tensor> {
+    let picked = t
+        .narrow(dim, offset, 2 * count - 1)?
+        .pad_with_zeros(dim, 0, 1)?;
+    let mut dims = picked.dims().to_vec();
+    dims[dim] = count;
+    dims.insert(dim + 1, 2);
+    picked
+        .reshape(dims)?
+        .narrow(dim + 1, 0, 1)?
+        .squeeze(dim + 1)
+}
+
+/// dlib's 3×3/2 max-pool without padding (candle's own pooling has no gradient when the window
+/// is larger than the stride).
+fn max_pool_3x3_stride_2(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (oh, ow) = ((h - 3) / 2 + 1, (w - 3) / 2 + 1);
+    let mut best: Option<Tensor> = None;
+    for ky in 0..3 {
+        let rows = every_second(x, 2, ky, oh)?;
+        for kx in 0..3 {
+            let view = every_second(&rows, 3, kx, ow)?;
+            best = Some(match best {
+                Some(b) => b.maximum(&view)?,
+                None => view,
+            });
+        }
+    }
+    best.ok_or_else(|| candle_core::Error::Msg("a 3x3 window has taps".into()))
+}
+
+/// 2×2/2 average pooling that drops an odd last row/column, as dlib does.
+fn average_pool_2x2_floor(x: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    x.narrow(2, 0, h / 2 * 2)?
+        .narrow(3, 0, w / 2 * 2)?
+        .contiguous()?
+        .avg_pool2d(2)
+}
+
+/// `t` zero-padded at the end of the channel and spatial dims to cover `like`.
+fn pad_to(t: &Tensor, like: &Tensor) -> Result<Tensor> {
+    let (_, c, h, w) = t.dims4()?;
+    let (_, lc, lh, lw) = like.dims4()?;
+    t.pad_with_zeros(1, 0, lc.max(c) - c)?
+        .pad_with_zeros(2, 0, lh.max(h) - h)?
+        .pad_with_zeros(3, 0, lw.max(w) - w)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Var};
+
+    use crate::gradcheck::seeded_tensor;
+    use crate::identity::FaceRecognitionNet;
+
+    /// The tensor-operation path computes the fused ops' function: same feature maps and
+    /// descriptors, and the same input gradient (in f64, so that only the order of sums differs).
+    #[test]
+    fn portable_stages_match_the_fused_ops() -> crate::Result<()> {
+        let fused = FaceRecognitionNet::load(&candle_core::Device::Cpu)?.to_dtype(DType::F64)?;
+        let portable = fused.clone().with_portable_stages()?;
+        let images = (seeded_tensor(&[2, 3, 150, 150], 3)?.affine(100.0, 0.0)? + 127.0)?;
+        let cot = seeded_tensor(&[2, 128], 4)?;
+        let run = |net: &FaceRecognitionNet| -> crate::Result<_> {
+            let x = Var::from_tensor(&images)?;
+            let out = net.forward(x.as_tensor())?;
+            let grads = (&out.embedding * &cot)?.sum_all()?.backward()?;
+            let grad = grads
+                .get(x.as_tensor())
+                .cloned()
+                .expect("the input has a gradient");
+            Ok((out, grad))
+        };
+        let ((a, ga), (b, gb)) = (run(&fused)?, run(&portable)?);
+        let relative = |x: &candle_core::Tensor, y: &candle_core::Tensor| -> crate::Result<f64> {
+            let scale = x.abs()?.max_all()?.to_scalar::<f64>()?;
+            Ok((x - y)?.abs()?.max_all()?.to_scalar::<f64>()? / scale)
+        };
+        for (x, y) in a.maps.iter().zip(&b.maps) {
+            assert!(relative(x, y)? < 1e-10, "feature map {:?}", x.dims());
+        }
+        assert!(relative(&a.embedding, &b.embedding)? < 1e-10);
+        assert!(relative(&ga, &gb)? < 1e-8, "input gradient");
+        Ok(())
+    }
+}
