@@ -87,10 +87,12 @@ pub(crate) fn check_rast(rast: &Tensor) -> Result<(usize, usize, usize)> {
 /// the arithmetic they carry.
 pub(crate) const PIXEL_CHUNK: usize = 4096;
 
-/// Splits `0..n` into one piece per thread: per-piece scratch buffers can be as large as a
-/// texture, so there are as few of them as the parallelism allows.
+/// The `with_min_len` that splits `0..n` into one piece per thread: per-piece scratch buffers
+/// can be as large as a texture, so there are as few of them as the parallelism allows. Rayon
+/// splits a range only when both halves keep the minimum, so the minimum rounds down (with
+/// `n / threads` rounded up, 13 items on 2 threads would not split at all).
 pub(crate) fn piece_len(n: usize) -> usize {
-    n.div_ceil(rayon::current_num_threads()).max(1)
+    (n / rayon::current_num_threads()).max(1)
 }
 
 /// The `with_min_len` for a kernel's outermost parallel loop: everything in one task on a
