@@ -2,10 +2,11 @@
 # The CUDA check of issue 8 in one device call (../shared/notes/cuda-build.md explains the build).
 #
 # Here (no GPU needed):   bash scripts/device-check.sh pack
-#   builds the `cuda` test binaries, the CUDA renderer bench and the `ganfit` CLI with CUDA,
-#   strips and xz-packs them into .devbin/ (git-ignored, about 5 MB per binary) with this script
-#   and the converted ICT model the fit needs (it is built from ../shared, which does not
-#   travel; 16 MB packed). Everything that travels must stay under 64 MiB.
+#   builds the `cuda` test binaries of the renderer, morphable model, loss networks and texture
+#   GAN, the CUDA renderer bench and the `ganfit` CLI with CUDA, and packs them with the
+#   converted ICT model the fit needs (built from ../shared, which does not travel) into one
+#   solid archive .devbin/bin.tar.xz (git-ignored), beside this script. Everything that
+#   travels (the tracked tree is ~28 MB) must stay under 64 MiB.
 # Then one device call from the repository root:
 #   run(command="bash .devbin/device-check.sh run", carry=[".devbin"], timeout_s=480)
 #   which runs every packed test binary (CPU-vs-CUDA parity of outputs and gradients), the
@@ -25,33 +26,34 @@ pack() {
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target-cuda}
   grep -qx '/.devbin/' .git/info/exclude 2>/dev/null || echo '/.devbin/' >> .git/info/exclude
   rm -rf .devbin && mkdir .devbin
-  # Only the crates with CUDA kernels: `--workspace --features cuda` would link CUDA into every
-  # test binary.
-  # The bench through `cargo test` too: the release profile, so candle's CUDA kernels (minutes
-  # to build) are built once for both.
-  cargo test --release -p ganfit-render --features cuda --tests --bench render_cuda --no-run \
-    --message-format=json > .devbin/cargo.json
+  # The crates whose tests compare CUDA with the CPU (`--workspace --features cuda` would link
+  # CUDA into every test binary), and the bench through `cargo test` too: the release profile,
+  # so candle's CUDA kernels (minutes to build) are built once for all.
+  cargo test --release -p ganfit-render -p ganfit-morphable -p ganfit-losses -p ganfit-texture \
+    --features cuda --test cuda --bench render_cuda --no-run --message-format=json > .devbin/cargo.json
+  mkdir .devbin/bin
   jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test)
-         | "\(.executable) \(.manifest_path) \(.target.kind[0]) \(.target.name)"' .devbin/cargo.json |
-  while read -r exe manifest kind name; do
-    # Only the binaries that touch the GPU: the CUDA parity tests and the CUDA bench.
-    case "$kind/$name" in test/cuda | bench/render_cuda) ;; *) continue ;; esac
+         | "\(.executable) \(.manifest_path) \(.target.kind[0])"' .devbin/cargo.json |
+  while read -r exe manifest kind; do
     packed=$(basename "$exe")
-    strip -o ".devbin/$packed" "$exe"
-    xz -T0 -9 ".devbin/$packed"
-    echo "$packed.xz $(realpath --relative-to=. "$(dirname "$manifest")") $kind" >> .devbin/list
+    strip -o ".devbin/bin/$packed" "$exe"
+    echo "$packed $(realpath --relative-to=. "$(dirname "$manifest")") $kind" >> .devbin/bin/list
   done
   rm .devbin/cargo.json
   cargo build --release -p ganfit-cli --features cuda
-  strip -o .devbin/ganfit "$CARGO_TARGET_DIR/release/ganfit" && xz -T0 -9 .devbin/ganfit
+  strip -o .devbin/bin/ganfit "$CARGO_TARGET_DIR/release/ganfit"
   local ict=${XDG_CACHE_HOME:-$HOME/.cache}/ganfit/ict-face-model-light.safetensors
   if [ -f "$ict" ]; then
-    xz -T0 -6 -c "$ict" > .devbin/ict-face-model-light.safetensors.xz
+    cp "$ict" .devbin/bin/
   else
     echo "no converted ICT model at $ict: run one CPU fit first; the device run will skip the fit"
   fi
+  # One solid archive with a dictionary larger than any binary: every binary embeds the same
+  # candle PTX and libraries, which then compress once (about half the size of packing each).
+  tar -C .devbin -cf - bin | xz -T1 -9e --lzma2=dict=192MiB > .devbin/bin.tar.xz
+  rm -r .devbin/bin
   cp scripts/device-check.sh .devbin/
-  cat .devbin/list
+  tar -tvf .devbin/bin.tar.xz
   du -ch .devbin/* | tail -1
 }
 
@@ -69,32 +71,40 @@ run() {
   [ -e /usr/local/nvidia/lib64/libcuda.so.1 ] && LD_LIBRARY_PATH=$LD_LIBRARY_PATH:/usr/local/nvidia/lib64
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   mkdir -p /tmp/devbin
+  # xz may be missing from the image; Python's lzma reads the same archive.
+  { xz -dc "$here/bin.tar.xz" 2>/dev/null ||
+      python3 -c 'import lzma, sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$here/bin.tar.xz"
+  } | tar -C /tmp/devbin -xf -
+  local bin=/tmp/devbin/bin
+  # The weights: the converted ICT model that travelled, and the repository's own weights/
+  # (the resolver's built-in path is the checkout the binaries were built in, not this one).
+  mkdir -p /tmp/devbin/assets
+  [ -f "$bin/ict-face-model-light.safetensors" ] &&
+    mv "$bin/ict-face-model-light.safetensors" /tmp/devbin/assets/
+  export GANFIT_ASSETS="/tmp/devbin/assets:$root/weights"
   local rc=0
-  while read -r packed crate kind; do
-    local bin=/tmp/devbin/${packed%.xz}
-    xz -dc "$here/$packed" > "$bin" 2>/dev/null ||
-      python3 -c 'import lzma, sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$here/$packed" > "$bin"
-    chmod +x "$bin"
-    if ldd "$bin" | grep 'not found'; then echo "=== $packed: missing libraries"; rc=1; continue; fi
-    echo "=== $packed ($kind)"
+  while read -r name crate kind; do
+    if ldd "$bin/$name" | grep 'not found'; then echo "=== $name: missing libraries"; rc=1; continue; fi
+    echo "=== $crate $kind ($name)"
     if [ "$kind" = bench ]; then
       # Warm-up covers the driver's first JIT of the PTX modules.
-      (cd "$root/$crate" && "$bin" --bench --warm-up-time 1 --measurement-time 2 --sample-size 20) || rc=1
+      (cd "$root/$crate" && "$bin/$name" --bench --warm-up-time 1 --measurement-time 2 --sample-size 20) || rc=1
     else
-      (cd "$root/$crate" && "$bin" --test-threads=1) || rc=1
+      (cd "$root/$crate" && "$bin/$name" --test-threads=1 --nocapture) || rc=1
     fi
-  done < "$here/list"
-  if [ -f "$here/ict-face-model-light.safetensors.xz" ]; then
-    mkdir -p /tmp/devbin/assets
-    xz -dc "$here/ict-face-model-light.safetensors.xz" > /tmp/devbin/assets/ict-face-model-light.safetensors
-    xz -dc "$here/ganfit.xz" > /tmp/devbin/ganfit && chmod +x /tmp/devbin/ganfit
+  done < "$bin/list"
+  if [ -f /tmp/devbin/assets/ict-face-model-light.safetensors ]; then
     for device in cuda cuda cpu; do
       echo "=== fit on $device"
       local start
       start=$(date +%s%N)
-      GANFIT_ASSETS=/tmp/devbin/assets /tmp/devbin/ganfit fit "$root/examples/data/astronaut.png" \
+      "$bin/ganfit" fit "$root/examples/data/astronaut.png" \
         --device "$device" --out "/tmp/devbin/fit-$device" --quiet || rc=1
       echo "wall $(( ($(date +%s%N) - start) / 1000000 )) ms"
+    done
+    for device in cuda cpu; do
+      echo "stages on $device: $(grep -o '<h2>Timings</h2>.*</table>' "/tmp/devbin/fit-$device/report.html" |
+        sed -e 's/<\/td><td>/ /g; s/<[^>]*>/ /g; s/  */ /g')"
     done
   fi
   return $rc

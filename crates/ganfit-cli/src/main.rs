@@ -84,28 +84,7 @@ enum TextureCommand {
     /// Train the progressive-GAN texture model on a folder of UV maps (PNG/JPEG; an alpha
     /// channel marks valid texels), writing checkpoints, sample grids, a loss log and the
     /// final generator to --out.
-    Train {
-        /// Folder of UV texture maps, all the same square size.
-        data: PathBuf,
-        /// Output folder.
-        #[arg(long, default_value = "texture-gan")]
-        out: PathBuf,
-        /// Training configuration as JSON (fields of `TrainConfig`; missing ones take defaults).
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Continue from this checkpoint instead of starting afresh.
-        #[arg(long)]
-        resume: Option<PathBuf>,
-        /// Total steps (overrides the configuration).
-        #[arg(long)]
-        steps: Option<usize>,
-        /// Random seed (overrides the configuration).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Print nothing but errors.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Train(TrainArgs),
     /// Convert official ProGAN (TensorFlow) generator weights, dumped to .npz by
     /// tools/texture/progan_to_npz.py, into a generator .safetensors file.
     ImportProgan {
@@ -115,6 +94,34 @@ enum TextureCommand {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct TrainArgs {
+    /// Folder of UV texture maps, all the same square size.
+    data: PathBuf,
+    /// Output folder.
+    #[arg(long, default_value = "texture-gan")]
+    out: PathBuf,
+    /// Training configuration as JSON (fields of `TrainConfig`; missing ones take defaults).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue from this checkpoint instead of starting afresh.
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    /// Total steps (overrides the configuration).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Random seed (overrides the configuration).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where training runs: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with the `cuda`
+    /// feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Print nothing but errors.
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -149,25 +156,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Assets { ids } => assets(&ids),
         Command::Bench { command } => bench::run(command),
         Command::Texture {
-            command:
-                TextureCommand::Train {
-                    data,
-                    out,
-                    config,
-                    resume,
-                    steps,
-                    seed,
-                    quiet,
-                },
-        } => train_texture(
-            &data,
-            &out,
-            config.as_deref(),
-            resume.as_deref(),
-            steps,
-            seed,
-            quiet,
-        ),
+            command: TextureCommand::Train(args),
+        } => train_texture(&args),
         Command::Texture {
             command: TextureCommand::ImportProgan { npz, out },
         } => {
@@ -368,22 +358,14 @@ fn params_json(fitter: &Fitter, result: &FitResult) -> anyhow::Result<serde_json
     }))
 }
 
-fn train_texture(
-    data: &Path,
-    out: &Path,
-    config: Option<&Path>,
-    resume: Option<&Path>,
-    steps: Option<usize>,
-    seed: Option<u64>,
-    quiet: bool,
-) -> anyhow::Result<()> {
+fn train_texture(args: &TrainArgs) -> anyhow::Result<()> {
     use ganfit::texture::{TextureDataset, TrainConfig, Trainer};
-    let device = candle_core::Device::Cpu;
-    let dataset = TextureDataset::from_dir(data, &device)?;
-    let mut trainer = match resume {
+    let device = parse_device(&args.device)?;
+    let dataset = TextureDataset::from_dir(&args.data, &device)?;
+    let mut trainer = match &args.resume {
         Some(checkpoint) => Trainer::resume(checkpoint, &dataset, &device)?,
         None => {
-            let mut config: TrainConfig = match config {
+            let mut config: TrainConfig = match &args.config {
                 Some(path) => serde_json::from_str(
                     &std::fs::read_to_string(path)
                         .with_context(|| format!("cannot read {}", path.display()))?,
@@ -393,17 +375,17 @@ fn train_texture(
                 })?,
                 None => TrainConfig::default(),
             };
-            if let Some(steps) = steps {
+            if let Some(steps) = args.steps {
                 config.total_steps = steps;
             }
-            if let Some(seed) = seed {
+            if let Some(seed) = args.seed {
                 config.seed = seed;
             }
             Trainer::new(config, &dataset, &device)?
         }
     }
-    .with_output_dir(out)?;
-    let bar = if quiet {
+    .with_output_dir(&args.out)?;
+    let bar = if args.quiet {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(trainer.config().total_steps as u64)
@@ -419,8 +401,8 @@ fn train_texture(
         ));
     })?;
     bar.finish_and_clear();
-    if !quiet {
-        println!("wrote {}", out.join("generator.safetensors").display());
+    if !args.quiet {
+        println!("wrote {}", args.out.join("generator.safetensors").display());
     }
     Ok(())
 }

@@ -129,18 +129,26 @@ fn a_missing_photo_fails_with_one_line() {
 
 #[test]
 fn an_unavailable_device_or_bad_option_fails_with_one_line() {
-    for args in [
-        &["--device", "cuda"][..],
-        &["--device", "tpu"],
-        &["--device", "cuda:x"],
-    ] {
+    let textures = tempfile::tempdir().unwrap();
+    let commands = [
+        (["fit", "--quiet"], astronaut()),
+        (["texture", "train"], textures.path().to_path_buf()),
+    ];
+    for ((command, input), args) in commands.iter().flat_map(|c| {
+        [
+            &["--device", "cuda"][..],
+            &["--device", "tpu"],
+            &["--device", "cuda:x"],
+        ]
+        .map(|args| (c, args))
+    }) {
         let out = ganfit()
-            .args(["fit", "--quiet"])
+            .args(command)
             .args(args)
-            .arg(astronaut())
+            .arg(input)
             .output()
             .unwrap();
-        assert!(!out.status.success(), "{args:?}");
+        assert!(!out.status.success(), "{command:?} {args:?}");
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
         assert!(

@@ -1,0 +1,143 @@
+//! The loss networks on a CUDA device against the CPU. The identity network runs its tensor-op
+//! path there (the fused CPU stages are CPU-only): feature maps, descriptors and the input
+//! gradient of the identity + content losses in f64 to 1e-9 of their scale (the same folded
+//! weights, only the summation order differs), descriptors in f32 to 1e-4. MediaPipe's detector
+//! and landmarker on the bundled photo: boxes, keypoints and the 468 points within 0.01 px.
+//! Built only with the `cuda` feature and run on a machine with a GPU by
+//! scripts/device-check.sh, from this crate's folder (the photo is found relative to it).
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor, Var};
+use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker, load_rgb};
+use ganfit_losses::identity::{FaceRecognitionNet, INPUT_SIZE};
+use ganfit_losses::losses::{content_loss, identity_loss};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest entry-wise difference relative to the largest magnitude of `expected`.
+fn relative_error(expected: &Tensor, got: &Tensor) -> f64 {
+    assert_eq!(expected.dims(), got.dims());
+    let (e, g) = (values(expected), values(got));
+    let scale = e.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(scale > 0.0, "an all-zero tensor checks nothing");
+    e.iter()
+        .zip(&g)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// `n` deterministic pixel values in 0–255 (a small LCG: the tests need no statistics).
+fn pixels(n: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed.wrapping_mul(6364136223846793005) | 1;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64 * 255.0
+        })
+        .collect()
+}
+
+/// The network's maps and descriptors for `images`, and the gradient of identity + content
+/// losses against `reference` with respect to the images.
+fn features_and_input_gradient(
+    net: &FaceRecognitionNet,
+    images: &Tensor,
+    reference: &Tensor,
+) -> (Vec<Tensor>, Tensor) {
+    let target = net.forward(reference).unwrap();
+    let images = Var::from_tensor(images).unwrap();
+    let features = net.forward(images.as_tensor()).unwrap();
+    let loss = (identity_loss(&target.embedding, &features.embedding).unwrap()
+        + content_loss(&target.maps, &features.maps).unwrap())
+    .unwrap();
+    let grad = loss
+        .backward()
+        .unwrap()
+        .get(images.as_tensor())
+        .unwrap()
+        .clone();
+    let mut outputs = features.maps;
+    outputs.push(features.embedding);
+    (outputs, grad)
+}
+
+#[test]
+fn cuda_identity_network_matches_cpu() {
+    let dims = (2, 3, INPUT_SIZE, INPUT_SIZE);
+    let n = 2 * 3 * INPUT_SIZE * INPUT_SIZE;
+    let images = Tensor::from_vec(pixels(n, 1), dims, &Device::Cpu).unwrap();
+    let reference = Tensor::from_vec(pixels(n, 2), dims, &Device::Cpu).unwrap();
+    let load = |device: &Device, dtype| {
+        FaceRecognitionNet::load(device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
+    let (cpu, on_gpu) = (load(&Device::Cpu, DType::F64), load(&gpu(), DType::F64));
+    let to_gpu = |t: &Tensor| t.to_device(&gpu()).unwrap();
+    let (expected, expected_grad) = features_and_input_gradient(&cpu, &images, &reference);
+    let (got, got_grad) =
+        features_and_input_gradient(&on_gpu, &to_gpu(&images), &to_gpu(&reference));
+    for (i, (e, g)) in expected.iter().zip(&got).enumerate() {
+        let error = relative_error(e, g);
+        eprintln!("f64 output {i} {:?}: {error:.1e}", e.dims());
+        assert!(error < 1e-9, "output {i} differs by {error}");
+    }
+    let grad_error = relative_error(&expected_grad, &got_grad);
+    eprintln!("f64 input gradient: {grad_error:.1e}");
+    assert!(grad_error < 1e-9, "input gradient differs by {grad_error}");
+
+    let images = images.to_dtype(DType::F32).unwrap();
+    let cpu_f32 = load(&Device::Cpu, DType::F32).embed(&images).unwrap();
+    let gpu_f32 = load(&gpu(), DType::F32).embed(&to_gpu(&images)).unwrap();
+    let error = relative_error(&cpu_f32, &gpu_f32);
+    eprintln!("f32 descriptors: {error:.1e}");
+    assert!(error < 1e-4, "f32 descriptors differ by {error}");
+}
+
+#[test]
+fn cuda_face_detection_and_landmarks_match_cpu() {
+    let image = load_rgb("../../examples/data/astronaut.png")
+        .expect("run from crates/ganfit-losses: the test reads ../../examples/data/astronaut.png");
+    let found = |device: &Device| {
+        let detector = FaceDetector::new(device).unwrap();
+        let face = detector.detect_face(&image, FaceChoice::Largest).unwrap();
+        let points = FaceLandmarker::new(device)
+            .unwrap()
+            .landmarks(&image, &face)
+            .unwrap();
+        (face, points)
+    };
+    let ((cpu_face, cpu_points), (gpu_face, gpu_points)) = (found(&Device::Cpu), found(&gpu()));
+    let distance = |a: [f32; 2], b: [f32; 2]| (a[0] - b[0]).hypot(a[1] - b[1]);
+    let box_corners = |b: [f32; 4]| [[b[0], b[1]], [b[2], b[3]]];
+    let detection_error = box_corners(cpu_face.bbox)
+        .iter()
+        .chain(&cpu_face.keypoints)
+        .zip(box_corners(gpu_face.bbox).iter().chain(&gpu_face.keypoints))
+        .map(|(a, b)| distance(*a, *b))
+        .fold(0.0f32, f32::max);
+    let mesh_error = (0..cpu_points.points.len())
+        .map(|i| distance(cpu_points.xy(i), gpu_points.xy(i)))
+        .fold(0.0f32, f32::max);
+    eprintln!("detection {detection_error:.2e} px, 468 points {mesh_error:.2e} px");
+    assert!((cpu_face.score - gpu_face.score).abs() < 1e-4);
+    assert!(
+        detection_error < 0.01,
+        "detection differs by {detection_error} px"
+    );
+    assert!(mesh_error < 0.01, "landmarks differ by {mesh_error} px");
+}
