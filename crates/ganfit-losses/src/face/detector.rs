@@ -98,6 +98,9 @@ impl Default for DetectorOptions {
     }
 }
 
+/// The least score a detection in one of [`FaceDetector::detect`]'s windows must have.
+const WINDOW_MIN_SCORE: f32 = 0.75;
+
 struct BlazeFace {
     stem: Conv,
     /// Blocks up to the 16×16 feature map that feeds the first head.
@@ -229,8 +232,9 @@ fn weighted_nms(mut detections: Vec<Detection>, threshold: f32) -> Vec<Detection
     out
 }
 
-/// Finds faces with MediaPipe's BlazeFace short-range model (faces within about 2 m of the
-/// camera, i.e. portraits).
+/// Finds faces with MediaPipe's BlazeFace short-range model, made for faces within about 2 m
+/// of the camera (portraits); [`FaceDetector::detect`] also searches windows of the image for
+/// faces further away or in large photos.
 pub struct FaceDetector {
     net: BlazeFace,
     anchors: Vec<[f32; 2]>,
@@ -329,14 +333,101 @@ impl FaceDetector {
     }
 
     /// Every face in `image`, in image pixels, most confident first (possibly none).
+    ///
+    /// The whole image is searched first, as MediaPipe does. The short-range model finds faces
+    /// that fill at least a fifth or so of its view, so when that finds none (a person further
+    /// away, a group, a high-resolution photo) overlapping windows of half, a quarter and an
+    /// eighth of the image's shorter side are searched in turn, down to windows three times
+    /// [`DetectorOptions::min_face_px`]; the first window size that finds a face is kept.
     pub fn detect(&self, image: &RgbImage) -> Result<Vec<Detection>> {
         let (input, roi) = self.input_tensor(image)?;
         let n = DETECTOR_INPUT as f32;
-        Ok(self
+        let whole: Vec<Detection> = self
             .detect_in_tensor(&input)?
             .iter()
             .map(|d| d.map(|p| roi.tensor_to_image(p, n)))
-            .collect())
+            .collect();
+        if !whole.is_empty() {
+            return Ok(whole);
+        }
+        let shorter = image.width().min(image.height()) as f32;
+        for fraction in [0.5, 0.25, 0.125] {
+            let window = shorter * fraction;
+            if window < 3.0 * self.options.min_face_px {
+                break;
+            }
+            let found = self.detect_in_windows(image, window)?;
+            if !found.is_empty() {
+                return Ok(found);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Faces in square windows of side `window` pixels that overlap by half, each window seen
+    /// through an image reduced (with a proper low-pass filter, unlike the whole-image pass's
+    /// plain bilinear sampling) so that it is the network's 128 pixels wide. A face no wider
+    /// than half a window lies wholly inside one of them; detections that touch a window's
+    /// edge are dropped as cut off, the rest merged across windows.
+    fn detect_in_windows(&self, image: &RgbImage, window: f32) -> Result<Vec<Detection>> {
+        let n = DETECTOR_INPUT as f32;
+        let scale = (n / window).min(1.0);
+        let reduced;
+        let view = if scale < 1.0 {
+            let size = |side: u32| ((side as f32 * scale).round() as u32).max(1);
+            reduced = image::imageops::resize(
+                image,
+                size(image.width()),
+                size(image.height()),
+                image::imageops::FilterType::Triangle,
+            );
+            &reduced
+        } else {
+            image
+        };
+        let side = window * scale;
+        let centres = |length: u32| {
+            let length = length as f32;
+            let steps = ((length - side) / (side / 2.0)).ceil().max(0.0) as usize;
+            (0..=steps).map(move |i| {
+                if steps == 0 {
+                    length / 2.0
+                } else {
+                    side / 2.0 + i as f32 * (length - side) / steps as f32
+                }
+            })
+        };
+        let margin = 0.02 * n;
+        // Dozens of views give the network dozens of chances at a false positive (a patterned
+        // shirt, a face-like badge): only confident detections count here.
+        let min_score = self.options.min_score.max(WINDOW_MIN_SCORE);
+        let keep = |d: &Detection| {
+            d.score >= min_score && d.bbox.iter().all(|&c| c > margin && c < n - margin)
+        };
+        let mut found = Vec::new();
+        for cy in centres(view.height()) {
+            for cx in centres(view.width()) {
+                let roi = FaceRoi {
+                    center: [cx, cy],
+                    side,
+                    rotation: 0.0,
+                };
+                let input = roi.sample(
+                    view,
+                    DETECTOR_INPUT,
+                    Border::Zero,
+                    (-1.0, 1.0),
+                    &self.device,
+                )?;
+                found.extend(
+                    self.detect_in_tensor(&input)?
+                        .iter()
+                        .filter(|d| keep(d))
+                        .map(|d| d.map(|p| roi.tensor_to_image(p, n).map(|v| v / scale))),
+                );
+            }
+        }
+        Ok(weighted_nms(found, self.options.nms_threshold))
     }
 
     /// The one face to work on: [`FaceError::NoFaceFound`] when there is none, the face chosen by

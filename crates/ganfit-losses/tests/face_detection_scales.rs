@@ -1,0 +1,115 @@
+//! Faces the whole-image pass of the short-range detector cannot see: a portrait placed small
+//! in a large canvas (a person further away, or a high-resolution photo) must still be found,
+//! where the bundled photo's own detection says, and an empty canvas must still hold no face.
+
+use std::path::Path;
+
+use candle_core::Device;
+use ganfit_losses::face::{
+    Detection, FaceChoice, FaceDetector, FaceError, FaceLandmarker, load_rgb,
+};
+use image::{RgbImage, imageops};
+
+fn astronaut() -> RgbImage {
+    load_rgb(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/data/astronaut.png"))
+        .unwrap()
+}
+
+/// `photo` scaled to `scale` and placed at `offset` on a grey `width`×`height` canvas.
+fn composite(
+    photo: &RgbImage,
+    width: u32,
+    height: u32,
+    scale: f32,
+    offset: (u32, u32),
+) -> RgbImage {
+    let small = imageops::resize(
+        photo,
+        (photo.width() as f32 * scale).round() as u32,
+        (photo.height() as f32 * scale).round() as u32,
+        imageops::FilterType::Triangle,
+    );
+    let mut canvas = RgbImage::from_pixel(width, height, image::Rgb([118, 121, 125]));
+    imageops::replace(
+        &mut canvas,
+        &small,
+        i64::from(offset.0),
+        i64::from(offset.1),
+    );
+    canvas
+}
+
+fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
+    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let area = |r: &[f32; 4]| (r[2] - r[0]) * (r[3] - r[1]);
+    w * h / (area(a) + area(b) - w * h)
+}
+
+#[test]
+fn small_faces_in_large_images_are_found_where_they_are() {
+    let device = Device::Cpu;
+    let detector = FaceDetector::new(&device).unwrap();
+    let landmarker = FaceLandmarker::new(&device).unwrap();
+    let photo = astronaut();
+    let reference: Detection = detector.detect_face(&photo, FaceChoice::Largest).unwrap();
+    // (canvas, scale of the photo, where it goes): faces of 8–9 % of the canvas width.
+    for (width, height, scale, offset) in [
+        (4032, 3024, 3.5, (1100, 600)),
+        (1008, 756, 0.9, (500, 200)),
+        (504, 378, 0.44, (250, 150)),
+    ] {
+        let image = composite(&photo, width, height, scale, offset);
+        let (whole, _) = detector.input_tensor(&image).unwrap();
+        assert!(
+            detector.detect_in_tensor(&whole).unwrap().is_empty(),
+            "{width}x{height}: MediaPipe's whole-image pass already finds this face"
+        );
+        let expected = reference.bbox.map(|v| v * scale);
+        let expected = [
+            expected[0] + offset.0 as f32,
+            expected[1] + offset.1 as f32,
+            expected[2] + offset.0 as f32,
+            expected[3] + offset.1 as f32,
+        ];
+        let face = detector
+            .detect_face(&image, FaceChoice::Largest)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{width}x{height}, face {:.0} px: {e}",
+                    expected[2] - expected[0]
+                )
+            });
+        let overlap = iou(&face.bbox, &expected);
+        let landmarks = landmarker.landmarks(&image, &face);
+        eprintln!(
+            "{width}x{height}, face {:.0} px: IoU {overlap:.2} with the photo's own detection, landmarks {}",
+            expected[2] - expected[0],
+            if landmarks.is_ok() {
+                "found"
+            } else {
+                "refused"
+            }
+        );
+        assert!(
+            overlap > 0.6,
+            "{width}x{height}: found {:?}, expected {expected:?}",
+            face.bbox
+        );
+        landmarks.unwrap();
+    }
+}
+
+#[test]
+fn an_empty_large_image_still_holds_no_face() {
+    let detector = FaceDetector::new(&Device::Cpu).unwrap();
+    let mut image = RgbImage::from_pixel(1200, 800, image::Rgb([118, 121, 125]));
+    for (i, p) in image.pixels_mut().enumerate() {
+        let v = ((i * 2654435761) >> 13) as u8 % 40;
+        p.0 = [100 + v, 110 + v / 2, 120 - v / 3];
+    }
+    assert!(matches!(
+        detector.detect_face(&image, FaceChoice::Largest),
+        Err(FaceError::NoFaceFound { .. })
+    ));
+}
