@@ -408,13 +408,13 @@ impl Fitter {
         };
         let mut observed = Vec::with_capacity(images.len());
         for image in images {
-            observer(Progress::Step("face detection"));
-            let face = self.detector.detect_face(image, self.face_choice)?;
-            lap("face detection", &mut timings);
-            observer(Progress::Step("landmarks"));
-            let mesh_points = self.landmarker.landmarks(image, &face)?;
+            // Together: the landmark network confirms the detected face.
+            observer(Progress::Step("face detection and landmarks"));
+            let (_, mesh_points) =
+                self.landmarker
+                    .locate(&self.detector, image, self.face_choice)?;
             let detected = mesh_points.to_ibug68().to_vec();
-            lap("landmarks", &mut timings);
+            lap("face detection and landmarks", &mut timings);
             let landmarks = ImageLandmarks {
                 points: detected
                     .iter()

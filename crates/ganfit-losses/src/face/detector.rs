@@ -434,32 +434,45 @@ impl FaceDetector {
     /// `choice` when there are several, [`FaceError::FaceTooSmall`] when it is smaller than
     /// [`DetectorOptions::min_face_px`].
     pub fn detect_face(&self, image: &RgbImage, choice: FaceChoice) -> Result<Detection> {
-        let faces = self.detect(image)?;
+        Ok(self.faces_by_preference(image, choice)?.remove(0))
+    }
+
+    /// The faces `choice` would pick, in order of preference: [`FaceDetector::detect_face`]'s
+    /// face (with its errors), then, unless `choice` names one face by index, every other face
+    /// at least [`DetectorOptions::min_face_px`] wide, in the order `choice` ranks them.
+    pub fn faces_by_preference(
+        &self,
+        image: &RgbImage,
+        choice: FaceChoice,
+    ) -> Result<Vec<Detection>> {
+        let mut faces = self.detect(image)?;
         if faces.is_empty() {
             return Err(FaceError::NoFaceFound {
                 width: image.width(),
                 height: image.height(),
             });
         }
-        let count = faces.len();
-        let index = match choice {
-            FaceChoice::Largest => (0..count)
-                .max_by(|&a, &b| faces[a].area().total_cmp(&faces[b].area()))
-                .unwrap_or(0),
-            FaceChoice::MostConfident => 0,
-            FaceChoice::Index(index) => index,
-        };
-        let face = faces
-            .into_iter()
-            .nth(index)
-            .ok_or(FaceError::FaceIndexOutOfRange { index, count })?;
-        if face.size() < self.options.min_face_px {
+        match choice {
+            FaceChoice::Largest => faces.sort_by(|a, b| b.area().total_cmp(&a.area())),
+            FaceChoice::MostConfident => {}
+            FaceChoice::Index(index) => {
+                let count = faces.len();
+                faces = vec![
+                    faces
+                        .into_iter()
+                        .nth(index)
+                        .ok_or(FaceError::FaceIndexOutOfRange { index, count })?,
+                ];
+            }
+        }
+        if faces[0].size() < self.options.min_face_px {
             return Err(FaceError::FaceTooSmall {
-                size: face.size(),
+                size: faces[0].size(),
                 min: self.options.min_face_px,
             });
         }
-        Ok(face)
+        faces.retain(|face| face.size() >= self.options.min_face_px);
+        Ok(faces)
     }
 }
 

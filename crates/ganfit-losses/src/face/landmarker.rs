@@ -8,7 +8,7 @@ use ganfit_assets::Resolver;
 use image::RgbImage;
 
 use super::crop::{Border, FaceRoi};
-use super::detector::Detection;
+use super::detector::{Detection, FaceChoice, FaceDetector};
 use super::layers::{Activation, Conv, Padding, Residual, Weights};
 use super::{FaceError, Result};
 
@@ -250,5 +250,32 @@ impl FaceLandmarker {
     /// ([`roi_from_detection`]).
     pub fn landmarks(&self, image: &RgbImage, detection: &Detection) -> Result<Landmarks468> {
         self.landmarks_in_roi(image, &roi_from_detection(detection))
+    }
+
+    /// The face `choice` picks in `image` with its 468 points. Where the landmark network does
+    /// not confirm that face ([`FaceError::LandmarksNotConfident`]: the detector can mistake a
+    /// patterned shirt or a badge for a face, often larger than the real one) the next face in
+    /// [`FaceDetector::faces_by_preference`]'s order is tried; the first error is returned when
+    /// none is confirmed.
+    pub fn locate(
+        &self,
+        detector: &FaceDetector,
+        image: &RgbImage,
+        choice: FaceChoice,
+    ) -> Result<(Detection, Landmarks468)> {
+        let mut first_error = None;
+        for face in detector.faces_by_preference(image, choice)? {
+            match self.landmarks(image, &face) {
+                Ok(points) => return Ok((face, points)),
+                Err(error @ FaceError::LandmarksNotConfident { .. }) => {
+                    first_error.get_or_insert(error);
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        Err(first_error.unwrap_or(FaceError::NoFaceFound {
+            width: image.width(),
+            height: image.height(),
+        }))
     }
 }
