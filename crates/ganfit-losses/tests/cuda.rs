@@ -11,42 +11,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker, load_rgb};
 use ganfit_losses::identity::{FaceRecognitionNet, INPUT_SIZE};
 use ganfit_losses::losses::{content_loss, identity_loss};
+use ganfit_testkit::{gpu, pseudo_random, relative_error};
 
-fn gpu() -> Device {
-    Device::new_cuda(0).expect("these tests need a CUDA device")
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// Largest entry-wise difference relative to the largest magnitude of `expected`.
-fn relative_error(expected: &Tensor, got: &Tensor) -> f64 {
-    assert_eq!(expected.dims(), got.dims());
-    let (e, g) = (values(expected), values(got));
-    let scale = e.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    assert!(scale > 0.0, "an all-zero tensor checks nothing");
-    e.iter()
-        .zip(&g)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
-}
-
-/// `n` deterministic pixel values in 0–255 (a small LCG: the tests need no statistics).
+/// `n` deterministic pixel values in 0–255.
 fn pixels(n: usize, seed: u64) -> Vec<f64> {
-    let mut state = seed.wrapping_mul(6364136223846793005) | 1;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 11) as f64 / (1u64 << 53) as f64 * 255.0
-        })
+    pseudo_random(n, seed)
+        .into_iter()
+        .map(|v| (v + 1.0) * 127.5)
         .collect()
 }
 

@@ -10,45 +10,23 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{ict, pseudo_random};
+use common::ict;
 use ganfit_assets::Resolver;
 use ganfit_morphable::MorphableModel;
+use ganfit_testkit::{gpu, pseudo_random, relative_error};
 
-fn gpu() -> Device {
-    Device::new_cuda(0).expect("these tests need a CUDA device")
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
+fn tensor(data: Vec<f64>, dims: &[usize], device: &Device) -> Tensor {
+    Tensor::from_vec(data, dims, device)
+        .and_then(|t| t.to_dtype(DType::F32))
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// Largest entry-wise difference relative to the largest magnitude of `expected`.
-fn relative_error(expected: &Tensor, got: &Tensor) -> f64 {
-    assert_eq!(expected.dims(), got.dims());
-    let (e, g) = (values(expected), values(got));
-    let scale = e.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    assert!(scale > 0.0, "an all-zero tensor checks nothing");
-    e.iter()
-        .zip(&g)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
-}
-
-fn tensor(data: Vec<f32>, dims: &[usize], device: &Device) -> Tensor {
-    Tensor::from_vec(data, dims, device).unwrap()
 }
 
 /// Vertices and normals of `model` for the coefficients, and the gradients of
 /// `<vertices, a> + <normals, b>` with respect to both coefficient vectors.
 fn instance_with_vjp(
     model: &MorphableModel,
-    shape: &[f32],
-    expression: &[f32],
+    shape: &[f64],
+    expression: &[f64],
     batch: usize,
 ) -> [Tensor; 4] {
     let device = model.device();
@@ -96,11 +74,11 @@ fn cuda_instances_normals_and_their_gradients_match_cpu() {
     // One face with every mode, and a batch of three using only the first modes.
     for (batch, ks, ke) in [(0, ks, ke), (3, 40, 12)] {
         let faces = batch.max(1);
-        let shape: Vec<f32> = pseudo_random(faces * ks, 1)
+        let shape: Vec<f64> = pseudo_random(faces * ks, 1)
             .iter()
             .map(|v| 2.0 * v)
             .collect();
-        let expression: Vec<f32> = pseudo_random(faces * ke, 2)
+        let expression: Vec<f64> = pseudo_random(faces * ke, 2)
             .iter()
             .map(|v| 0.5 * (v + 1.0))
             .collect();

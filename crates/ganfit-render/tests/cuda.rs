@@ -13,36 +13,13 @@ use ganfit_render::{
     Appearance, Lighting, PhongLight, RasterOptions, RenderOptions, Renderer, Scene, Triangles,
     WrapMode, interpolate, normalize, rasterize, shade_phong, texture,
 };
-
-fn gpu() -> Device {
-    Device::new_cuda(0).expect("these tests need a CUDA device")
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
+use ganfit_testkit::{gpu, relative_error, values};
 
 /// Whether two tensors (any device) hold the same values, bit for bit.
 fn identical(a: &Tensor, b: &Tensor) -> bool {
     assert_eq!(a.dims(), b.dims());
     let bits = |t: &Tensor| values(t).into_iter().map(f64::to_bits).collect::<Vec<_>>();
     bits(a) == bits(b)
-}
-
-/// Largest entry-wise difference relative to the largest magnitude of `expected`.
-fn relative_error(expected: &Tensor, got: &Tensor) -> f64 {
-    let (e, g) = (values(expected), values(got));
-    let scale = e.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    assert!(scale > 0.0, "an all-zero gradient checks nothing");
-    e.iter()
-        .zip(&g)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
 }
 
 /// Random triangles with shared edges (and some corners behind the camera), and a closed bumpy

@@ -7,47 +7,10 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
+use ganfit_testkit::{gpu, pseudo_random, relative_error};
 use ganfit_texture::{
     Generator, GeneratorConfig, TextureDataset, TextureModel, TrainConfig, Trainer,
 };
-
-fn gpu() -> Device {
-    Device::new_cuda(0).expect("these tests need a CUDA device")
-}
-
-fn values(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-/// Largest entry-wise difference relative to the largest magnitude of `expected`.
-fn relative_error(expected: &Tensor, got: &Tensor) -> f64 {
-    assert_eq!(expected.dims(), got.dims());
-    let (e, g) = (values(expected), values(got));
-    let scale = e.iter().fold(0.0f64, |m, x| m.max(x.abs()));
-    assert!(scale > 0.0, "an all-zero tensor checks nothing");
-    e.iter()
-        .zip(&g)
-        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
-        / scale
-}
-
-/// Deterministic values in [-1, 1) (a small LCG: the tests need no statistics).
-fn pseudo_random(n: usize, seed: u64) -> Vec<f64> {
-    let mut state = seed.wrapping_mul(6364136223846793005) | 1;
-    (0..n)
-        .map(|_| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        })
-        .collect()
-}
 
 /// The generator's output at `level` and the gradient of `<output, cotangent>` w.r.t. `latent`.
 fn output_and_latent_vjp(

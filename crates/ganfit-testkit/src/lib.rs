@@ -1,0 +1,80 @@
+//! Helpers shared by the workspace's tests (a dev-dependency only, never published): the CUDA
+//! device of the GPU parity tests, comparing tensors that live on different devices, and
+//! deterministic pseudo-random inputs.
+
+use candle_core::{DType, Device, Tensor};
+
+/// The first CUDA device. The GPU tests run only where one exists (scripts/device-check.sh),
+/// so its absence is a setup error worth stopping the test for.
+///
+/// # Panics
+///
+/// Without a CUDA device, or in a build without candle's `cuda` feature.
+pub fn gpu() -> Device {
+    Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+/// Every value of `t` (any device, any float dtype) as f64, in row-major order.
+///
+/// # Panics
+///
+/// If `t` cannot be read back (a non-numeric dtype).
+pub fn values(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1())
+        .expect("a numeric tensor")
+}
+
+/// Largest entry-wise difference between two tensors of one shape, relative to the largest
+/// magnitude in `expected`.
+///
+/// # Panics
+///
+/// If the shapes differ, or `expected` is all zeros (a comparison that would check nothing).
+pub fn relative_error(expected: &Tensor, got: &Tensor) -> f64 {
+    assert_eq!(expected.dims(), got.dims(), "shapes differ");
+    let (e, g) = (values(expected), values(got));
+    let scale = e.iter().fold(0.0f64, |m, x| m.max(x.abs()));
+    assert!(scale > 0.0, "an all-zero tensor checks nothing");
+    e.iter()
+        .zip(&g)
+        .fold(0.0f64, |m, (a, b)| m.max((a - b).abs()))
+        / scale
+}
+
+/// `n` deterministic values in [-1, 1) for `seed` (a 64-bit LCG: tests need reproducible
+/// inputs, not statistics).
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<f64> {
+    let mut state = seed.wrapping_mul(6364136223846793005) | 1;
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_error_is_scaled_by_the_expected_magnitude() {
+        let a = Tensor::new(&[2.0f32, -4.0], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[2.0f64, -3.0], &Device::Cpu).unwrap();
+        assert_eq!(relative_error(&a, &b), 0.25);
+    }
+
+    #[test]
+    fn pseudo_random_values_are_reproducible_and_in_range() {
+        let v = pseudo_random(1000, 3);
+        assert_eq!(v, pseudo_random(1000, 3));
+        assert_ne!(v, pseudo_random(1000, 4));
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        assert!(mean.abs() < 0.1, "{mean}");
+    }
+}
