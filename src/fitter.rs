@@ -702,6 +702,48 @@ fn project_landmarks(
         .collect())
 }
 
+/// The pixel rectangle `(x0, y0, x1, y1)` (end exclusive, within `width` × `height`) that
+/// holds every vertex projected through the fitted camera, with a pixel to spare for the
+/// antialiased edges; the whole image where a vertex lies at or behind the near plane.
+fn projected_bounds(
+    vertices: &Tensor,
+    params: &FitParams,
+    width: u32,
+    height: u32,
+) -> Result<(u32, u32, u32, u32)> {
+    let ids: Vec<Option<u32>> = (0..vertices.dim(0)? as u32).map(Some).collect();
+    let (near, _) = ganfit_optim::DEPTH_RANGE_MM;
+    let camera_depth = ganfit_render::camera_from_world(
+        &vertices.to_dtype(DType::F32)?,
+        &params.rotation.unsqueeze(0)?,
+        &params.translation.unsqueeze(0)?,
+    )?
+    .squeeze(0)?
+    .narrow(1, 2, 1)?
+    .min_all()?
+    .to_scalar::<f32>()?;
+    if camera_depth.is_nan() || f64::from(camera_depth) <= near {
+        return Ok((0, 0, width, height));
+    }
+    let (mut lo, mut hi) = ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]);
+    for p in project_landmarks(&ids, vertices, params)?
+        .into_iter()
+        .flatten()
+    {
+        for axis in 0..2 {
+            lo[axis] = lo[axis].min(p[axis]);
+            hi[axis] = hi[axis].max(p[axis]);
+        }
+    }
+    let clamp = |v: f32, limit: u32| v.clamp(0.0, limit as f32) as u32;
+    Ok((
+        clamp(lo[0].floor() - 1.0, width),
+        clamp(lo[1].floor() - 1.0, height),
+        clamp(hi[0].ceil() + 2.0, width),
+        clamp(hi[1].ceil() + 2.0, height),
+    ))
+}
+
 /// Side of the frontal render in pixels.
 const FRONTAL_SIZE: u32 = 512;
 
@@ -812,6 +854,9 @@ impl View<'_> {
         }))
     }
 
+    /// Through the photo's camera at the photo's size. Only the rectangle the mesh projects
+    /// into is rasterised (a face fills a small part of a large photo; rendering all of a
+    /// 12-megapixel frame cost seconds and gigabytes); the rest stays transparent.
     fn render(
         &self,
         vertices: &Tensor,
@@ -822,26 +867,33 @@ impl View<'_> {
     ) -> Result<RgbaImage> {
         let k = &params.intrinsics;
         let (near, far) = ganfit_optim::DEPTH_RANGE_MM;
+        let (x0, y0, x1, y1) = projected_bounds(vertices, params, width, height)?;
+        let mut canvas = RgbaImage::new(width, height);
+        if x1 <= x0 || y1 <= y0 {
+            return Ok(canvas);
+        }
         let camera = ganfit_render::Camera::new(
             k.fx,
             k.fy,
-            k.cx,
-            k.cy,
-            width as usize,
-            height as usize,
+            k.cx - f64::from(x0),
+            k.cy - f64::from(y0),
+            (x1 - x0) as usize,
+            (y1 - y0) as usize,
             near,
             far,
         )?;
         // The textured skin only: laid onto the photo, its own eyes, teeth and hair show
         // through.
-        self.draw(
+        let window = self.draw(
             vertices,
             &params.rotation,
             &params.translation,
             camera,
             shaded_geometry,
             false,
-        )
+        )?;
+        image::imageops::replace(&mut canvas, &window, i64::from(x0), i64::from(y0));
+        Ok(canvas)
     }
 
     /// Seen from straight ahead (see [`ganfit_optim::frontal_camera`]), framing the face.
@@ -855,5 +907,44 @@ impl View<'_> {
         };
         let (camera, rotation, translation) = ganfit_optim::frontal_camera(&framed, size as usize)?;
         self.draw(vertices, &rotation, &translation, camera, false, true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params_at_depth(depth: f32) -> FitParams {
+        let zero = |n: usize| Tensor::zeros(n, DType::F32, &Device::Cpu).unwrap();
+        FitParams {
+            shape: zero(0),
+            expression: zero(0),
+            rotation: zero(3),
+            translation: Tensor::new(&[0.0f32, 0.0, depth], &Device::Cpu).unwrap(),
+            intrinsics: Intrinsics {
+                fx: 1000.0,
+                fy: 1000.0,
+                cx: 320.0,
+                cy: 240.0,
+            },
+        }
+    }
+
+    #[test]
+    fn projected_bounds_hold_every_vertex_or_the_whole_image() {
+        let vertices = Tensor::new(
+            &[[-50.0f32, -20.0, 0.0], [30.0, 40.0, 0.0], [0.0, 0.0, 10.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        // At 500 mm the corners land on (220, 200) and (380, 320).
+        let bounds = projected_bounds(&vertices, &params_at_depth(500.0), 640, 480).unwrap();
+        assert_eq!(bounds, (219, 199, 382, 322));
+        // Clipped to the image when the face runs off it.
+        let near = projected_bounds(&vertices, &params_at_depth(60.0), 640, 480).unwrap();
+        assert_eq!(near, (0, 0, 640, 480));
+        // A vertex behind the near plane projects nowhere sensible: the whole image is drawn.
+        let behind = projected_bounds(&vertices, &params_at_depth(5.0), 640, 480).unwrap();
+        assert_eq!(behind, (0, 0, 640, 480));
     }
 }
