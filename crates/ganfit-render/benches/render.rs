@@ -6,6 +6,12 @@
 //! `RAYON_NUM_THREADS=1 cargo bench -p ganfit-render --bench render -- --warm-up-time 1 --measurement-time 3`
 //! (under mimalloc, like the `ganfit` binary: candle's autograd allocates image-sized buffers
 //! every call, which glibc's default thresholds hand back to the kernel).
+//!
+//! Two settings outside this crate move the multi-threaded numbers: candle runs its element-wise
+//! ops (autograd's gradient sums among them) on a pool of its own whose idle workers spin beside
+//! rayon's (`CANDLE_NUM_THREADS=1` keeps those ops in the calling thread), and mimalloc hands
+//! freed image-sized buffers back to the system after 10 ms, so each call faults them in again
+//! (`MIMALLOC_PURGE_DELAY=-1` keeps them).
 
 // The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
 #[global_allocator]

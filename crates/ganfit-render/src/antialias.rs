@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
 use crate::kernel::{
-    Real, check_float, check_rast, cpu_tensor, cross, data, dispatch_float, dot, min_tasks,
+    Real, check_float, check_rast, copy, cpu_tensor, cross, data, dispatch_float, dot, min_tasks,
     pixel_centre, triangle_at, with_data,
 };
 use crate::raster::{check_vertex_count, corners};
@@ -454,7 +454,7 @@ impl Silhouettes {
     /// d color: the identity plus the blend weights, zero where masked away.
     fn color_grad<T: Real>(&self, grad: &[T], c: usize, mask: bool) -> Vec<T> {
         let per_image = self.pixels() * c;
-        let mut out = grad.to_vec();
+        let mut out = copy(grad);
         out.par_chunks_mut(per_image.max(1))
             .with_min_len(min_tasks())
             .enumerate()
@@ -506,14 +506,18 @@ impl Silhouettes {
 
     /// Coverage of every pixel as a one-channel image.
     fn coverage_image<T: Real>(&self) -> Vec<T> {
-        self.images
-            .iter()
-            .flat_map(|im| {
-                im.covered
-                    .iter()
-                    .map(|&c| if c { T::one() } else { T::zero() })
-            })
-            .collect()
+        let mut out = vec![T::zero(); self.images.len() * self.pixels()];
+        out.par_chunks_mut(self.pixels().max(1))
+            .zip(self.images.par_iter())
+            .with_min_len(min_tasks())
+            .for_each(|(out, image)| {
+                for (o, &covered) in out.iter_mut().zip(&image.covered) {
+                    if covered {
+                        *o = T::one();
+                    }
+                }
+            });
+        out
     }
 }
 

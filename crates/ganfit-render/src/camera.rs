@@ -6,10 +6,11 @@
 //! (column i, row j) at `(u, v) = (i, j)` — OpenCV's convention, which landmark detectors use.
 //! Image row 0 is the top of the picture, and it is row 0 of every `[B, H, W, C]` output.
 
-use candle_core::Tensor;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
-use crate::kernel::check_float;
+use crate::kernel::{Real, check_float, cpu_tensor, data, dispatch_float, min_tasks, with_data};
 
 /// Intrinsics of a pinhole camera plus the depth range kept by the rasteriser.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -88,9 +89,14 @@ impl Camera {
             (2.0 * self.cx + 1.0) / w - 1.0, (2.0 * self.cy + 1.0) / h - 1.0, (f + n) / (f - n), 1.0,
         ];
         let bias = [0.0, 0.0, -2.0 * f * n / (f - n), 0.0];
-        let m = Tensor::from_slice(&m, (3, 4), points.device())?.to_dtype(points.dtype())?;
-        let bias = Tensor::from_slice(&bias, 4, points.device())?.to_dtype(points.dtype())?;
-        Ok(points.broadcast_matmul(&m)?.broadcast_add(&bias)?)
+        let batch = points.dim(0)?;
+        let m = Tensor::from_slice(&m, (1, 3, 4), points.device())?
+            .to_dtype(points.dtype())?
+            .repeat((batch, 1, 1))?;
+        let bias = Tensor::from_slice(&bias, (1, 4), points.device())?
+            .to_dtype(points.dtype())?
+            .repeat((batch, 1))?;
+        affine_points(points, &m, &bias)
     }
 
     /// Pixel coordinates `[B, N, 2]` (u, v) of camera-space points `[B, N, 3]`, for landmarks.
@@ -188,10 +194,239 @@ pub fn camera_from_world(
             expected: batch,
         });
     }
-    let rotated = if pb == batch {
-        points.matmul(&rot.transpose(1, 2)?)?
+    affine_points(&points, &rot.transpose(1, 2)?, translation)
+}
+
+/// `points · matrix + offset` per image, for points `[B, V, 3]` (or `[1, V, 3]`, shared by the
+/// batch), matrices `[B, 3, K]` and offsets `[B, K]`: `[B, V, K]`. On the CPU one op
+/// ([`AffinePoints`]); as candle tensor ops, the matrix product and the broadcast sum cost
+/// several vertex-sized temporaries and gradient sums in each direction.
+fn affine_points(points: &Tensor, matrix: &Tensor, offset: &Tensor) -> Result<Tensor> {
+    if points.device().is_cpu() && matches!(points.dtype(), DType::F32 | DType::F64) {
+        return Ok(points.contiguous()?.apply_op3(
+            &matrix.contiguous()?,
+            &offset.contiguous()?,
+            AffinePoints,
+        )?);
+    }
+    affine_points_with_tensor_ops(points, matrix, offset)
+}
+
+fn affine_points_with_tensor_ops(
+    points: &Tensor,
+    matrix: &Tensor,
+    offset: &Tensor,
+) -> Result<Tensor> {
+    let mapped = if points.dim(0)? == matrix.dim(0)? {
+        points.matmul(matrix)?
     } else {
-        points.squeeze(0)?.broadcast_matmul(&rot.transpose(1, 2)?)?
+        points.squeeze(0)?.broadcast_matmul(matrix)?
     };
-    Ok(rotated.broadcast_add(&translation.unsqueeze(1)?)?)
+    Ok(mapped.broadcast_add(&offset.unsqueeze(1)?)?)
+}
+
+/// [`affine_points`] on the CPU: (points, matrix, offset) -> points · matrix + offset.
+struct AffinePoints;
+
+/// Sizes of an [`AffinePoints`] call.
+#[derive(Clone, Copy)]
+struct AffineDims {
+    /// Images (matrices).
+    batch: usize,
+    /// Whether the points are shared by the batch.
+    shared: bool,
+    vertices: usize,
+    /// Output coordinates per point.
+    k: usize,
+}
+
+impl AffineDims {
+    fn of(points: &Shape, matrix: &Shape) -> candle_core::Result<Self> {
+        let (point_batch, vertices, _) = points.dims3()?;
+        let (batch, _, k) = matrix.dims3()?;
+        Ok(Self {
+            batch,
+            shared: point_batch != batch,
+            vertices,
+            k,
+        })
+    }
+
+    /// Image `b`'s points in `points` (`[B or 1, V, 3]`).
+    fn points<'a, T>(&self, points: &'a [T], b: usize) -> &'a [T] {
+        let b = if self.shared { 0 } else { b };
+        &points[b * self.vertices * 3..(b + 1) * self.vertices * 3]
+    }
+}
+
+impl AffinePoints {
+    fn forward<T: Real>(&self, points: &[T], matrix: &[T], offset: &[T], d: AffineDims) -> Vec<T> {
+        let k = d.k;
+        let mut out = vec![T::zero(); d.batch * d.vertices * k];
+        out.par_chunks_mut((d.vertices * k).max(1))
+            .with_min_len(min_tasks())
+            .enumerate()
+            .for_each(|(b, out)| {
+                let m = &matrix[b * 3 * k..(b + 1) * 3 * k];
+                let t = &offset[b * k..(b + 1) * k];
+                let points = d.points(points, b);
+                for (o, p) in out.chunks_exact_mut(k).zip(points.chunks_exact(3)) {
+                    for (j, o) in o.iter_mut().enumerate() {
+                        *o = p[0] * m[j] + p[1] * m[k + j] + p[2] * m[2 * k + j] + t[j];
+                    }
+                }
+            });
+        out
+    }
+
+    /// Gradients to the points, matrices and offsets from the output gradient `grad`.
+    fn backward<T: Real>(
+        &self,
+        [points, matrix]: [&[T]; 2],
+        grad: &[T],
+        d: AffineDims,
+    ) -> (Vec<T>, Vec<T>, Vec<T>) {
+        let k = d.k;
+        // Per image: its points' gradient, then `Σ_v p_v g_vᵀ` and `Σ_v g_v`.
+        let per_image: Vec<(Vec<T>, Vec<T>)> = (0..d.batch)
+            .into_par_iter()
+            .with_min_len(min_tasks())
+            .map(|b| {
+                let m = &matrix[b * 3 * k..(b + 1) * 3 * k];
+                let g = &grad[b * d.vertices * k..(b + 1) * d.vertices * k];
+                let points = d.points(points, b);
+                let mut g_points = vec![T::zero(); d.vertices * 3];
+                let mut g_affine = vec![T::zero(); 4 * k];
+                for ((gp, p), g) in g_points
+                    .chunks_exact_mut(3)
+                    .zip(points.chunks_exact(3))
+                    .zip(g.chunks_exact(k))
+                {
+                    for (i, gp) in gp.iter_mut().enumerate() {
+                        *gp = (0..k).fold(T::zero(), |a, j| a + g[j] * m[i * k + j]);
+                    }
+                    for (j, &g) in g.iter().enumerate() {
+                        for i in 0..3 {
+                            g_affine[i * k + j] += p[i] * g;
+                        }
+                        g_affine[3 * k + j] += g;
+                    }
+                }
+                (g_points, g_affine)
+            })
+            .collect();
+        let mut g_matrix = Vec::with_capacity(d.batch * 3 * k);
+        let mut g_offset = Vec::with_capacity(d.batch * k);
+        for (_, g_affine) in &per_image {
+            g_matrix.extend_from_slice(&g_affine[..3 * k]);
+            g_offset.extend_from_slice(&g_affine[3 * k..]);
+        }
+        let mut images = per_image.into_iter().map(|(g_points, _)| g_points);
+        let g_points = if d.shared {
+            let first = images
+                .next()
+                .unwrap_or_else(|| vec![T::zero(); d.vertices * 3]);
+            images.fold(first, crate::kernel::add_into)
+        } else {
+            images.flatten().collect()
+        };
+        (g_points, g_matrix, g_offset)
+    }
+}
+
+impl CustomOp3 for AffinePoints {
+    fn name(&self) -> &'static str {
+        "ganfit-affine-points"
+    }
+
+    fn cpu_fwd(
+        &self,
+        points: &CpuStorage,
+        points_l: &Layout,
+        matrix: &CpuStorage,
+        matrix_l: &Layout,
+        offset: &CpuStorage,
+        offset_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = AffineDims::of(points_l.shape(), matrix_l.shape())?;
+        dispatch_float!(points, T => {
+            let out = self.forward::<T>(
+                data(points, points_l)?, data(matrix, matrix_l)?, data(offset, offset_l)?, d,
+            );
+            let shape = Shape::from((d.batch, d.vertices, d.k));
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), shape))
+        })
+    }
+
+    fn bwd(
+        &self,
+        points: &Tensor,
+        matrix: &Tensor,
+        offset: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = AffineDims::of(points.shape(), matrix.shape())?;
+        fn run<T: Real>(
+            op: &AffinePoints,
+            [points, matrix, offset]: [&Tensor; 3],
+            grad: &Tensor,
+            d: AffineDims,
+        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            with_data::<T, _>(points, |p| {
+                with_data::<T, _>(matrix, |m| {
+                    with_data::<T, _>(grad, |g| {
+                        let (gp, gm, go) = op.backward([p, m], g, d);
+                        Ok((
+                            Some(cpu_tensor(gp, points.shape())?),
+                            Some(cpu_tensor(gm, matrix.shape())?),
+                            Some(cpu_tensor(go, offset.shape())?),
+                        ))
+                    })
+                })
+            })
+        }
+        let inputs = [points, matrix, offset];
+        match points.dtype() {
+            DType::F32 => run::<f32>(self, inputs, grad, d),
+            _ => run::<f64>(self, inputs, grad, d),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::testing::{dot, finite_difference_error, gradient, max_abs_diff, random};
+
+    /// The CPU op against its tensor-op definition, on outputs and vector-Jacobian products
+    /// for every input, with points of their own and shared by the batch; its backward against
+    /// central differences.
+    #[test]
+    fn fused_affine_points_match_tensor_ops() {
+        let matrix = random(&[2, 3, 4], -1.0, 1.0, 1);
+        let offset = random(&[2, 4], -1.0, 1.0, 2);
+        for point_batch in [2, 1] {
+            let points = random(&[point_batch, 7, 3], -1.0, 1.0, 3);
+            let inputs = [points, matrix.clone(), offset.clone()];
+            let fused = |x: &[Tensor]| affine_points(&x[0], &x[1], &x[2]).unwrap();
+            let reference =
+                |x: &[Tensor]| affine_points_with_tensor_ops(&x[0], &x[1], &x[2]).unwrap();
+            assert!(max_abs_diff(&fused(&inputs), &reference(&inputs)) < 1e-14);
+            let cot = random(&[2, 7, 4], -1.0, 1.0, 4);
+            for i in 0..3 {
+                let with = |f: &dyn Fn(&[Tensor]) -> Tensor, x: &Tensor| {
+                    let mut all = inputs.to_vec();
+                    all[i] = x.clone();
+                    (f(&all) * &cot).unwrap().sum_all().unwrap()
+                };
+                let ours = gradient(&inputs[i], |x| with(&fused, x));
+                let theirs = gradient(&inputs[i], |x| with(&reference, x));
+                assert!(max_abs_diff(&ours, &theirs) < 1e-13, "input {i}");
+                assert!(dot(&ours, &ours) > 0.0);
+                let err = finite_difference_error(&inputs[i], |x| with(&fused, x));
+                assert!(err < 1e-8, "input {i}: finite-difference error {err}");
+            }
+        }
+    }
 }

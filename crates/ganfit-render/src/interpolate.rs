@@ -232,7 +232,6 @@ impl Interpolate {
         grad: &[T],
         d: Dims,
     ) -> candle_core::Result<(Vec<T>, Vec<T>)> {
-        let tris = self.triangles.as_slice();
         let Dims {
             attr_batch,
             nv,
@@ -248,6 +247,23 @@ impl Interpolate {
         };
         let mut g_attr = vec![T::zero(); attr_batch * per_set];
         let mut g_rast = vec![T::zero(); rast.len()];
+        // Images with their own attributes that share the threads out evenly are one task each,
+        // summed in place in pixel order; otherwise each set's pixels are split into one piece
+        // per thread, summed into scratch sets that are added up.
+        if attr_batch > 1 && attr_batch.is_multiple_of(rayon::current_num_threads()) {
+            g_attr
+                .par_chunks_mut(per_set.max(1))
+                .zip(g_rast.par_chunks_mut(span * 4))
+                .with_min_len(min_tasks())
+                .enumerate()
+                .try_for_each(|(b, (g_attr, g_rast))| {
+                    let attr = &attr[b * per_set..(b + 1) * per_set];
+                    let rast = &rast[b * span * 4..(b + 1) * span * 4];
+                    let grad = &grad[b * span * c..(b + 1) * span * c];
+                    self.add_pixels(attr, c, rast, grad, g_rast, g_attr)
+                })?;
+            return Ok((g_attr, g_rast));
+        }
         let sets = g_attr
             .chunks_mut(per_set.max(1))
             .zip(g_rast.chunks_mut(span * 4))
@@ -266,28 +282,7 @@ impl Interpolate {
                 .try_fold(
                     || vec![T::zero(); per_set],
                     |mut acc, ((g_rast, rast), grad)| {
-                        let pixels = g_rast.chunks_exact_mut(4).zip(rast.chunks_exact(4));
-                        for ((g_px, px), g) in pixels.zip(grad.chunks_exact(c)) {
-                            let Some(t) = triangle_at(px[3]) else {
-                                continue;
-                            };
-                            // Pixels the loss ignores (e.g. masked background) add nothing.
-                            if g.iter().all(|&g| g == T::zero()) {
-                                continue;
-                            }
-                            let tri = corners_of(tris, t)?;
-                            let [a0, a1, a2] = tri.map(|v| &attr[v * c..v * c + c]);
-                            for k in 0..c {
-                                g_px[0] += g[k] * (a0[k] - a2[k]);
-                                g_px[1] += g[k] * (a1[k] - a2[k]);
-                            }
-                            for (wt, v) in weights(px).into_iter().zip(tri) {
-                                acc[v * c..v * c + c]
-                                    .iter_mut()
-                                    .zip(g)
-                                    .for_each(|(a, &g)| *a += wt * g);
-                            }
-                        }
+                        self.add_pixels(attr, c, rast, grad, g_rast, &mut acc)?;
                         Ok::<_, candle_core::Error>(acc)
                     },
                 )
@@ -298,5 +293,98 @@ impl Interpolate {
             }
         }
         Ok((g_attr, g_rast))
+    }
+
+    /// Adds the gradients of a run of pixels (their `rast` and output gradient `grad`) to their
+    /// `g_rast` and to the attribute set `g_attr` (`[V, C]`) of the attributes `attr` they show.
+    #[allow(clippy::too_many_arguments)]
+    fn add_pixels<T: Real>(
+        &self,
+        attr: &[T],
+        c: usize,
+        rast: &[T],
+        grad: &[T],
+        g_rast: &mut [T],
+        g_attr: &mut [T],
+    ) -> candle_core::Result<()> {
+        let tris = self.triangles.as_slice();
+        let pixels = g_rast.chunks_exact_mut(4).zip(rast.chunks_exact(4));
+        for ((g_px, px), g) in pixels.zip(grad.chunks_exact(c.max(1))) {
+            let Some(t) = triangle_at(px[3]) else {
+                continue;
+            };
+            // Pixels the loss ignores (e.g. masked background) add nothing.
+            if g.iter().all(|&g| g == T::zero()) {
+                continue;
+            }
+            let tri = corners_of(tris, t)?;
+            let [a0, a1, a2] = tri.map(|v| &attr[v * c..v * c + c]);
+            for k in 0..c {
+                g_px[0] += g[k] * (a0[k] - a2[k]);
+                g_px[1] += g[k] * (a1[k] - a2[k]);
+            }
+            for (wt, v) in weights(px).into_iter().zip(tri) {
+                g_attr[v * c..v * c + c]
+                    .iter_mut()
+                    .zip(g)
+                    .for_each(|(a, &g)| *a += wt * g);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Tensor;
+
+    use super::*;
+    use crate::kernel::testing::{gradient, max_abs_diff, random};
+    use crate::raster::{RasterOptions, rasterize};
+
+    /// Per-image attributes on as many threads as images (or one) are summed one image per
+    /// task; otherwise each image's pixels are split between threads. The gradients must agree,
+    /// bit for bit between one thread and one task per image.
+    #[test]
+    fn per_image_and_split_backward_paths_agree() {
+        let n = 40;
+        let xyz = random(&[2, 3 * n, 3], -1.1, 1.1, 21);
+        let w = random(&[2, 3 * n, 1], 1.0, 2.0, 22);
+        let clip = Tensor::cat(&[xyz.broadcast_mul(&w).unwrap(), w], 2).unwrap();
+        let tris = (0..3 * n as u32)
+            .step_by(3)
+            .map(|t| [t, t + 1, t + 2])
+            .collect();
+        let tris = Triangles::new(tris, 3 * n).unwrap();
+        let (h, w) = (29, 41);
+        let rast = rasterize(&clip, &tris, h, w, RasterOptions::default()).unwrap();
+        let attr = random(&[2, 3 * n, 3], -1.0, 1.0, 23);
+        let cot = random(&[2, h, w, 3], -1.0, 1.0, 24);
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let loss = |a: &Tensor, r: &Tensor| {
+                    (interpolate(a, r, &tris).unwrap() * &cot)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                };
+                (
+                    gradient(&attr, |a| loss(a, &rast)),
+                    gradient(&rast, |r| loss(&attr, r)),
+                )
+            })
+        };
+        let (attr_one, rast_one) = run(1);
+        let (attr_per_image, rast_per_image) = run(2);
+        let (attr_split, rast_split) = run(3);
+        assert!(max_abs_diff(&attr_one, &attr_one.zeros_like().unwrap()) > 0.0);
+        assert_eq!(max_abs_diff(&attr_one, &attr_per_image), 0.0);
+        assert_eq!(max_abs_diff(&rast_one, &rast_per_image), 0.0);
+        assert!(max_abs_diff(&attr_one, &attr_split) < 1e-12);
+        assert_eq!(max_abs_diff(&rast_one, &rast_split), 0.0);
     }
 }

@@ -2,6 +2,7 @@
 
 use candle_core::{CpuStorage, DType, Device, Layout, Shape, Storage, Tensor, WithDType};
 use num_traits::Float;
+use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
 
@@ -104,6 +105,21 @@ pub(crate) fn min_tasks() -> usize {
     } else {
         1
     }
+}
+
+/// Buffers from this many elements up are copied by the pool (see [`copy`]); below, handing
+/// the work to another thread costs more than it saves.
+const PARALLEL_COPY_MIN: usize = 1 << 16;
+
+/// A copy of `src`, written by the pool's threads when large: an image-sized copy in the
+/// calling thread is serial work beside the parallel kernels.
+pub(crate) fn copy<T: Real>(src: &[T]) -> Vec<T> {
+    if src.len() < PARALLEL_COPY_MIN || rayon::current_num_threads() == 1 {
+        return src.to_vec();
+    }
+    let mut out = Vec::with_capacity(src.len());
+    out.par_extend(src.par_iter().copied().with_min_len(PIXEL_CHUNK));
+    out
 }
 
 /// Element-wise sum of per-piece gradient buffers.

@@ -1,13 +1,13 @@
 //! The composed renderer: mesh + appearance + light + camera -> image, mask, depth, normals.
 
-use candle_core::{D, Tensor};
+use candle_core::Tensor;
 
 use crate::antialias::{Silhouettes, blend, coverage};
 use crate::camera::{Camera, camera_from_world};
 use crate::error::{RenderError, Result};
 use crate::interpolate::interpolate;
 use crate::raster::{RasterOptions, rasterize};
-use crate::shading::{PhongLight, normalize, shade_phong, shade_sh, vertex_normals};
+use crate::shading::{PhongLight, normalize, shade_phong, shade_sh_of_normalized, vertex_normals};
 use crate::texture::{WrapMode, texture};
 use crate::triangles::Triangles;
 
@@ -127,17 +127,9 @@ impl Renderer {
             cull_backfaces: self.options.cull_backfaces,
         };
         let rast = rasterize(&clip, tris, cam.height, cam.width, raster)?;
-        let (batch, h, w, _) = rast.dims4()?;
-        let flat = |t: &Tensor| -> Result<Tensor> {
-            let c = t.dim(D::Minus1)?;
-            Ok(t.reshape((batch, h * w, c))?)
-        };
-
-        let normals = normalize(&interpolate(
-            &vertex_normals(&camera_vertices, tris)?,
-            &rast,
-            tris,
-        )?)?;
+        let interpolated_normals =
+            interpolate(&vertex_normals(&camera_vertices, tris)?, &rast, tris)?;
+        let normals = normalize(&interpolated_normals)?;
         let albedo = match scene.appearance {
             Appearance::VertexColors(colors) => interpolate(colors, &rast, tris)?,
             Appearance::Texture {
@@ -158,25 +150,20 @@ impl Renderer {
                 texture(tex, &uv_px, wrap)?
             }
         };
-        let channels = albedo.dim(D::Minus1)?;
         let shaded = match scene.lighting {
             Lighting::Unlit => albedo,
+            // Normalised again inside: when the loss does not involve `normals` (as it rarely
+            // does), the backward pass then skips the separate normalisation.
             Lighting::SphericalHarmonics(coeffs) => {
-                shade_sh(&flat(&albedo)?, &flat(&normals)?, coeffs)?
+                shade_sh_of_normalized(&albedo, &interpolated_normals, coeffs)?
             }
             Lighting::Phong(light) => {
                 // Negating the vertices rather than the image: one small tensor op, same values.
                 let towards_camera =
                     normalize(&interpolate(&camera_vertices.neg()?, &rast, tris)?)?;
-                shade_phong(
-                    &flat(&albedo)?,
-                    &flat(&normals)?,
-                    &flat(&towards_camera)?,
-                    light,
-                )?
+                shade_phong(&albedo, &normals, &towards_camera, light)?
             }
-        }
-        .reshape((batch, h, w, channels))?;
+        };
 
         // Masking, antialiasing and the mask come from one analysis of the silhouettes.
         let silhouettes = Silhouettes::analyse(&rast, &clip, tris, self.options.antialias)?;

@@ -148,23 +148,55 @@ fn sh_quadratic_form() -> [[f64; 16]; 9] {
 
 /// Lambertian shading under second-order spherical-harmonic lighting.
 ///
-/// * `albedo`: `[B, N, C]`, `normals`: `[B, N, 3]` (unit), `coeffs`: `[B, C, 9]` per channel in
-///   the order of [`sh_irradiance_basis`].
+/// * `albedo`: `[B, N, C]` or `[B, H, W, C]`, `normals`: the same with 3 channels (unit),
+///   `coeffs`: `[B, C, 9]` per channel in the order of [`sh_irradiance_basis`].
 ///
-/// Returns `albedo ⊙ (basis(n) · coeffsᵀ)`, `[B, N, C]`, evaluated as the equivalent quadratic
-/// form `ñᵀ M_c ñ` (one matrix product instead of nine per-pixel terms). (Deep3DFaceRecon's
-/// coefficients use the same basis up to per-term constant factors and signs; rescale when
-/// importing them.)
+/// Returns `albedo ⊙ (basis(n) · coeffsᵀ)` in the shape of `albedo`, evaluated as the
+/// equivalent quadratic form `ñᵀ M_c ñ` (one matrix product instead of nine per-pixel terms).
+/// (Deep3DFaceRecon's coefficients use the same basis up to per-term constant factors and
+/// signs; rescale when importing them.)
 pub fn shade_sh(albedo: &Tensor, normals: &Tensor, coeffs: &Tensor) -> Result<Tensor> {
-    check_float(albedo, "albedo", "[B, N, C]", 3, None)?;
-    check_float(normals, "normals", "[B, N, 3]", 3, Some(3))?;
+    shade_sh_of(albedo, normals, coeffs, false)
+}
+
+/// [`shade_sh`] of `normalize(normals)`: on the CPU one op, whose backward pass hands back the
+/// gradient of the normals as given (the renderer's interpolated normals skip an image-sized
+/// gradient buffer and sum in candle's backward pass, and the separate normalisation's pass).
+pub(crate) fn shade_sh_of_normalized(
+    albedo: &Tensor,
+    normals: &Tensor,
+    coeffs: &Tensor,
+) -> Result<Tensor> {
+    shade_sh_of(albedo, normals, coeffs, true)
+}
+
+/// [`shade_sh`], of the normalised normals when `normalize_first`.
+fn shade_sh_of(
+    albedo: &Tensor,
+    normals: &Tensor,
+    coeffs: &Tensor,
+    normalize_first: bool,
+) -> Result<Tensor> {
+    let rank = pixel_rank(normals, "normals")?;
+    check_float(
+        normals,
+        "normals",
+        "[B, N, 3] or [B, H, W, 3]",
+        rank,
+        Some(3),
+    )?;
+    check_float(albedo, "albedo", "[B, N, C] or [B, H, W, C]", rank, None)?;
     check_float(coeffs, "sh coeffs", "[B, C, 9]", 3, Some(9))?;
-    let (batch, n, _) = normals.dims3()?;
+    let batch = normals.dim(0)?;
     let channels = coeffs.dim(1)?;
-    if albedo.dims() != [batch, n, channels] || coeffs.dim(0)? != batch {
+    let pixels = &normals.dims()[..rank - 1];
+    if albedo.dims()[..rank - 1] != *pixels
+        || albedo.dim(D::Minus1)? != channels
+        || coeffs.dim(0)? != batch
+    {
         return Err(RenderError::Shape {
             what: "albedo and sh coeffs",
-            expected: format!("[{batch}, {n}, C] and [{batch}, C, 9] to match the normals"),
+            expected: format!("{pixels:?} + [C] and [{batch}, C, 9] to match the normals"),
             got: albedo.dims().to_vec(),
         });
     }
@@ -174,15 +206,55 @@ pub fn shade_sh(albedo: &Tensor, normals: &Tensor, coeffs: &Tensor) -> Result<Te
             got: albedo.dtype(),
         });
     }
+    // The CPU kernel normalises in place; other paths normalise first.
+    let fused_normalize =
+        normalize_first && normals.device().is_cpu() && has_fused_kernels(normals);
+    let normals = &if normalize_first && !fused_normalize {
+        normalize(normals)?
+    } else {
+        normals.clone()
+    };
     if has_fused_kernels(normals) {
-        let op = ShadeSh { bands: SH_BANDS };
-        return Ok(albedo.contiguous()?.apply_op3(
-            &normals.contiguous()?,
-            &coeffs.contiguous()?,
-            op,
-        )?);
+        let op = ShadeSh {
+            bands: SH_BANDS,
+            normalize: fused_normalize.then_some(NORM_EPS),
+        };
+        let shaded = as_rows(albedo)?.apply_op3(&as_rows(normals)?, &coeffs.contiguous()?, op)?;
+        return shaped_like(shaded, albedo);
     }
-    shade_sh_with_tensor_ops(albedo, normals, coeffs)
+    let shaded = shade_sh_with_tensor_ops(&as_rows(albedo)?, &as_rows(normals)?, coeffs)?;
+    shaped_like(shaded, albedo)
+}
+
+/// The rank of per-pixel inputs to the shading functions: 3 (`[B, N, C]`) or 4 (`[B, H, W, C]`).
+fn pixel_rank(t: &Tensor, what: &'static str) -> Result<usize> {
+    match t.rank() {
+        r @ (3 | 4) => Ok(r),
+        _ => Err(RenderError::Shape {
+            what,
+            expected: "[B, N, C] or [B, H, W, C]".into(),
+            got: t.dims().to_vec(),
+        }),
+    }
+}
+
+/// Per-pixel `[B, .., C]` values as `[B, N, C]` rows, for the paths that need rows. The CPU
+/// kernels take any such shape as it is: each reshape would cost candle's backward pass an
+/// image-sized zero fill and sum.
+fn as_rows(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() || t.rank() == 3 {
+        return Ok(t.contiguous()?);
+    }
+    let dims = t.dims();
+    Ok(t.reshape((dims[0], (), dims[dims.len() - 1]))?)
+}
+
+/// Output rows of a shading path back in the shape of its input `like` (see [`as_rows`]).
+fn shaped_like(rows: Tensor, like: &Tensor) -> Result<Tensor> {
+    if rows.dims() == like.dims() {
+        return Ok(rows);
+    }
+    Ok(rows.reshape(like.shape())?)
 }
 
 pub(crate) fn shade_sh_with_tensor_ops(
@@ -225,8 +297,10 @@ pub struct PhongLight {
 /// Phong shading: `albedo ⊙ (ambient + color · max(0, n·l)) + specular · color · max(0, r·v)^shininess`
 /// with `r = 2 (n·l) n - l` the reflected light direction.
 ///
-/// * `albedo`: `[B, N, 3]`, `normals`: `[B, N, 3]` (unit), `view`: `[B, N, 3]` unit vectors
-///   from the surface towards the camera.
+/// * `albedo`: `[B, N, 3]` or `[B, H, W, 3]`, `normals`: the same shape (unit), `view`: the
+///   same shape, unit vectors from the surface towards the camera.
+///
+/// Returns the shape of `albedo`.
 ///
 /// Where `n·l` or `r·v` is exactly 0 (e.g. zero normals on the background), the CPU kernel
 /// takes the gradient through the clamp as 0; the tensor-op path used on other devices passes
@@ -237,9 +311,11 @@ pub fn shade_phong(
     view: &Tensor,
     light: &PhongLight,
 ) -> Result<Tensor> {
-    check_float(albedo, "albedo", "[B, N, 3]", 3, Some(3))?;
-    check_float(normals, "normals", "[B, N, 3]", 3, Some(3))?;
-    check_float(view, "view", "[B, N, 3]", 3, Some(3))?;
+    let rank = pixel_rank(normals, "normals")?;
+    let expected = "[B, N, 3] or [B, H, W, 3]";
+    check_float(albedo, "albedo", expected, rank, Some(3))?;
+    check_float(normals, "normals", expected, rank, Some(3))?;
+    check_float(view, "view", expected, rank, Some(3))?;
     let batch = normals.dim(0)?;
     for (what, t) in [
         ("light direction", &light.direction),
@@ -284,17 +360,19 @@ pub fn shade_phong(
         // specular term) alongside the normals: the custom op takes three inputs.
         let packed = Tensor::cat(&[&direction, &light.color, &light.ambient], 1)?;
         let geometry = if light.specular == 0.0 {
-            normals.contiguous()?
+            as_rows(normals)?
         } else {
-            Tensor::cat(&[normals, view], 2)?
+            Tensor::cat(&[as_rows(normals)?, as_rows(view)?], D::Minus1)?
         };
         let op = ShadePhong {
             specular: light.specular,
             shininess: light.shininess,
         };
-        return Ok(albedo.contiguous()?.apply_op3(&geometry, &packed, op)?);
+        return shaped_like(as_rows(albedo)?.apply_op3(&geometry, &packed, op)?, albedo);
     }
-    shade_phong_with_tensor_ops(albedo, normals, view, &direction, light)
+    let [albedo_rows, normals, view] = [albedo, normals, view].map(as_rows);
+    let shaded = shade_phong_with_tensor_ops(&albedo_rows?, &normals?, &view?, &direction, light)?;
+    shaped_like(shaded, albedo)
 }
 
 /// [`shade_phong`] as candle tensor ops, with the light direction already normalised.
@@ -384,6 +462,80 @@ mod tests {
             |x| shade_sh(&x[0], &x[1], &x[2]).unwrap(),
             |x| shade_sh_with_tensor_ops(&x[0], &x[1], &x[2]).unwrap(),
         );
+    }
+
+    /// Images `[B, H, W, C]` shade exactly as the same pixels in rows `[B, N, C]`, on outputs
+    /// and on the gradients to every input.
+    #[test]
+    fn image_shaped_inputs_shade_as_rows() {
+        let image = |t: &Tensor| t.reshape((2, 3, 4, t.dim(2).unwrap())).unwrap();
+        let albedo = random(&[2, 12, 3], 0.0, 1.0, 31);
+        let normals = normalize(&random(&[2, 12, 3], -1.0, 1.0, 32)).unwrap();
+        let view = normalize(&random(&[2, 12, 3], -1.0, 1.0, 33)).unwrap();
+        let coeffs = random(&[2, 3, 9], -1.0, 1.0, 34);
+        let light = PhongLight {
+            direction: random(&[2, 3], -1.0, 1.0, 35),
+            color: random(&[2, 3], 0.2, 1.0, 36),
+            ambient: random(&[2, 3], 0.0, 0.5, 37),
+            specular: 0.3,
+            shininess: 5.0,
+        };
+        let cot = random(&[2, 12, 3], -1.0, 1.0, 38);
+        type Shade<'a> = &'a dyn Fn(&Tensor, &Tensor, &Tensor) -> Tensor;
+        let sh: Shade<'_> = &|a, n, _| shade_sh(a, n, &coeffs).unwrap();
+        let phong: Shade<'_> = &|a, n, v| shade_phong(a, n, v, &light).unwrap();
+        for shade in [sh, phong] {
+            let rows = |x: [&Tensor; 3]| shade(x[0], x[1], x[2]);
+            let images = |x: [&Tensor; 3]| {
+                let out = shade(&image(x[0]), &image(x[1]), &image(x[2]));
+                assert_eq!(out.dims(), [2, 3, 4, 3]);
+                out.reshape((2, 12, 3)).unwrap()
+            };
+            let inputs = [&albedo, &normals, &view];
+            assert_eq!(max_abs_diff(&rows(inputs), &images(inputs)), 0.0);
+            for k in 0..3 {
+                let vjp = |f: &dyn Fn([&Tensor; 3]) -> Tensor| {
+                    gradient(inputs[k], |x| {
+                        let mut all = inputs;
+                        all[k] = x;
+                        (f(all) * &cot).unwrap().sum_all().unwrap()
+                    })
+                };
+                assert_eq!(max_abs_diff(&vjp(&rows), &vjp(&images)), 0.0, "input {k}");
+            }
+        }
+    }
+
+    /// The renderer's shading of normals it has not normalised: against the tensor ops on
+    /// images `[B, H, W, C]` (outputs, vector-Jacobian products, central differences), and
+    /// bit for bit against the two CPU ops it replaces, zero normals (background) included.
+    #[test]
+    fn sh_shading_of_normalized_matches_normalize_then_shade() {
+        let albedo = random(&[2, 3, 4, 3], 0.0, 1.0, 2);
+        let raw = random(&[2, 3, 4, 3], -2.0, 2.0, 3);
+        let coeffs = random(&[2, 3, 9], -1.0, 1.0, 4);
+        check_fused(
+            &[albedo.clone(), raw.clone(), coeffs.clone()],
+            |x| shade_sh_of_normalized(&x[0], &x[1], &x[2]).unwrap(),
+            |x| {
+                let rows = |t: &Tensor| t.reshape((2, 12, 3)).unwrap();
+                let unit = normalize_with_tensor_ops(&rows(&x[1])).unwrap();
+                let shaded = shade_sh_with_tensor_ops(&rows(&x[0]), &unit, &x[2]).unwrap();
+                shaded.reshape((2, 3, 4, 3)).unwrap()
+            },
+        );
+        let mask = random(&[2, 3, 4, 1], 0.0, 1.0, 5).ge(0.3).unwrap();
+        let raw = raw
+            .broadcast_mul(&mask.to_dtype(raw.dtype()).unwrap())
+            .unwrap();
+        let cot = random(&[2, 3, 4, 3], -1.0, 1.0, 6);
+        let fused = |n: &Tensor| shade_sh_of_normalized(&albedo, n, &coeffs).unwrap();
+        let composed = |n: &Tensor| shade_sh(&albedo, &normalize(n).unwrap(), &coeffs).unwrap();
+        assert_eq!(max_abs_diff(&fused(&raw), &composed(&raw)), 0.0);
+        let vjp = |f: &dyn Fn(&Tensor) -> Tensor| {
+            gradient(&raw, |n| (f(n) * &cot).unwrap().sum_all().unwrap())
+        };
+        assert_eq!(max_abs_diff(&vjp(&fused), &vjp(&composed)), 0.0);
     }
 
     #[test]

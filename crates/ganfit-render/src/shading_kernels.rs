@@ -163,10 +163,25 @@ impl ShBands {
     }
 }
 
+/// `(batch, pixels per image, channels)` of per-pixel values `[B, .., C]` (`[B, N, C]` or
+/// `[B, H, W, C]`: the shading kernels take images without a reshape).
+fn pixel_dims(shape: &Shape) -> candle_core::Result<(usize, usize, usize)> {
+    match shape.dims() {
+        [batch, pixels @ .., channels] if !pixels.is_empty() => {
+            Ok((*batch, pixels.iter().product(), *channels))
+        }
+        _ => candle_core::bail!("shading takes [B, N, C] or [B, H, W, C] values, got {shape:?}"),
+    }
+}
+
 /// `albedo ⊙ (basis(n) · coeffsᵀ)` for albedo `[B, N, C]`, normals `[B, N, 3]`, coeffs
 /// `[B, C, 9]`.
 pub(crate) struct ShadeSh {
     pub(crate) bands: ShBands,
+    /// Normalise the normals first, as [`Normalize`] with this `eps` does (CPU only): the
+    /// renderer's interpolated normals then reach the shading without an image-sized gradient
+    /// buffer and sum between two ops in candle's backward pass.
+    pub(crate) normalize: Option<f64>,
 }
 
 /// Sizes of a shading call.
@@ -179,7 +194,7 @@ struct ShDims {
 
 impl ShDims {
     fn of(albedo: &Shape) -> candle_core::Result<Self> {
-        let (batch, pixels, channels) = albedo.dims3()?;
+        let (batch, pixels, channels) = pixel_dims(albedo)?;
         Ok(Self {
             batch,
             pixels,
@@ -188,7 +203,30 @@ impl ShDims {
     }
 }
 
+/// [`Normalize`]'s arithmetic on one 3-vector.
+fn normalize3<T: Real>(v: [T; 3], eps: T) -> [T; 3] {
+    let norm = (v.iter().fold(T::zero(), |a, &x| a + x * x) + eps).sqrt();
+    v.map(|x| x / norm)
+}
+
+/// [`NormalizeGrad`]'s arithmetic on one 3-vector `v` with output gradient `g`.
+fn normalize_grad3<T: Real>(v: [T; 3], g: [T; 3], eps: T) -> [T; 3] {
+    let sq = v.iter().fold(T::zero(), |a, &x| a + x * x) + eps;
+    let inv = T::one() / sq.sqrt();
+    let vg = v.iter().zip(&g).fold(T::zero(), |a, (&x, &y)| a + x * y);
+    let along = vg * inv / sq;
+    [0, 1, 2].map(|i| g[i] * inv - v[i] * along)
+}
+
 impl ShadeSh {
+    /// The unit normal the shading uses for normal `n` as given.
+    fn unit<T: Real>(&self, n: [T; 3]) -> [T; 3] {
+        match self.normalize {
+            None => n,
+            Some(eps) => normalize3(n, T::of(eps)),
+        }
+    }
+
     fn forward<T: Real>(&self, albedo: &[T], normals: &[T], coeffs: &[T], d: ShDims) -> Vec<T> {
         let c = d.channels;
         let mut out = vec![T::zero(); albedo.len()];
@@ -208,7 +246,7 @@ impl ShadeSh {
                         .zip(albedo.chunks_exact(c))
                         .zip(normals.chunks_exact(3))
                     {
-                        let basis = self.bands.basis([n[0], n[1], n[2]]);
+                        let basis = self.bands.basis(self.unit([n[0], n[1], n[2]]));
                         for ch in 0..c {
                             let lc = &l[ch * 9..ch * 9 + 9];
                             let irradiance =
@@ -259,7 +297,8 @@ impl ShadeSh {
                         if g.iter().all(|&g| g == T::zero()) {
                             continue;
                         }
-                        let n = [n[0], n[1], n[2]];
+                        let given = [n[0], n[1], n[2]];
+                        let n = self.unit(given);
                         let basis = self.bands.basis(n);
                         // The irradiance is linear in the coefficients, so the normal's gradient
                         // is that of one irradiance with the channels' coefficients combined.
@@ -275,7 +314,11 @@ impl ShadeSh {
                                 combined[k] += t * lc[k];
                             }
                         }
-                        gn.copy_from_slice(&self.bands.irradiance_gradient(&combined, n));
+                        let g_unit = self.bands.irradiance_gradient(&combined, n);
+                        gn.copy_from_slice(&match self.normalize {
+                            None => g_unit,
+                            Some(eps) => normalize_grad3(given, g_unit, T::of(eps)),
+                        });
                     }
                     gl
                 })
@@ -319,6 +362,11 @@ impl CustomOp3 for ShadeSh {
         coeffs: &candle_core::CudaStorage,
         coeffs_l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        if self.normalize.is_some() {
+            candle_core::bail!(
+                "ganfit-render: shading with built-in normalisation runs on the CPU"
+            );
+        }
         let inputs = [(albedo, albedo_l), (normals, normals_l), (coeffs, coeffs_l)];
         crate::cuda::shade(crate::cuda::Shading::sh(&self.bands), inputs)
     }
@@ -365,11 +413,11 @@ struct PhongDims {
 
 impl PhongDims {
     fn of(albedo: &Shape, geometry: &Shape) -> candle_core::Result<Self> {
-        let (batch, pixels, _) = albedo.dims3()?;
+        let (batch, pixels, _) = pixel_dims(albedo)?;
         Ok(Self {
             batch,
             pixels,
-            stride: geometry.dims3()?.2,
+            stride: pixel_dims(geometry)?.2,
         })
     }
 }
