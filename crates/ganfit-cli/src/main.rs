@@ -125,6 +125,14 @@ struct TrainArgs {
 }
 
 fn main() -> ExitCode {
+    // candle 0.11 runs element-wise ops (autograd's gradient sums among them) on a thread pool
+    // of its own, as wide as rayon's, whose idle workers spin beside the rayon workers that
+    // every ganfit kernel runs on: twice the busy threads, and on two cores the renderer's
+    // batch-8 backward took 1.8x the CPU time. One thread for those ops, unless the user says.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: the first statement of main, before any thread is started.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -68,5 +68,13 @@ fn process_cpu_time() -> Duration {
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    // As the `ganfit` binary runs: see the function's documentation.
+    config = {
+        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
+        Criterion::default()
+    };
+    targets = bench
+}
 criterion_main!(benches);

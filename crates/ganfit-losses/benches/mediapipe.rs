@@ -44,5 +44,13 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+criterion_group! {
+    name = benches;
+    // As the `ganfit` binary runs: see the function's documentation.
+    config = {
+        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
+        Criterion::default()
+    };
+    targets = bench
+}
 criterion_main!(benches);

@@ -50,5 +50,13 @@ fn instance_and_backward(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, instance_and_backward);
+criterion_group! {
+    name = benches;
+    // As the `ganfit` binary runs: see the function's documentation.
+    config = {
+        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
+        Criterion::default()
+    };
+    targets = instance_and_backward
+}
 criterion_main!(benches);

@@ -7,10 +7,10 @@
 //! (under mimalloc, like the `ganfit` binary: candle's autograd allocates image-sized buffers
 //! every call, which glibc's default thresholds hand back to the kernel).
 //!
-//! Two settings outside this crate move the multi-threaded numbers: candle runs its element-wise
-//! ops (autograd's gradient sums among them) on a pool of its own whose idle workers spin beside
-//! rayon's (`CANDLE_NUM_THREADS=1` keeps those ops in the calling thread), and mimalloc hands
-//! freed image-sized buffers back to the system after 10 ms, so each call faults them in again
+//! Like the binary, the bench keeps candle's element-wise ops (autograd's gradient sums among
+//! them) in the calling thread: candle's own pool for them spins beside rayon's. One more
+//! process setting moves the numbers and is left at its default: mimalloc hands freed
+//! image-sized buffers back to the system after 10 ms, so each call faults them in again
 //! (`MIMALLOC_PURGE_DELAY=-1` keeps them).
 
 // The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
@@ -277,5 +277,13 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(render, benches);
+criterion_group! {
+    name = render;
+    // As the `ganfit` binary runs: see the function's documentation.
+    config = {
+        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
+        Criterion::default()
+    };
+    targets = benches
+}
 criterion_main!(render);

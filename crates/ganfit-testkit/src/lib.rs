@@ -1,6 +1,7 @@
-//! Helpers shared by the workspace's tests (a dev-dependency only, never published): the CUDA
-//! device of the GPU parity tests, comparing tensors that live on different devices, and
-//! deterministic pseudo-random inputs.
+//! Helpers shared by the workspace's tests and benches (a dev-dependency only, never
+//! published): the CUDA device of the GPU parity tests, comparing tensors that live on
+//! different devices, deterministic pseudo-random inputs, and the process setting the `ganfit`
+//! binary runs with, so that benches time what a fit pays.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -12,6 +13,17 @@ use candle_core::{DType, Device, Tensor};
 /// Without a CUDA device, or in a build without candle's `cuda` feature.
 pub fn gpu() -> Device {
     Device::new_cuda(0).expect("these tests need a CUDA device")
+}
+
+/// What the `ganfit` binary does first: unless `CANDLE_NUM_THREADS` is set, candle's
+/// element-wise ops (autograd's gradient sums among them) run in the calling thread instead of
+/// on candle's own pool, whose idle workers spin beside the rayon pool ganfit's kernels run on.
+/// Call it before any candle op (candle reads the variable once, at its first parallel op).
+pub fn run_candle_elementwise_ops_in_the_calling_thread() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY: called at start-up, before any other thread reads the environment.
+        unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
 }
 
 /// Every value of `t` (any device, any float dtype) as f64, in row-major order.

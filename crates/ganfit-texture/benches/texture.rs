@@ -71,5 +71,13 @@ fn training_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, generator_latent_gradient, training_step);
+criterion_group! {
+    name = benches;
+    // As the `ganfit` binary runs: see the function's documentation.
+    config = {
+        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
+        Criterion::default()
+    };
+    targets = generator_latent_gradient, training_step
+}
 criterion_main!(benches);
