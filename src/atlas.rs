@@ -47,6 +47,10 @@ pub(crate) struct HeadLayout {
     pub triangles: Triangles,
     /// Their atlas triangles: into the model's UVs, or into one palette entry per vertex.
     pub uv_triangles: Triangles,
+    /// The same, but the neck below the chin in the palette's skin colour too: for views of
+    /// a fitted face from elsewhere than the photo's camera, where the neck's texels would
+    /// show the photo's collar and tie more often than skin.
+    pub uv_triangles_bare_neck: Triangles,
     /// The skin triangles inside the UV map's tile (no eyes, teeth, mouth interior, nor the
     /// head and neck beyond the tile) and their atlas triangles: for renders laid onto the
     /// photo, which shows its own eyes, teeth and hair through the gaps. (Flat palette colour
@@ -70,7 +74,9 @@ impl HeadLayout {
         let skin: std::collections::HashSet<[u32; 3]> =
             ganfit_optim::skin_triangles(model).0.into_iter().collect();
         let uv_count = model.uvs().len() as u32;
+        let neck = below_chin(model, mean);
         let (mut triangles, mut uv_triangles) = (Vec::new(), Vec::new());
+        let mut uv_triangles_bare_neck = Vec::new();
         let (mut skin_triangles, mut skin_uv_triangles) = (Vec::new(), Vec::new());
         for (tri, uv_tri) in model.triangles().iter().zip(model.uv_triangles()) {
             if tri.iter().any(|v| hidden.contains(v)) {
@@ -80,15 +86,17 @@ impl HeadLayout {
             let in_first_tile = uv_tri
                 .iter()
                 .all(|&t| (0.0..=1.0).contains(&model.uvs()[t as usize][0]));
-            let atlas_triangle = if skin.contains(tri) && in_first_tile {
+            let textured = skin.contains(tri) && in_first_tile;
+            let palette = tri.map(|v| uv_count + v);
+            uv_triangles.push(if textured { *uv_tri } else { palette });
+            uv_triangles_bare_neck.push(if textured && !tri.iter().all(|&v| neck[v as usize]) {
                 *uv_tri
             } else {
-                tri.map(|v| uv_count + v)
-            };
-            uv_triangles.push(atlas_triangle);
-            if skin.contains(tri) && in_first_tile {
+                palette
+            });
+            if textured {
                 skin_triangles.push(*tri);
-                skin_uv_triangles.push(atlas_triangle);
+                skin_uv_triangles.push(*uv_tri);
             }
         }
         let mut uv: Vec<f32> = model
@@ -103,6 +111,7 @@ impl HeadLayout {
         Ok(HeadLayout {
             triangles: Triangles::new(triangles, n)?,
             uv_triangles: Triangles::new(uv_triangles, atlas_vertices)?,
+            uv_triangles_bare_neck: Triangles::new(uv_triangles_bare_neck, atlas_vertices)?,
             textured_skin: (
                 Triangles::new(skin_triangles, n)?,
                 Triangles::new(skin_uv_triangles, atlas_vertices)?,
@@ -112,15 +121,13 @@ impl HeadLayout {
     }
 
     /// The atlas `[S, 2S, 3]` for a UV map `rgb` (`S × S × 3` in `[0, 1]`, image orientation)
-    /// with the given iris colour; the rest of the head takes the map's mean colour.
-    pub fn atlas(rgb: &[f32], side: usize, iris: [f32; 3]) -> Result<Tensor, RenderError> {
-        let mut mean = [0.0f32; 3];
-        for texel in rgb.chunks_exact(3) {
-            for (sum, &value) in mean.iter_mut().zip(texel) {
-                *sum += value;
-            }
-        }
-        let skin = mean.map(|m| m / (side * side).max(1) as f32);
+    /// with the given iris colour; the rest of the head takes the colour `skin`.
+    pub fn atlas(
+        rgb: &[f32],
+        side: usize,
+        iris: [f32; 3],
+        skin: [f32; 3],
+    ) -> Result<Tensor, RenderError> {
         let palette: [[f32; 3]; PARTS] = [
             [0.03, 0.03, 0.03],
             iris,
@@ -142,6 +149,61 @@ impl HeadLayout {
         }
         Ok(Tensor::from_vec(atlas, (side, 2 * side, 3), &Device::Cpu)?)
     }
+}
+
+/// How far below the chin landmark (on the mean face) the neck starts, millimetres: the
+/// jaw's underside and the neck, which portraits show covered by collars as often as not.
+const NECK_BELOW_CHIN_MM: f32 = 5.0;
+
+/// Whether each vertex lies on the neck, below the chin (all `false` for a model without a
+/// chin landmark, iBUG 8).
+fn below_chin(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<bool> {
+    let chin = model
+        .landmark_vertex_ids()
+        .get(8)
+        .copied()
+        .flatten()
+        .map(|v| mean[v as usize][1]);
+    mean.iter()
+        .map(|p| chin.is_some_and(|chin| p[1] < chin - NECK_BELOW_CHIN_MM))
+        .collect()
+}
+
+/// Mean colour of a UV map (`texels × 3`).
+pub(crate) fn mean_colour(rgb: &[f32]) -> [f32; 3] {
+    let mut sum = [0.0f64; 3];
+    for texel in rgb.chunks_exact(3) {
+        for (sum, &value) in sum.iter_mut().zip(texel) {
+            *sum += f64::from(value);
+        }
+    }
+    sum.map(|s| (s / (rgb.len() / 3).max(1) as f64) as f32)
+}
+
+/// Per-channel median of the UV map's cheeks (the face's UV layout puts them left and right
+/// of the nose, below the eyes): the person's skin colour, where the map's mean would mix in
+/// hair, brows, lips, a collar on the neck and the background.
+pub(crate) fn cheek_colour(rgb: &[f32], side: usize) -> [f32; 3] {
+    let (rows, columns) = (side * 45 / 100..side * 60 / 100, side / 4..side * 3 / 4);
+    let mut channels: [Vec<f32>; 3] = Default::default();
+    for row in rows {
+        for column in columns.clone() {
+            if (side * 2 / 5..side * 3 / 5).contains(&column) {
+                continue; // the nose
+            }
+            let texel = &rgb[(row * side + column) * 3..][..3];
+            for (channel, &value) in channels.iter_mut().zip(texel) {
+                channel.push(value);
+            }
+        }
+    }
+    channels.map(|mut values| {
+        if values.is_empty() {
+            return 0.5;
+        }
+        let middle = values.len() / 2;
+        *values.select_nth_unstable_by(middle, f32::total_cmp).1
+    })
 }
 
 /// The part of each vertex: iris and pupil are the eyeball's vertices within 30° and 11° of
@@ -182,4 +244,33 @@ fn vertex_parts(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<Part> {
         }
     }
     parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_skin_colour_comes_from_the_cheeks_not_the_hair_or_collar() {
+        let side = 64;
+        let skin = [0.8, 0.6, 0.5];
+        let mut rgb = Vec::with_capacity(side * side * 3);
+        for row in 0..side {
+            for column in 0..side {
+                let colour = match row * 100 / side {
+                    0..30 => [0.1, 0.08, 0.05],              // hair
+                    75.. => [0.95, 0.95, 0.95],              // white collar
+                    _ if column % 7 == 0 => [0.3, 0.2, 0.2], // stubble
+                    _ => skin,
+                };
+                rgb.extend(colour);
+            }
+        }
+        assert_eq!(cheek_colour(&rgb, side), skin);
+        let mean = mean_colour(&rgb);
+        assert!(
+            (mean[0] - skin[0]).abs() > 0.05,
+            "the mean {mean:?} mixes in hair and collar"
+        );
+    }
 }

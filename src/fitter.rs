@@ -18,7 +18,7 @@ use ganfit_render::{Appearance, Lighting, PhongLight, RenderOptions, Renderer, S
 use ganfit_texture::TextureModel;
 use image::{RgbImage, RgbaImage};
 
-use crate::atlas::{DEFAULT_IRIS, HeadLayout};
+use crate::atlas::{DEFAULT_IRIS, HeadLayout, cheek_colour};
 
 /// Everything that can go wrong while building a [`Fitter`] or fitting a photo.
 #[derive(Debug, thiserror::Error)]
@@ -565,17 +565,27 @@ impl Fitter {
         let mesh = self.model.mesh(&vertices)?;
         let mut texture =
             ganfit_optim::unwrap_photo(&self.model, &vertices, &params, photo, self.texture_size)?;
-        if let Some(albedo) = &albedo {
-            fill_from_albedo(&mut texture, albedo);
+        let background = albedo
+            .as_ref()
+            .map(|albedo| albedo_background(albedo, texture.size));
+        // Through the photo's camera the unseen texels it shows are grazing ones, which the
+        // albedo was fitted to; from elsewhere (the frontal render, the exported mesh) the far
+        // side of a turned head is better shown by the seen side's mirror image.
+        let mut in_photo = texture.clone();
+        if let Some(background) = &background {
+            in_photo.fill_unobserved(Some(background));
         }
-        let view = View::new(&self.model, &texture)?;
-        let render = view.render(&vertices, &params, image.width(), image.height(), false)?;
+        texture.fill_unobserved_mirrored(background.as_deref());
+        let photo_view = View::new(&self.model, &in_photo)?;
+        let render = photo_view.render(&vertices, &params, image.width(), image.height(), false)?;
         let geometry_render =
-            view.render(&vertices, &params, image.width(), image.height(), true)?;
+            photo_view.render(&vertices, &params, image.width(), image.height(), true)?;
         let neutral = self
             .model
             .instance(&params.shape, &params.expression.zeros_like()?)?;
-        let frontal_render = view.render_frontal(&neutral, FRONTAL_SIZE)?;
+        let frontal_render = photo_view
+            .with_texture(&texture)?
+            .render_frontal(&neutral, FRONTAL_SIZE)?;
         Ok(FitResult {
             params,
             light: None,
@@ -660,18 +670,17 @@ fn albedo_image(albedo: &Tensor) -> Result<RgbImage> {
     }))
 }
 
-/// Gives the texels the photo did not see the fitted albedo (see
-/// [`UvTexture::fill_unobserved`]): the far side of a turned head gets the person's skin, not
-/// an average colour.
-fn fill_from_albedo(texture: &mut UvTexture, albedo: &RgbImage) {
-    let size = texture.size as u32;
+/// The fitted albedo at `size × size` texels, as the background for the texels the photo
+/// did not see (see [`UvTexture::fill_unobserved`]): the far side of a turned head gets the
+/// person's skin, not an average colour.
+fn albedo_background(albedo: &RgbImage, size: usize) -> Vec<f32> {
+    let size = size as u32;
     let albedo = image::imageops::resize(albedo, size, size, image::imageops::FilterType::Triangle);
-    let albedo: Vec<f32> = albedo
+    albedo
         .as_raw()
         .iter()
         .map(|&v| f32::from(v) / 255.0)
-        .collect();
-    texture.fill_unobserved(Some(&albedo));
+        .collect()
 }
 
 /// Pixels of the landmark vertices under the fitted camera.
@@ -784,8 +793,26 @@ impl<'a> View<'a> {
         Ok(View {
             model,
             layout: HeadLayout::new(model, &model.mean_rows()?)?,
-            atlas: HeadLayout::atlas(&texture.rgb, texture.size, DEFAULT_IRIS)?,
+            atlas: Self::atlas(texture)?,
         })
+    }
+
+    /// The same mesh with another texture.
+    fn with_texture(&self, texture: &UvTexture) -> Result<Self> {
+        Ok(View {
+            model: self.model,
+            layout: self.layout.clone(),
+            atlas: Self::atlas(texture)?,
+        })
+    }
+
+    fn atlas(texture: &UvTexture) -> Result<Tensor> {
+        Ok(HeadLayout::atlas(
+            &texture.rgb,
+            texture.size,
+            DEFAULT_IRIS,
+            cheek_colour(&texture.rgb, texture.size),
+        )?)
     }
 }
 
@@ -801,7 +828,7 @@ impl View<'_> {
     ) -> Result<RgbaImage> {
         let device = Device::Cpu;
         let (triangles, uv_triangles) = if whole_head {
-            (&self.layout.triangles, &self.layout.uv_triangles)
+            (&self.layout.triangles, &self.layout.uv_triangles_bare_neck)
         } else {
             (&self.layout.textured_skin.0, &self.layout.textured_skin.1)
         };

@@ -46,7 +46,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::Fitter;
-use crate::atlas::{DEFAULT_IRIS, HeadLayout};
+use crate::atlas::{DEFAULT_IRIS, HeadLayout, mean_colour};
 use crate::evaluate::GroundTruth;
 
 /// Why synthetic data could not be made.
@@ -662,7 +662,13 @@ impl<'a> SyntheticGenerator<'a> {
             [0.42, 0.32, 0.16],
         ];
         let iris = irises[rng.random_range(0..irises.len())];
-        Ok(HeadLayout::atlas(&rgb, texture.width() as usize, iris)?)
+        let skin = mean_colour(&rgb);
+        Ok(HeadLayout::atlas(
+            &rgb,
+            texture.width() as usize,
+            iris,
+            skin,
+        )?)
     }
 }
 

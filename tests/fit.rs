@@ -202,6 +202,77 @@ fn the_same_photo_gives_bit_identical_fits() {
     assert_eq!(a.uv_texture, b.uv_texture);
 }
 
+/// A head turned about 45° away, in a wing collar and bow tie (an 1890s portrait): the
+/// texture completes the hidden cheek with the seen one's mirror image, and the frontal render
+/// shows the neck in skin colour instead of the collar.
+#[test]
+fn a_turned_head_is_completed_by_symmetry_and_the_frontal_neck_is_bare() {
+    let fit = fitter()
+        .fit(&shared_photo(
+            "us_congress_historical_pd",
+            "55th_001454.jpg",
+        ))
+        .unwrap();
+    let (texture, seen) = (&fit.uv_texture, &fit.uv_observed);
+    let size = texture.width();
+    let is_seen = |x: u32, y: u32| seen.get_pixel(x, y)[0] > 0;
+    // Hidden texels whose mirror image was seen, away from the seen region's border (the fill
+    // blends over a few texels there).
+    let margin = 3i64;
+    let window_all = |x: u32, y: u32, want: bool| {
+        (-margin..=margin).all(|dy| {
+            (-margin..=margin).all(|dx| {
+                let (xx, yy) = (i64::from(x) + dx, i64::from(y) + dy);
+                xx < 0
+                    || yy < 0
+                    || xx >= i64::from(size)
+                    || yy >= i64::from(size)
+                    || is_seen(xx as u32, yy as u32) == want
+            })
+        })
+    };
+    let (mut count, mut difference) = (0usize, 0.0f64);
+    for y in 0..size {
+        for x in 0..size {
+            let mirror = size - 1 - x;
+            if window_all(x, y, false) && window_all(mirror, y, true) {
+                let (a, b) = (texture.get_pixel(x, y).0, texture.get_pixel(mirror, y).0);
+                difference += (0..3).map(|c| f64::from(a[c].abs_diff(b[c]))).sum::<f64>() / 3.0;
+                count += 1;
+            }
+        }
+    }
+    let difference = difference / count.max(1) as f64;
+    eprintln!("{count} mirrored texels, mean difference {difference:.2}");
+    assert!(
+        count > (size * size / 20) as usize,
+        "a turned head hides much of one side: only {count} texels"
+    );
+    assert!(
+        difference < 6.0,
+        "hidden texels differ from their seen mirror image by {difference:.1} levels"
+    );
+
+    // The neck below the chin, centred, in the frontal render: one flat colour.
+    let frontal = &fit.frontal_render;
+    let (w, h) = frontal.dimensions();
+    let mut spread = [(u8::MAX, u8::MIN); 3];
+    for y in h * 74 / 100..h * 80 / 100 {
+        for x in w * 45 / 100..w * 55 / 100 {
+            let p = frontal.get_pixel(x, y).0;
+            assert_eq!(p[3], 255, "the neck is drawn at ({x}, {y})");
+            for (range, &v) in spread.iter_mut().zip(&p[..3]) {
+                *range = (range.0.min(v), range.1.max(v));
+            }
+        }
+    }
+    eprintln!("neck colour ranges {spread:?}");
+    assert!(
+        spread.iter().all(|(lo, hi)| hi - lo < 12),
+        "the frontal neck shows a pattern (the collar?): channel ranges {spread:?}"
+    );
+}
+
 #[test]
 fn a_photo_without_a_face_is_a_typed_error() {
     let blank = image::RgbImage::from_pixel(320, 240, image::Rgb([90, 120, 160]));

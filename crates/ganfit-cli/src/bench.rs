@@ -49,6 +49,10 @@ pub struct AccuracyArgs {
     /// Real photos from the shared set to fit (0 for none).
     #[arg(long, default_value_t = 10)]
     photos: usize,
+    /// Fit these photos instead of `--photos` from the shared set (repeat the option for
+    /// several), e.g. the photos a generalisation sweep found hard.
+    #[arg(long = "photo", value_name = "PATH")]
+    photo_paths: Vec<PathBuf>,
     /// Folder the tables and the JSON are written to.
     #[arg(long, default_value = "bench-accuracy")]
     out: PathBuf,
@@ -302,11 +306,16 @@ fn accuracy(args: &AccuracyArgs) -> anyhow::Result<()> {
         }
     };
 
-    let real = if args.photos > 0 {
-        say(format!("real photos: fitting {}", args.photos));
-        real_photos(&shared, args.photos, &full, &landmarks_only, &say)?
+    let photos = if args.photo_paths.is_empty() {
+        pick_photos(&shared, args.photos)?
     } else {
+        args.photo_paths.clone()
+    };
+    let real = if photos.is_empty() {
         Vec::new()
+    } else {
+        say(format!("real photos: fitting {}", photos.len()));
+        real_photos(&shared, &photos, &full, &landmarks_only, &say)?
     };
 
     let notes = RunNotes {
@@ -544,7 +553,7 @@ fn pick_photos(shared: &Path, count: usize) -> anyhow::Result<Vec<PathBuf>> {
 /// Landmark error, identity distance, time and peak memory of fits of real photos.
 fn real_photos(
     shared: &Path,
-    count: usize,
+    photos: &[PathBuf],
     full: &Fitter,
     landmarks_only: &Fitter,
     say: &dyn Fn(String),
@@ -555,13 +564,13 @@ fn real_photos(
     let detector = FaceDetector::from_resolver(&resolver, &device)?;
     let landmarker = FaceLandmarker::from_resolver(&resolver, &device)?;
     let mut rows = Vec::new();
-    for photo in pick_photos(shared, count)? {
+    for photo in photos {
         let name = photo
             .strip_prefix(shared.join("data").join("faces"))
-            .unwrap_or(&photo)
+            .unwrap_or(photo)
             .display()
             .to_string();
-        let image = load_rgb(&photo)?;
+        let image = load_rgb(photo)?;
         let landmark_fit = landmarks_only.fit(&image);
         let resettable = reset_peak_rss();
         let start = Instant::now();

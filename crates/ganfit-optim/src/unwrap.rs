@@ -179,6 +179,21 @@ impl UvTexture {
     /// channel to the photo's brightness where both exist, or with the seen texels' mean
     /// colour when there is no background. Seen texels keep the photo's colour exactly.
     pub fn fill_unobserved(&mut self, background: Option<&[f32]>) {
+        self.fill(background, false);
+    }
+
+    /// [`UvTexture::fill_unobserved`], but where only the mirror position (`u → 1 − u`: the
+    /// face's UV layout is left–right symmetric about `u = 0.5`) was seen, the texel takes the
+    /// colour seen there: the far cheek of a turned head shows the near cheek's skin, beard
+    /// and brow rather than a blur. For views away from the photo's (the frontal render, the
+    /// exported mesh); a render through the photo's own camera should keep
+    /// [`UvTexture::fill_unobserved`], whose background was fitted to the photo's grazing
+    /// texels.
+    pub fn fill_unobserved_mirrored(&mut self, background: Option<&[f32]>) {
+        self.fill(background, true);
+    }
+
+    fn fill(&mut self, background: Option<&[f32]>, mirror_fill: bool) {
         let texels = self.size * self.size;
         let seen = self.observed.iter().filter(|&&o| o > 0.0).count();
         if seen == 0 || background.is_some_and(|b| b.len() != texels * 3) {
@@ -200,28 +215,61 @@ impl UvTexture {
             }
         });
 
-        let radius = (self.size / 256).max(1);
-        let mut density = self.observed.clone();
+        let size = self.size;
+        let mirror = |texel: usize| texel - texel % size + (size - 1 - texel % size);
+        let radius = (size / 256).max(1);
+        // Colours seen on the photo, and those seen only at the mirror position, each as a
+        // normalised convolution (so both blend smoothly at their borders).
+        let direct = self.blurred(|t| self.observed[t], |t| t, radius);
+        let mirrored = mirror_fill.then(|| {
+            self.blurred(
+                |t| self.observed[mirror(t)] * (1.0 - self.observed[t]),
+                mirror,
+                radius,
+            )
+        });
+        for texel in (0..texels).filter(|&t| self.observed[t] == 0.0) {
+            // Full trust in an average where at least half its window was seen.
+            let trust = |(density, _): &(Vec<f32>, Vec<f32>)| (2.0 * density[texel]).min(1.0);
+            let average = |(density, weighted): &(Vec<f32>, Vec<f32>), c: usize, otherwise: f32| {
+                if density[texel] > 0.0 {
+                    weighted[texel * 3 + c] / density[texel]
+                } else {
+                    otherwise
+                }
+            };
+            let near_trust = trust(&direct);
+            for c in 0..3 {
+                let mut far = background.map_or(1.0, |b| b[texel * 3 + c]) * gain[c];
+                if let Some(mirrored) = &mirrored {
+                    let mirror_trust = trust(mirrored);
+                    far = mirror_trust * average(mirrored, c, far) + (1.0 - mirror_trust) * far;
+                }
+                let near = average(&direct, c, far);
+                self.rgb[texel * 3 + c] =
+                    (near_trust * near + (1.0 - near_trust) * far).clamp(0.0, 1.0);
+            }
+        }
+    }
+
+    /// The density `weight(t)` and the weighted colours `weight(t) · rgb[source(t)]`, both
+    /// box-blurred twice: their ratio is a smooth average of the weighted texels.
+    fn blurred(
+        &self,
+        weight: impl Fn(usize) -> f32,
+        source: impl Fn(usize) -> usize,
+        radius: usize,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let texels = self.size * self.size;
+        let mut density: Vec<f32> = (0..texels).map(&weight).collect();
         let mut weighted: Vec<f32> = (0..texels * 3)
-            .map(|i| self.rgb[i] * self.observed[i / 3])
+            .map(|i| self.rgb[source(i / 3) * 3 + i % 3] * density[i / 3])
             .collect();
         for _ in 0..2 {
             box_blur(&mut density, self.size, 1, radius);
             box_blur(&mut weighted, self.size, 3, radius);
         }
-        for texel in (0..texels).filter(|&t| self.observed[t] == 0.0) {
-            // Full trust in the neighbours' average where at least half the window was seen.
-            let trust = (2.0 * density[texel]).min(1.0);
-            for c in 0..3 {
-                let far = background.map_or(1.0, |b| b[texel * 3 + c]) * gain[c];
-                let near = if density[texel] > 0.0 {
-                    weighted[texel * 3 + c] / density[texel]
-                } else {
-                    far
-                };
-                self.rgb[texel * 3 + c] = (trust * near + (1.0 - trust) * far).clamp(0.0, 1.0);
-            }
-        }
+        (density, weighted)
     }
 }
 
@@ -324,6 +372,35 @@ mod tests {
             odd > even * 2.5,
             "the background's pattern survives: {even} {odd}"
         );
+    }
+
+    #[test]
+    fn the_far_side_takes_the_mirrored_near_side_where_the_photo_saw_only_that() {
+        // The left half seen with a pattern that changes along both axes; the right half never.
+        let size = 64;
+        let pattern = |row: usize, column: usize| [row as f32 / 64.0, column as f32 / 32.0, 0.5];
+        let mut t = texture(size, |_, column| column < 32);
+        for row in 0..size {
+            for column in 0..32 {
+                t.rgb[(row * size + column) * 3..][..3].copy_from_slice(&pattern(row, column));
+            }
+        }
+        let mut plain = t.clone();
+        plain.fill_unobserved(Some(&vec![0.1f32; size * size * 3]));
+        t.fill_unobserved_mirrored(Some(&vec![0.1f32; size * size * 3]));
+        for (row, column) in [(5, 40), (30, 50), (60, 61), (12, 36)] {
+            let got = &t.rgb[(row * size + column) * 3..][..3];
+            let want = pattern(row, size - 1 - column);
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "({row}, {column}): {got:?} vs {want:?}"
+                );
+            }
+            // The plain fill knows nothing of the pattern there: the seen texels' mean.
+            let plain = &plain.rgb[(row * size + column) * 3..][..3];
+            assert!((plain[0] - 63.0 / 128.0).abs() < 1e-3, "{plain:?}");
+        }
     }
 
     #[test]
