@@ -10,7 +10,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_main};
 use ganfit::morphable::MorphableModel;
 use ganfit::render::{Appearance, Camera, Lighting, RenderOptions, Renderer, Scene, Triangles};
 
@@ -83,13 +83,5 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group! {
-    name = benches;
-    // As the `ganfit` binary runs: see the function's documentation.
-    config = {
-        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
-        Criterion::default()
-    };
-    targets = bench
-}
+ganfit_testkit::bench_group!(benches, bench);
 criterion_main!(benches);

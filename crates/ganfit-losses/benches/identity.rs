@@ -15,7 +15,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor, Var};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_main};
 use ganfit_losses::identity::{FaceRecognitionNet, INPUT_SIZE};
 use ganfit_losses::losses::{content_loss, identity_loss};
 
@@ -68,13 +68,5 @@ fn process_cpu_time() -> Duration {
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
-criterion_group! {
-    name = benches;
-    // As the `ganfit` binary runs: see the function's documentation.
-    config = {
-        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
-        Criterion::default()
-    };
-    targets = bench
-}
+ganfit_testkit::bench_group!(benches, bench);
 criterion_main!(benches);

@@ -13,7 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::Path;
 
 use candle_core::Device;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_main};
 use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker, load_rgb, roi_from_detection};
 
 fn bench(c: &mut Criterion) {
@@ -44,13 +44,5 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group! {
-    name = benches;
-    // As the `ganfit` binary runs: see the function's documentation.
-    config = {
-        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
-        Criterion::default()
-    };
-    targets = bench
-}
+ganfit_testkit::bench_group!(benches, bench);
 criterion_main!(benches);

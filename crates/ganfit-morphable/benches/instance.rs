@@ -12,7 +12,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{Device, Tensor, Var};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_main};
 use ganfit_assets::Resolver;
 use ganfit_morphable::MorphableModel;
 
@@ -50,13 +50,5 @@ fn instance_and_backward(c: &mut Criterion) {
     });
 }
 
-criterion_group! {
-    name = benches;
-    // As the `ganfit` binary runs: see the function's documentation.
-    config = {
-        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
-        Criterion::default()
-    };
-    targets = instance_and_backward
-}
+ganfit_testkit::bench_group!(benches, instance_and_backward);
 criterion_main!(benches);

@@ -21,7 +21,7 @@ mod common;
 
 use candle_core::{Device, Tensor, Var};
 use common::{camera, face_like_mesh};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_main};
 use ganfit_render::{
     Appearance, Lighting, PhongLight, RasterOptions, RenderOptions, Renderer, Scene, WrapMode,
     antialias, interpolate, rasterize, shade_sh, vertex_normals,
@@ -277,13 +277,5 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group! {
-    name = render;
-    // As the `ganfit` binary runs: see the function's documentation.
-    config = {
-        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
-        Criterion::default()
-    };
-    targets = benches
-}
+ganfit_testkit::bench_group!(render, benches);
 criterion_main!(render);

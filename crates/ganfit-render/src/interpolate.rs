@@ -339,7 +339,7 @@ mod tests {
     use candle_core::Tensor;
 
     use super::*;
-    use crate::kernel::testing::{gradient, max_abs_diff, random};
+    use crate::kernel::testing::{gradient, max_abs_diff, random, triangle_soup};
     use crate::raster::{RasterOptions, rasterize};
 
     /// Per-image attributes on as many threads as images (or one) are summed one image per
@@ -348,14 +348,7 @@ mod tests {
     #[test]
     fn per_image_and_split_backward_paths_agree() {
         let n = 40;
-        let xyz = random(&[2, 3 * n, 3], -1.1, 1.1, 21);
-        let w = random(&[2, 3 * n, 1], 1.0, 2.0, 22);
-        let clip = Tensor::cat(&[xyz.broadcast_mul(&w).unwrap(), w], 2).unwrap();
-        let tris = (0..3 * n as u32)
-            .step_by(3)
-            .map(|t| [t, t + 1, t + 2])
-            .collect();
-        let tris = Triangles::new(tris, 3 * n).unwrap();
+        let (clip, tris) = triangle_soup(n, 21);
         let (h, w) = (29, 41);
         let rast = rasterize(&clip, &tris, h, w, RasterOptions::default()).unwrap();
         let attr = random(&[2, 3 * n, 3], -1.0, 1.0, 23);

@@ -196,6 +196,19 @@ pub(crate) mod testing {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
+    /// `[2, 3n, 4]` clip positions of two images of `n` separate random triangles each (some
+    /// overlapping, some partly off screen, every `w` in `[1, 2)`) and their triangle list.
+    pub(crate) fn triangle_soup(n: usize, seed: u64) -> (Tensor, crate::Triangles) {
+        let xyz = random(&[2, 3 * n, 3], -1.1, 1.1, seed);
+        let w = random(&[2, 3 * n, 1], 1.0, 2.0, seed + 1);
+        let clip = Tensor::cat(&[xyz.broadcast_mul(&w).unwrap(), w], 2).unwrap();
+        let tris = (0..3 * n as u32)
+            .step_by(3)
+            .map(|t| [t, t + 1, t + 2])
+            .collect();
+        (clip, crate::Triangles::new(tris, 3 * n).unwrap())
+    }
+
     /// `Σ a ⊙ b`.
     pub(crate) fn dot(a: &Tensor, b: &Tensor) -> f64 {
         (a * b).unwrap().sum_all().unwrap().to_scalar().unwrap()

@@ -787,7 +787,7 @@ mod tests {
     use candle_core::Tensor;
 
     use super::*;
-    use crate::kernel::testing::{gradient, max_abs_diff, random};
+    use crate::kernel::testing::{gradient, max_abs_diff, random, triangle_soup};
 
     /// The integer rounding helpers equal `ceil`/`floor` followed by a saturating cast, also at
     /// the ends of the `i32` range, for infinities and NaN.
@@ -835,14 +835,7 @@ mod tests {
     #[test]
     fn one_thread_and_banded_paths_agree() {
         let n = 60;
-        let xyz = random(&[2, 3 * n, 3], -1.1, 1.1, 11);
-        let w = random(&[2, 3 * n, 1], 1.0, 2.0, 12);
-        let clip = Tensor::cat(&[xyz.broadcast_mul(&w).unwrap(), w], 2).unwrap();
-        let tris = (0..3 * n as u32)
-            .step_by(3)
-            .map(|t| [t, t + 1, t + 2])
-            .collect();
-        let tris = Triangles::new(tris, 3 * n).unwrap();
+        let (clip, tris) = triangle_soup(n, 11);
         let (h, w) = (37, 53);
         let cot = random(&[2, h, w, 4], -1.0, 1.0, 13);
         let run = |threads: usize| {

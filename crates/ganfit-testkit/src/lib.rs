@@ -26,6 +26,23 @@ pub fn run_candle_elementwise_ops_in_the_calling_thread() {
     }
 }
 
+/// `criterion_group!` under the process setting every ganfit bench runs with
+/// ([`run_candle_elementwise_ops_in_the_calling_thread`], as the `ganfit` binary):
+/// `ganfit_testkit::bench_group!(name, target, ...);`, then `criterion_main!(name)`.
+#[macro_export]
+macro_rules! bench_group {
+    ($name:ident, $($target:path),+ $(,)?) => {
+        criterion::criterion_group! {
+            name = $name;
+            config = {
+                $crate::run_candle_elementwise_ops_in_the_calling_thread();
+                criterion::Criterion::default()
+            };
+            targets = $($target),+
+        }
+    };
+}
+
 /// Every value of `t` (any device, any float dtype) as f64, in row-major order.
 ///
 /// # Panics

@@ -6,7 +6,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_core::{Device, Tensor, Var};
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_main};
 use ganfit_texture::{
     Generator, GeneratorConfig, TextureDataset, TextureModel, TrainConfig, Trainer,
 };
@@ -71,13 +71,5 @@ fn training_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group! {
-    name = benches;
-    // As the `ganfit` binary runs: see the function's documentation.
-    config = {
-        ganfit_testkit::run_candle_elementwise_ops_in_the_calling_thread();
-        Criterion::default()
-    };
-    targets = generator_latent_gradient, training_step
-}
+ganfit_testkit::bench_group!(benches, generator_latent_gradient, training_step);
 criterion_main!(benches);
