@@ -397,6 +397,8 @@ impl FaceDetector {
                 }
             })
         };
+        // Reduced pixel i covers the image's [i, i + 1) / scale; centres sit on integers.
+        let to_image = |v: f32| (v + 0.5) / scale - 0.5;
         let margin = 0.02 * n;
         // Dozens of views give the network dozens of chances at a false positive (a patterned
         // shirt, a face-like badge): only confident detections count here.
@@ -423,7 +425,7 @@ impl FaceDetector {
                     self.detect_in_tensor(&input)?
                         .iter()
                         .filter(|d| keep(d))
-                        .map(|d| d.map(|p| roi.tensor_to_image(p, n).map(|v| v / scale))),
+                        .map(|d| d.map(|p| roi.tensor_to_image(p, n).map(to_image))),
                 );
             }
         }
