@@ -27,6 +27,7 @@ mod ict;
 mod image_io;
 mod landmarker;
 mod layers;
+mod mirror;
 
 pub use crop::FaceRoi;
 pub use detector::{
@@ -38,5 +39,6 @@ pub use ict::{ICT_VERTEX_FROM_MESH, MESH_POINT_ERROR};
 pub use image_io::{decode_rgb, load_rgb};
 pub use landmarker::{
     FaceLandmarker, LANDMARKER_ASSET, LANDMARKER_INPUT, Landmarks468, MESH_POINTS, MeshOutput,
-    roi_from_detection,
+    roi_from_detection, roi_from_landmarks,
 };
+pub use mirror::MESH_MIRROR;
