@@ -7,6 +7,7 @@
 use candle_core::{Device, Tensor};
 use ganfit_morphable::MorphableModel;
 use ganfit_render::{RenderError, Triangles};
+use image::RgbImage;
 use nalgebra::Vector3;
 
 /// What each vertex is coloured as: its palette row.
@@ -37,8 +38,127 @@ const OVERLAY_PARTS: [&str; 8] = [
     "eyelashes_right",
 ];
 
-/// Brown: the iris colour of renders whose eye colour is not known.
-pub(crate) const DEFAULT_IRIS: [f32; 3] = [0.25, 0.14, 0.07];
+/// The colours of the eyes' visible parts, RGB in `[0, 1]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EyeColours {
+    /// The iris.
+    pub iris: [f32; 3],
+    /// The white of the eye.
+    pub sclera: [f32; 3],
+}
+
+/// Pixels both eye openings must hold together for [`EyeColours::measure`] to trust them.
+const MIN_EYE_PIXELS: usize = 16;
+
+/// Eyes whose [`opening`] is below this are taken as closed (open eyes measure about 0.25–0.35,
+/// closed ones below 0.1): between their lids there is only lash and skin.
+const MIN_EYE_OPENING: f32 = 0.15;
+
+/// How far towards its centre each eye outline is drawn in before measuring: the lids' edges,
+/// lashes and liner are darker than any iris.
+const EYE_OUTLINE_INSET: f32 = 0.2;
+
+impl EyeColours {
+    /// Brown irises and an off-white sclera: for eyes whose colour is not known.
+    pub const DEFAULT: EyeColours = EyeColours {
+        iris: [0.25, 0.14, 0.07],
+        sclera: [0.86, 0.83, 0.8],
+    };
+
+    /// The colours inside the eye openings that the iBUG points 36–41 and 42–47 of `landmarks`
+    /// outline in `photo`: the iris is the per-channel median of the darkest 40 % of those
+    /// pixels (by luma; the pupil and the iris), the sclera that of the brightest 20 %. The
+    /// photo's own light is in them, as it is in the UV texture unwrapped from the same photo.
+    /// [`EyeColours::DEFAULT`] where both eyes are closed, the openings hold too few pixels (a
+    /// tiny face) or the landmarks are missing.
+    pub fn measure(photo: &RgbImage, landmarks: &[[f32; 2]]) -> EyeColours {
+        let Some(outlines) = landmarks.get(36..48) else {
+            return EyeColours::DEFAULT;
+        };
+        let mut pixels: Vec<(f32, [f32; 3])> = Vec::new();
+        for outline in outlines.chunks_exact(6) {
+            let opening = opening(outline);
+            if opening.is_nan() || opening < MIN_EYE_OPENING {
+                continue;
+            }
+            let centre = outline
+                .iter()
+                .fold([0.0, 0.0], |c, p| [c[0] + p[0] / 6.0, c[1] + p[1] / 6.0]);
+            let inset: Vec<[f32; 2]> = outline
+                .iter()
+                .map(|p| {
+                    let keep = 1.0 - EYE_OUTLINE_INSET;
+                    [
+                        centre[0] + keep * (p[0] - centre[0]),
+                        centre[1] + keep * (p[1] - centre[1]),
+                    ]
+                })
+                .collect();
+            let (lo, hi) = inset.iter().fold(
+                ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]),
+                |(lo, hi), p| {
+                    (
+                        [lo[0].min(p[0]), lo[1].min(p[1])],
+                        [hi[0].max(p[0]), hi[1].max(p[1])],
+                    )
+                },
+            );
+            let columns =
+                lo[0].max(0.0).floor() as u32..(hi[0].ceil().max(0.0) as u32).min(photo.width());
+            let rows =
+                lo[1].max(0.0).floor() as u32..(hi[1].ceil().max(0.0) as u32).min(photo.height());
+            for y in rows {
+                for x in columns.clone() {
+                    if inside(&inset, [x as f32, y as f32]) {
+                        let rgb = photo.get_pixel(x, y).0.map(|v| f32::from(v) / 255.0);
+                        let luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2];
+                        pixels.push((luma, rgb));
+                    }
+                }
+            }
+        }
+        if pixels.len() < MIN_EYE_PIXELS {
+            return EyeColours::DEFAULT;
+        }
+        pixels.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let n = pixels.len();
+        EyeColours {
+            iris: channel_medians(&pixels[..n * 2 / 5]),
+            sclera: channel_medians(&pixels[n * 4 / 5..]),
+        }
+    }
+}
+
+/// The eye's height over its width from its six iBUG points (corner, two upper-lid points,
+/// corner, two lower-lid points): the "eye aspect ratio" of blink detection.
+fn opening(outline: &[[f32; 2]]) -> f32 {
+    let distance =
+        |a: usize, b: usize| (outline[a][0] - outline[b][0]).hypot(outline[a][1] - outline[b][1]);
+    (distance(1, 5) + distance(2, 4)) / (2.0 * distance(0, 3))
+}
+
+/// Whether `point` lies inside the polygon `outline` (even–odd rule).
+fn inside(outline: &[[f32; 2]], point: [f32; 2]) -> bool {
+    let mut crossings = false;
+    for (i, a) in outline.iter().enumerate() {
+        let b = outline[(i + 1) % outline.len()];
+        if (a[1] > point[1]) != (b[1] > point[1])
+            && point[0] < a[0] + (point[1] - a[1]) / (b[1] - a[1]) * (b[0] - a[0])
+        {
+            crossings = !crossings;
+        }
+    }
+    crossings
+}
+
+/// The per-channel median of `pixels`' colours.
+fn channel_medians(pixels: &[(f32, [f32; 3])]) -> [f32; 3] {
+    [0, 1, 2].map(|c| {
+        let mut values: Vec<f32> = pixels.iter().map(|p| p.1[c]).collect();
+        let middle = values.len() / 2;
+        *values.select_nth_unstable_by(middle, f32::total_cmp).1
+    })
+}
 
 /// The head's triangles and their atlas coordinates.
 #[derive(Debug, Clone)]
@@ -121,17 +241,17 @@ impl HeadLayout {
     }
 
     /// The atlas `[S, 2S, 3]` for a UV map `rgb` (`S × S × 3` in `[0, 1]`, image orientation)
-    /// with the given iris colour; the rest of the head takes the colour `skin`.
+    /// with the given eye colours; the rest of the head takes the colour `skin`.
     pub fn atlas(
         rgb: &[f32],
         side: usize,
-        iris: [f32; 3],
+        eyes: EyeColours,
         skin: [f32; 3],
     ) -> Result<Tensor, RenderError> {
         let palette: [[f32; 3]; PARTS] = [
             [0.03, 0.03, 0.03],
-            iris,
-            [0.86, 0.83, 0.8],
+            eyes.iris,
+            eyes.sclera,
             [0.55, 0.32, 0.3],
             [0.3, 0.08, 0.08],
             [0.7, 0.36, 0.36],
@@ -249,6 +369,76 @@ fn vertex_parts(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<Part> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A skin-coloured photo with two open eyes: white almonds around a blue iris with a black
+    /// pupil, outlined by iBUG points 36–47 (the other landmarks at the origin).
+    fn eyes_photo(open: f32) -> (RgbImage, Vec<[f32; 2]>) {
+        // Closed eyes show no eye at all, only the lids' skin.
+        let shown = if open < 0.1 { 0.0 } else { open };
+        let (iris, sclera, skin) = ([40, 90, 170], [235, 230, 225], [200, 150, 120]);
+        let centres = [[60.0f32, 50.0], [140.0, 50.0]];
+        let photo = RgbImage::from_fn(200, 100, |x, y| {
+            let (x, y) = (x as f32, y as f32);
+            let colour = centres.iter().find_map(|c| {
+                let (dx, dy) = (x - c[0], y - c[1]);
+                let r = dx.hypot(dy);
+                if shown == 0.0 || (dx / 25.0).powi(2) + (dy / (12.0 * shown)).powi(2) > 1.0 {
+                    None
+                } else if r < 3.0 {
+                    Some([10, 10, 10])
+                } else if r < 8.0 {
+                    Some(iris)
+                } else {
+                    Some(sclera)
+                }
+            });
+            image::Rgb(colour.unwrap_or(skin))
+        });
+        let mut landmarks = vec![[0.0; 2]; 68];
+        for (eye, centre) in centres.iter().enumerate() {
+            // Corner, two upper-lid points, corner, two lower-lid points, as iBUG goes round.
+            for (i, angle) in [180.0f32, 240.0, 300.0, 0.0, 60.0, 120.0]
+                .iter()
+                .enumerate()
+            {
+                let (sin, cos) = angle.to_radians().sin_cos();
+                landmarks[36 + 6 * eye + i] =
+                    [centre[0] + 25.0 * cos, centre[1] + 12.0 * open * sin];
+            }
+        }
+        (photo, landmarks)
+    }
+
+    #[test]
+    fn eye_colours_are_measured_inside_the_eye_openings() {
+        let (photo, landmarks) = eyes_photo(1.0);
+        let eyes = EyeColours::measure(&photo, &landmarks);
+        let close = |a: [f32; 3], b: [u8; 3]| {
+            a.iter()
+                .zip(b)
+                .all(|(a, b)| (a - f32::from(b) / 255.0).abs() < 0.02)
+        };
+        assert!(close(eyes.iris, [40, 90, 170]), "{eyes:?}");
+        assert!(close(eyes.sclera, [235, 230, 225]), "{eyes:?}");
+    }
+
+    #[test]
+    fn closed_or_unknown_eyes_keep_the_default_colours() {
+        let (photo, closed) = eyes_photo(0.02);
+        assert_eq!(EyeColours::measure(&photo, &closed), EyeColours::DEFAULT);
+        let (photo, landmarks) = eyes_photo(1.0);
+        assert_eq!(
+            EyeColours::measure(&photo, &landmarks[..40]),
+            EyeColours::DEFAULT
+        );
+        // Outlines partly or wholly off the photo: what lies inside counts, nothing panics.
+        let shifted: Vec<[f32; 2]> = landmarks.iter().map(|p| [p[0] - 120.0, p[1]]).collect();
+        let _ = EyeColours::measure(&photo, &shifted);
+        let far: Vec<[f32; 2]> = landmarks.iter().map(|p| [p[0] + 1e6, p[1] - 1e6]).collect();
+        assert_eq!(EyeColours::measure(&photo, &far), EyeColours::DEFAULT);
+        let nan = vec![[f32::NAN; 2]; 68];
+        assert_eq!(EyeColours::measure(&photo, &nan), EyeColours::DEFAULT);
+    }
 
     #[test]
     fn the_skin_colour_comes_from_the_cheeks_not_the_hair_or_collar() {

@@ -18,7 +18,7 @@ use ganfit_render::{Appearance, Lighting, PhongLight, RenderOptions, Renderer, S
 use ganfit_texture::TextureModel;
 use image::{RgbImage, RgbaImage};
 
-use crate::atlas::{DEFAULT_IRIS, HeadLayout, cheek_colour};
+use crate::atlas::{EyeColours, HeadLayout, cheek_colour};
 
 /// Everything that can go wrong while building a [`Fitter`] or fitting a photo.
 #[derive(Debug, thiserror::Error)]
@@ -319,6 +319,9 @@ pub struct FitResult {
     pub geometry_render: RgbaImage,
     /// The reconstruction with a neutral expression, seen from the front.
     pub frontal_render: RgbaImage,
+    /// The eye colours of the renders that show the eyeballs (the frontal render), measured in
+    /// the photo ([`EyeColours::measure`]).
+    pub eye_colours: EyeColours,
     /// The 68 iBUG landmarks detected on the photo, pixels.
     pub detected_landmarks: Vec<[f32; 2]>,
     /// The 68 landmarks projected with the fitted camera, pixels: the vertices the detected
@@ -501,7 +504,15 @@ impl Fitter {
                 None => (observed.alignment.params, None, None),
             };
             let vertex_ids = observed.landmarks.vertex_ids(&self.model).to_vec();
-            let mut result = self.finish(image, &observed.photo, params, &vertex_ids, albedo)?;
+            let eye_colours = EyeColours::measure(image, &observed.detected);
+            let mut result = self.finish(
+                image,
+                &observed.photo,
+                params,
+                &vertex_ids,
+                albedo,
+                eye_colours,
+            )?;
             result.light = light;
             result.detected_landmarks = observed.detected;
             result.stages = stages;
@@ -548,7 +559,7 @@ impl Fitter {
                 .to_dtype(DType::F32)?
                 .to_device(self.model.device())?,
         )?;
-        View::new(&self.model, &texture)?.render_frontal(&vertices, size)
+        View::new(&self.model, &texture, result.eye_colours)?.render_frontal(&vertices, size)
     }
 
     /// Geometry, texture and renders of a fitted photo.
@@ -559,6 +570,7 @@ impl Fitter {
         params: FitParams,
         landmark_vertices: &[Option<u32>],
         albedo: Option<RgbImage>,
+        eye_colours: EyeColours,
     ) -> Result<FitResult> {
         let vertices = self.model.instance(&params.shape, &params.expression)?;
         let fitted_landmarks = project_landmarks(landmark_vertices, &vertices, &params)?;
@@ -576,7 +588,7 @@ impl Fitter {
             in_photo.fill_unobserved(Some(background));
         }
         texture.fill_unobserved_mirrored(background.as_deref());
-        let photo_view = View::new(&self.model, &in_photo)?;
+        let photo_view = View::new(&self.model, &in_photo, eye_colours)?;
         let render = photo_view.render(&vertices, &params, image.width(), image.height(), false)?;
         let geometry_render =
             photo_view.render(&vertices, &params, image.width(), image.height(), true)?;
@@ -605,6 +617,7 @@ impl Fitter {
             render,
             geometry_render,
             frontal_render,
+            eye_colours,
             detected_landmarks: Vec::new(),
             fitted_landmarks,
             stages: Vec::new(),
@@ -784,16 +797,19 @@ struct View<'a> {
     model: &'a MorphableModel,
     /// Triangles and atlas coordinates of the whole head, eyes and mouth included.
     layout: HeadLayout,
+    /// The palette's eye colours.
+    eyes: EyeColours,
     /// The UV map beside the palette of eyes, mouth and the head off the UV tile.
     atlas: Tensor,
 }
 
 impl<'a> View<'a> {
-    fn new(model: &'a MorphableModel, texture: &UvTexture) -> Result<Self> {
+    fn new(model: &'a MorphableModel, texture: &UvTexture, eyes: EyeColours) -> Result<Self> {
         Ok(View {
             model,
             layout: HeadLayout::new(model, &model.mean_rows()?)?,
-            atlas: Self::atlas(texture)?,
+            eyes,
+            atlas: Self::atlas(texture, eyes)?,
         })
     }
 
@@ -802,15 +818,16 @@ impl<'a> View<'a> {
         Ok(View {
             model: self.model,
             layout: self.layout.clone(),
-            atlas: Self::atlas(texture)?,
+            eyes: self.eyes,
+            atlas: Self::atlas(texture, self.eyes)?,
         })
     }
 
-    fn atlas(texture: &UvTexture) -> Result<Tensor> {
+    fn atlas(texture: &UvTexture, eyes: EyeColours) -> Result<Tensor> {
         Ok(HeadLayout::atlas(
             &texture.rgb,
             texture.size,
-            DEFAULT_IRIS,
+            eyes,
             cheek_colour(&texture.rgb, texture.size),
         )?)
     }

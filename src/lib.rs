@@ -11,6 +11,7 @@ pub mod evaluate;
 mod fitter;
 pub mod synthetic;
 
+pub use atlas::EyeColours;
 pub use fitter::{Error, FitResult, Fitter, FitterBuilder, Progress, Result};
 pub use ganfit_assets as assets;
 pub use ganfit_losses as losses;

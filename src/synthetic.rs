@@ -46,7 +46,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::Fitter;
-use crate::atlas::{DEFAULT_IRIS, HeadLayout, mean_colour};
+use crate::atlas::{EyeColours, HeadLayout, mean_colour};
 use crate::evaluate::GroundTruth;
 
 /// Why synthetic data could not be made.
@@ -656,7 +656,7 @@ impl<'a> SyntheticGenerator<'a> {
             .collect();
         // Brown, blue, green or hazel irises.
         let irises = [
-            DEFAULT_IRIS,
+            EyeColours::DEFAULT.iris,
             [0.25, 0.38, 0.55],
             [0.25, 0.38, 0.22],
             [0.42, 0.32, 0.16],
@@ -666,7 +666,10 @@ impl<'a> SyntheticGenerator<'a> {
         Ok(HeadLayout::atlas(
             &rgb,
             texture.width() as usize,
-            iris,
+            EyeColours {
+                iris,
+                ..EyeColours::DEFAULT
+            },
             skin,
         )?)
     }
