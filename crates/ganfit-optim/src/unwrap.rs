@@ -31,6 +31,13 @@ const MIN_VIEW_COSINE: f32 = 0.2;
 /// sees at its nearest pixel.
 const DEPTH_TOLERANCE_MM: f32 = 2.0;
 
+/// Texels seen on both sides of the face that [`UvTexture::fill_unobserved_mirrored`] needs
+/// before it corrects the mirrored colours for the photo's uneven light.
+const MIN_SHADING_TEXELS: usize = 64;
+
+/// The most [`UvTexture::fill_unobserved_mirrored`] brightens or darkens mirrored colours.
+const MAX_SHADING_GAIN: f32 = 4.0;
+
 /// The triangles of the model's skin (mesh and UV triangles, parallel), or all of them when the
 /// model names no `skin` set. Eyeballs, teeth and the mouth's interior are left out: the fit
 /// does not place them, so neither textures nor renders should take them from the photo.
@@ -228,6 +235,7 @@ impl UvTexture {
                 radius,
             )
         });
+        let mirror_gain = self.mirror_shading_gain(mirror);
         for texel in (0..texels).filter(|&t| self.observed[t] == 0.0) {
             // Full trust in an average where at least half its window was seen.
             let trust = |(density, _): &(Vec<f32>, Vec<f32>)| (2.0 * density[texel]).min(1.0);
@@ -243,13 +251,49 @@ impl UvTexture {
                 let mut far = background.map_or(1.0, |b| b[texel * 3 + c]) * gain[c];
                 if let Some(mirrored) = &mirrored {
                     let mirror_trust = trust(mirrored);
-                    far = mirror_trust * average(mirrored, c, far) + (1.0 - mirror_trust) * far;
+                    let seen_opposite = average(mirrored, c, far / mirror_gain[c]) * mirror_gain[c];
+                    far = mirror_trust * seen_opposite + (1.0 - mirror_trust) * far;
                 }
                 let near = average(&direct, c, far);
                 self.rgb[texel * 3 + c] =
                     (near_trust * near + (1.0 - near_trust) * far).clamp(0.0, 1.0);
             }
         }
+    }
+
+    /// Per channel, how much brighter the side of the map that needs mirror filling was seen
+    /// than the other side at the mirror positions, where the photo saw both (ratio of sums):
+    /// the photo's light falls differently on the two halves of a turned face, so a cheek
+    /// copied from the lit side is too bright beside the shaded side's seen texels by this
+    /// much. 1 where too few texels were seen on both sides to tell.
+    fn mirror_shading_gain(&self, mirror: impl Fn(usize) -> usize) -> [f32; 3] {
+        let size = self.size;
+        let seen = |t: usize| self.observed[t] > 0.0;
+        let left = |t: usize| t % size < size / 2;
+        let (mut fill_left, mut fill_right) = (0usize, 0usize);
+        for t in (0..size * size).filter(|&t| !seen(t) && seen(mirror(t))) {
+            if left(t) {
+                fill_left += 1;
+            } else {
+                fill_right += 1;
+            }
+        }
+        let filled_side = |t: usize| left(t) == (fill_left >= fill_right);
+        let (mut own, mut opposite, mut count) = ([0.0f64; 3], [0.0f64; 3], 0usize);
+        for t in (0..size * size).filter(|&t| filled_side(t) && seen(t) && seen(mirror(t))) {
+            for c in 0..3 {
+                own[c] += f64::from(self.rgb[t * 3 + c]);
+                opposite[c] += f64::from(self.rgb[mirror(t) * 3 + c]);
+            }
+            count += 1;
+        }
+        [0, 1, 2].map(|c| {
+            if count < MIN_SHADING_TEXELS || opposite[c] <= 0.0 {
+                1.0
+            } else {
+                ((own[c] / opposite[c]) as f32).clamp(1.0 / MAX_SHADING_GAIN, MAX_SHADING_GAIN)
+            }
+        })
     }
 
     /// The density `weight(t)` and the weighted colours `weight(t) · rgb[source(t)]`, both
@@ -400,6 +444,33 @@ mod tests {
             // The plain fill knows nothing of the pattern there: the seen texels' mean.
             let plain = &plain.rgb[(row * size + column) * 3..][..3];
             assert!((plain[0] - 63.0 / 128.0).abs() < 1e-3, "{plain:?}");
+        }
+    }
+
+    #[test]
+    fn mirrored_colours_take_the_shading_of_the_side_they_fill() {
+        // The left half seen in full; on the right only a strip beside the middle, seen at
+        // half the brightness (the photo's light came from the left).
+        let size = 64;
+        let pattern = |row: usize, column: usize| [row as f32 / 64.0, column as f32 / 32.0, 0.5];
+        let mut t = texture(size, |_, column| column < 40);
+        for row in 0..size {
+            for column in 0..40 {
+                let colour = pattern(row, column.min(size - 1 - column));
+                let shade = if column < 32 { 1.0 } else { 0.5 };
+                t.rgb[(row * size + column) * 3..][..3].copy_from_slice(&colour.map(|v| v * shade));
+            }
+        }
+        t.fill_unobserved_mirrored(Some(&vec![0.1f32; size * size * 3]));
+        for (row, column) in [(5, 50), (30, 55), (60, 61), (12, 45)] {
+            let got = &t.rgb[(row * size + column) * 3..][..3];
+            let want = pattern(row, size - 1 - column).map(|v| v * 0.5);
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() < 1e-4,
+                    "({row}, {column}): {got:?} vs {want:?}"
+                );
+            }
         }
     }
 
