@@ -418,60 +418,71 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_far_side_takes_the_mirrored_near_side_where_the_photo_saw_only_that() {
-        // The left half seen with a pattern that changes along both axes; the right half never.
-        let size = 64;
-        let pattern = |row: usize, column: usize| [row as f32 / 64.0, column as f32 / 32.0, 0.5];
-        let mut t = texture(size, |_, column| column < 32);
+    /// Side of the patterned maps.
+    const PATTERN_SIZE: usize = 64;
+
+    /// A colour that changes along both axes, mirror-symmetric about the map's middle.
+    fn pattern(row: usize, column: usize) -> [f32; 3] {
+        let column = column.min(PATTERN_SIZE - 1 - column);
+        [row as f32 / 64.0, column as f32 / 32.0, 0.5]
+    }
+
+    /// Columns `0..seen` seen with [`pattern`], those right of the middle at `right_shade` of
+    /// its brightness; filled by [`UvTexture::fill_unobserved_mirrored`] over a dark background.
+    fn mirror_filled(seen: usize, right_shade: f32) -> UvTexture {
+        let size = PATTERN_SIZE;
+        let mut t = texture(size, |_, column| column < seen);
         for row in 0..size {
-            for column in 0..32 {
-                t.rgb[(row * size + column) * 3..][..3].copy_from_slice(&pattern(row, column));
+            for column in 0..seen {
+                let shade = if column < size / 2 { 1.0 } else { right_shade };
+                t.rgb[(row * size + column) * 3..][..3]
+                    .copy_from_slice(&pattern(row, column).map(|v| v * shade));
             }
         }
-        let mut plain = t.clone();
-        plain.fill_unobserved(Some(&vec![0.1f32; size * size * 3]));
         t.fill_unobserved_mirrored(Some(&vec![0.1f32; size * size * 3]));
-        for (row, column) in [(5, 40), (30, 50), (60, 61), (12, 36)] {
-            let got = &t.rgb[(row * size + column) * 3..][..3];
-            let want = pattern(row, size - 1 - column);
+        t
+    }
+
+    /// Asserts that the texels at `places` hold [`pattern`] at `shade` of its brightness.
+    fn assert_pattern(t: &UvTexture, places: &[(usize, usize)], shade: f32) {
+        for &(row, column) in places {
+            let got = &t.rgb[(row * PATTERN_SIZE + column) * 3..][..3];
+            let want = pattern(row, column).map(|v| v * shade);
             for (g, w) in got.iter().zip(want) {
                 assert!(
                     (g - w).abs() < 1e-5,
                     "({row}, {column}): {got:?} vs {want:?}"
                 );
             }
-            // The plain fill knows nothing of the pattern there: the seen texels' mean.
-            let plain = &plain.rgb[(row * size + column) * 3..][..3];
+        }
+    }
+
+    #[test]
+    fn the_far_side_takes_the_mirrored_near_side_where_the_photo_saw_only_that() {
+        // The left half seen; the right half never.
+        let places = [(5, 40), (30, 50), (60, 61), (12, 36)];
+        assert_pattern(&mirror_filled(PATTERN_SIZE / 2, 1.0), &places, 1.0);
+        // The plain fill knows nothing of the pattern there: the seen texels' mean.
+        let mut plain = texture(PATTERN_SIZE, |_, column| column < PATTERN_SIZE / 2);
+        for row in 0..PATTERN_SIZE {
+            for column in 0..PATTERN_SIZE / 2 {
+                plain.rgb[(row * PATTERN_SIZE + column) * 3..][..3]
+                    .copy_from_slice(&pattern(row, column));
+            }
+        }
+        plain.fill_unobserved(Some(&vec![0.1f32; PATTERN_SIZE * PATTERN_SIZE * 3]));
+        for (row, column) in places {
+            let plain = &plain.rgb[(row * PATTERN_SIZE + column) * 3..][..3];
             assert!((plain[0] - 63.0 / 128.0).abs() < 1e-3, "{plain:?}");
         }
     }
 
     #[test]
     fn mirrored_colours_take_the_shading_of_the_side_they_fill() {
-        // The left half seen in full; on the right only a strip beside the middle, seen at
-        // half the brightness (the photo's light came from the left).
-        let size = 64;
-        let pattern = |row: usize, column: usize| [row as f32 / 64.0, column as f32 / 32.0, 0.5];
-        let mut t = texture(size, |_, column| column < 40);
-        for row in 0..size {
-            for column in 0..40 {
-                let colour = pattern(row, column.min(size - 1 - column));
-                let shade = if column < 32 { 1.0 } else { 0.5 };
-                t.rgb[(row * size + column) * 3..][..3].copy_from_slice(&colour.map(|v| v * shade));
-            }
-        }
-        t.fill_unobserved_mirrored(Some(&vec![0.1f32; size * size * 3]));
-        for (row, column) in [(5, 50), (30, 55), (60, 61), (12, 45)] {
-            let got = &t.rgb[(row * size + column) * 3..][..3];
-            let want = pattern(row, size - 1 - column).map(|v| v * 0.5);
-            for (g, w) in got.iter().zip(want) {
-                assert!(
-                    (g - w).abs() < 1e-4,
-                    "({row}, {column}): {got:?} vs {want:?}"
-                );
-            }
-        }
+        // On the right only a strip beside the middle was seen, at half the brightness (the
+        // photo's light came from the left): the copies are shaded alike.
+        let t = mirror_filled(40, 0.5);
+        assert_pattern(&t, &[(5, 50), (30, 55), (60, 61), (12, 45)], 0.5);
     }
 
     #[test]
