@@ -47,6 +47,12 @@ pub struct EyeColours {
     pub sclera: [f32; 3],
 }
 
+/// Skin at least this saturated ((largest − smallest channel) / largest) leaves the palette's
+/// colours as they are; greyer skin (black-and-white and faded photos) greys them in
+/// proportion. The cheeks of the shared colour photos' fits measure 0.2–0.6, of the sepia and
+/// black-and-white ones 0–0.15.
+const COLOURFUL_SKIN_SATURATION: f32 = 0.2;
+
 /// Pixels both eye openings must hold together for [`EyeColours::measure`] to trust them.
 const MIN_EYE_PIXELS: usize = 16;
 
@@ -248,14 +254,29 @@ impl HeadLayout {
         eyes: EyeColours,
         skin: [f32; 3],
     ) -> Result<Tensor, RenderError> {
+        // A black-and-white or faded photo's skin has little colour; the mouth, eye corners
+        // and default eyes drawn beside it should have as little.
+        let (lightest, darkest) = skin
+            .iter()
+            .fold((0.0f32, 1.0f32), |(hi, lo), &v| (hi.max(v), lo.min(v)));
+        let skin_saturation = if lightest > 0.0 {
+            (lightest - darkest) / lightest
+        } else {
+            0.0
+        };
+        let saturation = (skin_saturation / COLOURFUL_SKIN_SATURATION).clamp(0.0, 1.0);
+        let like_skin = |colour: [f32; 3]| {
+            let luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2];
+            colour.map(|v| luma + saturation * (v - luma))
+        };
         let palette: [[f32; 3]; PARTS] = [
-            [0.03, 0.03, 0.03],
-            eyes.iris,
-            eyes.sclera,
-            [0.55, 0.32, 0.3],
-            [0.3, 0.08, 0.08],
-            [0.7, 0.36, 0.36],
-            [0.9, 0.87, 0.78],
+            like_skin([0.03, 0.03, 0.03]),
+            like_skin(eyes.iris),
+            like_skin(eyes.sclera),
+            like_skin([0.55, 0.32, 0.3]),
+            like_skin([0.3, 0.08, 0.08]),
+            like_skin([0.7, 0.36, 0.36]),
+            like_skin([0.9, 0.87, 0.78]),
             skin,
         ];
         let mut atlas = vec![0.0f32; side * 2 * side * 3];
@@ -407,6 +428,31 @@ mod tests {
             }
         }
         (photo, landmarks)
+    }
+
+    #[test]
+    fn a_grey_photos_palette_is_grey_and_a_colour_photos_keeps_its_colours() {
+        let side = PARTS; // one atlas row per palette entry
+        let uv_map = vec![0.5f32; side * side * 3];
+        let palette = |skin: [f32; 3]| -> Vec<Vec<f32>> {
+            let atlas = HeadLayout::atlas(&uv_map, side, EyeColours::DEFAULT, skin).unwrap();
+            let atlas: Vec<Vec<Vec<f32>>> = atlas.to_vec3().unwrap();
+            atlas.iter().map(|row| row[side].clone()).collect()
+        };
+        let colour = palette([0.8, 0.6, 0.5]);
+        assert_eq!(colour[Part::Iris as usize], EyeColours::DEFAULT.iris);
+        assert_eq!(colour[Part::EyeSocket as usize], [0.55, 0.32, 0.3]);
+        let grey = palette([0.4, 0.4, 0.4]);
+        for (part, entry) in grey.iter().enumerate() {
+            assert!(
+                (entry[0] - entry[1]).abs() < 1e-6 && (entry[1] - entry[2]).abs() < 1e-6,
+                "palette entry {part} of a grey photo: {entry:?}"
+            );
+        }
+        // Brightness is kept: the grey iris is as light as the brown one.
+        let luma = |c: &[f32]| 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2];
+        let iris = Part::Iris as usize;
+        assert!((luma(&grey[iris]) - luma(&colour[iris])).abs() < 1e-6);
     }
 
     #[test]
