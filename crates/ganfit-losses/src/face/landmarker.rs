@@ -253,7 +253,12 @@ impl FaceLandmarker {
     /// The 468 points of the face in `roi`, in image pixels; fails with
     /// [`FaceError::LandmarksNotConfident`] when the network sees no face there.
     pub fn landmarks_in_roi(&self, image: &RgbImage, roi: &FaceRoi) -> Result<Landmarks468> {
-        let output = self.run_tensor(&self.input_tensor(image, roi)?)?;
+        self.landmarks_of_input(&self.input_tensor(image, roi)?, roi)
+    }
+
+    /// [`Self::landmarks_in_roi`] for the crop's prepared network input.
+    fn landmarks_of_input(&self, input: &Tensor, roi: &FaceRoi) -> Result<Landmarks468> {
+        let output = self.run_tensor(input)?;
         let presence = 1.0 / (1.0 + (-output.face_logit).exp());
         if presence < MIN_PRESENCE {
             return Err(FaceError::LandmarksNotConfident {
@@ -285,8 +290,8 @@ impl FaceLandmarker {
         image: &RgbImage,
         roi: &FaceRoi,
     ) -> Result<Landmarks468> {
-        let direct = self.landmarks_in_roi(image, roi)?;
         let input = self.input_tensor(image, roi)?;
+        let direct = self.landmarks_of_input(&input, roi)?;
         let n = LANDMARKER_INPUT as u32;
         let reversed_columns = Tensor::from_vec((0..n).rev().collect(), n as usize, &self.device)?;
         let mirrored = self.run_tensor(&input.index_select(&reversed_columns, 3)?)?;
