@@ -612,10 +612,6 @@ mod tests {
     fn outputs_and_gradients_match_a_matmul_reference() {
         let op = op();
         for threads in [1, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
             for (batch, k_s, k_e) in [
                 (1, SHAPE_MODES, EXPRESSION_MODES),
                 (3, SHAPE_MODES, EXPRESSION_MODES),
@@ -639,7 +635,7 @@ mod tests {
                     let grad = |v: &Var| grads.get(v.as_tensor()).unwrap().clone();
                     (out, grad(&p_s), grad(&p_e))
                 };
-                let (out, grad_s, grad_e) = pool.install(|| {
+                let (out, grad_s, grad_e) = ganfit_testkit::on_threads(threads, || {
                     run(p_s
                         .as_tensor()
                         .apply_op2(p_e.as_tensor(), op.clone())

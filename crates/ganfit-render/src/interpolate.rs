@@ -354,11 +354,7 @@ mod tests {
         let attr = random(&[2, 3 * n, 3], -1.0, 1.0, 23);
         let cot = random(&[2, h, w, 3], -1.0, 1.0, 24);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            ganfit_testkit::on_threads(threads, || {
                 let loss = |a: &Tensor, r: &Tensor| {
                     (interpolate(a, r, &tris).unwrap() * &cot)
                         .unwrap()

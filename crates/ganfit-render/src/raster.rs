@@ -839,11 +839,7 @@ mod tests {
         let (h, w) = (37, 53);
         let cot = random(&[2, h, w, 4], -1.0, 1.0, 13);
         let run = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| {
+            ganfit_testkit::on_threads(threads, || {
                 let draw = |c: &Tensor| rasterize(c, &tris, h, w, RasterOptions::default());
                 let rast: Vec<f64> = draw(&clip)
                     .unwrap()

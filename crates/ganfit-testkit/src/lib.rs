@@ -26,6 +26,20 @@ pub fn run_candle_elementwise_ops_in_the_calling_thread() {
     }
 }
 
+/// `work` run on a rayon pool of its own with `threads` threads: for tests that compare a
+/// kernel's serial and parallel paths.
+///
+/// # Panics
+///
+/// If the pool cannot be built.
+pub fn on_threads<R: Send>(threads: usize, work: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .expect("a rayon pool for the test")
+        .install(work)
+}
+
 /// `criterion_group!` under the process setting every ganfit bench runs with
 /// ([`run_candle_elementwise_ops_in_the_calling_thread`], as the `ganfit` binary):
 /// `ganfit_testkit::bench_group!(name, target, ...);`, then `criterion_main!(name)`.
