@@ -95,6 +95,17 @@ impl MorphableModel {
         })
     }
 
+    /// A copy with its tensors on `device` (e.g. a CPU copy of a GPU model, for the steps whose
+    /// many small operations a GPU runs slower than a CPU).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(MorphableModel {
+            mean: self.mean.to_device(device)?,
+            basis: self.basis.to_device(device)?,
+            triangle_tensor: self.triangle_tensor.to_device(device)?,
+            ..self.clone()
+        })
+    }
+
     /// Loads a converted model file.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
         Self::from_data(ModelData::read(path)?, device)

@@ -238,6 +238,19 @@ pub struct FitParams {
     pub intrinsics: Intrinsics,
 }
 
+impl FitParams {
+    /// A copy with its tensors on `device`.
+    pub fn to_device(&self, device: &candle_core::Device) -> candle_core::Result<Self> {
+        Ok(FitParams {
+            shape: self.shape.to_device(device)?,
+            expression: self.expression.to_device(device)?,
+            rotation: self.rotation.to_device(device)?,
+            translation: self.translation.to_device(device)?,
+            intrinsics: self.intrinsics,
+        })
+    }
+}
+
 /// The fitted parameters and the history of each stage.
 #[derive(Debug, Clone)]
 pub struct Alignment {

@@ -11,12 +11,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use common::{camera, face_like_mesh};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit_render::{
-    Appearance, Lighting, RasterOptions, RenderOptions, Renderer, Scene, WrapMode, interpolate,
-    rasterize, texture,
+    Appearance, Lighting, RasterOptions, RenderOptions, Renderer, Scene, WrapMode, antialias,
+    camera_from_world, interpolate, normalize, rasterize, shade_sh, texture, vertex_normals,
 };
 
 fn benches(c: &mut Criterion) {
@@ -117,5 +117,100 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(render_cuda, benches);
+/// Where `Renderer::render`'s time goes at 512², batch 1: its pipeline rebuilt from the public
+/// ops and cut after each step (`cuda_stages/<n>_<last step>`, forward + backward, each
+/// including the steps before it), and the forward pass alone.
+fn stages(c: &mut Criterion) {
+    let dev = Device::new_cuda(0).expect("the cuda benches need a CUDA device");
+    let (verts, tris) = face_like_mesh();
+    let nv = tris.num_vertices();
+    let size = 512;
+    let cam = camera(size);
+    let world = Var::from_tensor(&Tensor::from_slice(&verts, (1, nv, 3), &dev).unwrap()).unwrap();
+    let rotation =
+        Var::from_tensor(&Tensor::new(&[[0.02f32, -0.03, 0.01]], &dev).unwrap()).unwrap();
+    let translation = Var::from_tensor(&Tensor::zeros((1, 3), DType::F32, &dev).unwrap()).unwrap();
+    let albedo = Var::from_tensor(&Tensor::full(0.7f32, (1, nv, 3), &dev).unwrap()).unwrap();
+    let light = Var::from_tensor(&Tensor::rand(0.0f32, 0.3, (1, 3, 9), &dev).unwrap()).unwrap();
+    let pipeline = |steps: usize| -> Tensor {
+        let camera_vertices = camera_from_world(
+            world.as_tensor(),
+            rotation.as_tensor(),
+            translation.as_tensor(),
+        )
+        .unwrap();
+        let clip = cam.to_clip(&camera_vertices).unwrap();
+        let rast = rasterize(&clip, &tris, size, size, RasterOptions::default()).unwrap();
+        let mut loss = rast.sum_all().unwrap();
+        if steps < 2 {
+            return loss;
+        }
+        let normals = normalize(
+            &interpolate(
+                &vertex_normals(&camera_vertices, &tris).unwrap(),
+                &rast,
+                &tris,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        if steps < 3 {
+            return (loss + normals.sum_all().unwrap()).unwrap();
+        }
+        let colours = interpolate(albedo.as_tensor(), &rast, &tris).unwrap();
+        if steps < 4 {
+            return (loss + (colours.sum_all().unwrap() + normals.sum_all().unwrap())).unwrap();
+        }
+        let shaded = shade_sh(&colours, &normals, light.as_tensor()).unwrap();
+        if steps < 5 {
+            return (loss + shaded.mean_all().unwrap()).unwrap();
+        }
+        let image = antialias(&shaded, &rast, &clip, &tris).unwrap();
+        loss = (loss + image.mean_all().unwrap()).unwrap();
+        loss
+    };
+    let sync = || dev.synchronize().unwrap();
+    let mut group = c.benchmark_group("cuda_stages");
+    for (steps, name) in [
+        (1, "1_camera_raster"),
+        (2, "2_normals"),
+        (3, "3_albedo"),
+        (4, "4_sh_shading"),
+        (5, "5_antialias"),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let grads = pipeline(steps).backward().unwrap();
+                sync();
+                grads
+            })
+        });
+    }
+    group.bench_function("5_antialias_fwd_only", |b| {
+        b.iter(|| {
+            let loss = pipeline(5).detach();
+            sync();
+            loss
+        })
+    });
+    let renderer = Renderer::new(tris.clone(), cam, RenderOptions::default());
+    group.bench_function("renderer_fwd_only", |b| {
+        b.iter(|| {
+            let out = renderer
+                .render(&Scene {
+                    vertices: world.as_tensor(),
+                    rotation: rotation.as_tensor(),
+                    translation: translation.as_tensor(),
+                    appearance: Appearance::VertexColors(albedo.as_tensor()),
+                    lighting: Lighting::SphericalHarmonics(light.as_tensor()),
+                })
+                .unwrap();
+            sync();
+            out.image
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(render_cuda, stages, benches);
 criterion_main!(render_cuda);

@@ -5,7 +5,7 @@ use crate::model::{TextureModel, check_latent};
 use crate::ops::{bias_lrelu_pixel_norm, pixel_norm};
 use crate::params::{
     ParamMap, ParamSpec, RELU_GAIN, add_channel_bias, conv, dense, init_params, load_safetensors,
-    metadata_json, param, save_safetensors, take_params, upsample2,
+    metadata_json, own_params, param, save_safetensors, take_params, upsample2,
 };
 use crate::{Result, TextureError};
 use candle_core::{DType, Device, Tensor};
@@ -167,16 +167,19 @@ impl Generator {
     }
 
     /// Builds a generator around existing parameters (e.g. a trainer's variables), checking
-    /// that exactly the expected names and shapes are present.
+    /// that exactly the expected names and shapes are present, all of one dtype (kept).
     pub fn from_params(config: GeneratorConfig, params: &ParamMap) -> Result<Self> {
         config.validate()?;
         let as_hash: HashMap<String, Tensor> = params.clone().into_iter().collect();
-        let params = take_params(
-            &config.generator_specs(),
-            &as_hash,
-            "",
-            Path::new("<memory>"),
-        )?;
+        let params = own_params(&config.generator_specs(), &as_hash)?;
+        let mut dtypes = params.values().map(Tensor::dtype);
+        if let Some(first) = dtypes.next()
+            && dtypes.any(|d| d != first)
+        {
+            return Err(TextureError::InvalidConfig(
+                "the generator's parameters mix dtypes; convert them all to one".to_string(),
+            ));
+        }
         let device = params
             .values()
             .next()

@@ -87,12 +87,32 @@ pub(crate) fn init_params(specs: &[ParamSpec], seed: u64, device: &Device) -> Re
         .collect()
 }
 
-/// Takes exactly the tensors named in `specs` out of `tensors` (under `prefix`), checking shapes.
+/// Takes exactly the tensors named in `specs` out of `tensors` (under `prefix`), checking shapes,
+/// as f32 (a file may hold other float types).
 pub(crate) fn take_params(
     specs: &[ParamSpec],
     tensors: &HashMap<String, Tensor>,
     prefix: &str,
     path: &Path,
+) -> Result<ParamMap> {
+    select_params(specs, tensors, prefix, path, |t| t.to_dtype(DType::F32))
+}
+
+/// Exactly the tensors named in `specs`, checked like [`take_params`]'s but kept in their own
+/// dtype (an f64 copy for gradient checks stays f64).
+pub(crate) fn own_params(
+    specs: &[ParamSpec],
+    tensors: &HashMap<String, Tensor>,
+) -> Result<ParamMap> {
+    select_params(specs, tensors, "", Path::new("<memory>"), |t| Ok(t.clone()))
+}
+
+fn select_params(
+    specs: &[ParamSpec],
+    tensors: &HashMap<String, Tensor>,
+    prefix: &str,
+    path: &Path,
+    convert: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
 ) -> Result<ParamMap> {
     specs
         .iter()
@@ -110,7 +130,7 @@ pub(crate) fn take_params(
                     format!("tensor `{key}` has shape {:?} but the config needs {shape:?}", t.dims()),
                 ));
             }
-            Ok((name.clone(), t.to_dtype(DType::F32)?))
+            Ok((name.clone(), convert(t)?))
         })
         .collect()
 }

@@ -463,12 +463,14 @@ fn squared_norm(x: &Tensor) -> Result<Tensor> {
 }
 
 impl Trainer {
-    /// A fresh run on `data` (whose resolution must equal the generator's).
+    /// A fresh run on `data`, whose resolution must be at least the generator's: larger
+    /// textures are averaged down (where their masks say they are valid), as for every lower
+    /// level of the progressive growing.
     pub fn new(config: TrainConfig, data: &TextureDataset, device: &Device) -> Result<Self> {
         config.validate()?;
-        if data.resolution() != config.generator.resolution() {
+        if data.resolution() < config.generator.resolution() {
             return Err(TextureError::Data(format!(
-                "textures are {0}x{0} but the generator makes {1}x{1}; resize the data or change generator.channels",
+                "textures are {0}x{0} but the generator makes {1}x{1}; give textures at least that large or change generator.channels",
                 data.resolution(),
                 config.generator.resolution()
             )));
@@ -488,8 +490,10 @@ impl Trainer {
             config.mbstd_group_size,
             var_tensors(&d_vars),
         )?;
+        let mut pyramid = data.pyramid()?;
+        pyramid.truncate(config.generator.max_level() + 1);
         Ok(Self {
-            pyramid: data.pyramid()?,
+            pyramid,
             generator,
             discriminator,
             ema: g_params,

@@ -342,6 +342,35 @@ fn gradient_penalty_is_differentiable_wrt_discriminator_weights() {
     }
 }
 
+/// A generator built around given parameters keeps their dtype: an f64 copy for gradient and
+/// device parity checks must not be rounded to f32 on the way.
+#[test]
+fn generators_around_given_parameters_keep_their_dtype_and_refuse_mixed_ones() {
+    let g = Generator::new_random(tiny_config(), 4, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
+    let rebuilt = Generator::from_params(g.config().clone(), g.params()).unwrap();
+    let z = pattern(&[2, 6], 0.3, DType::F64);
+    let level = g.config().max_level();
+    let (a, b) = (
+        g.forward(&z, level, 1.0).unwrap(),
+        rebuilt.forward(&z, level, 1.0).unwrap(),
+    );
+    assert_eq!(b.dtype(), DType::F64);
+    // The same weights through the fused pass and through the layer-by-layer graph.
+    assert!(max_abs_diff(&a, &b) < 1e-12, "{}", max_abs_diff(&a, &b));
+
+    let mut mixed = g.params().clone();
+    let first = mixed.keys().next().unwrap().clone();
+    let as_f32 = mixed[&first].to_dtype(DType::F32).unwrap();
+    mixed.insert(first, as_f32);
+    assert!(matches!(
+        Generator::from_params(g.config().clone(), &mixed),
+        Err(TextureError::InvalidConfig(_))
+    ));
+}
+
 #[test]
 fn save_then_load_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();

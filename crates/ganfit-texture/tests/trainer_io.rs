@@ -211,6 +211,74 @@ fn bad_configs_and_data_give_typed_errors() {
     assert!(err.to_string().contains("ganfit.train_config"), "{err}");
 }
 
+/// Textures larger than the generator's output are averaged down where their masks say they
+/// are valid: training on them is training on that average.
+#[test]
+fn larger_textures_train_as_their_masked_average() {
+    let (n, size) = (6, 8);
+    let images: Vec<f32> = (0..n * 3 * size * size)
+        .map(|i| (i * 37 % 101) as f32 / 100.0)
+        .collect();
+    // A quarter of the texels masked out, in rows that leave some 2x2 blocks half valid.
+    let masks: Vec<f32> = (0..n * size * size)
+        .map(|i| if (i / 8) % 4 == 0 { 0.0 } else { 1.0 })
+        .collect();
+    let data = TextureDataset::new(
+        Tensor::from_vec(images.clone(), (n, 3, size, size), &Device::Cpu).unwrap(),
+        Some(Tensor::from_vec(masks.clone(), (n, 1, size, size), &Device::Cpu).unwrap()),
+    )
+    .unwrap();
+    let half = size / 2;
+    let (mut small_images, mut small_masks) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let block = |y: usize, x: usize| {
+            [(0, 0), (0, 1), (1, 0), (1, 1)]
+                .map(|(dy, dx)| (i * size + 2 * y + dy) * size + 2 * x + dx)
+        };
+        for c in 0..3 {
+            for y in 0..half {
+                for x in 0..half {
+                    let (mut colour, mut weight) = (0.0, 0.0);
+                    for m in block(y, x) {
+                        let pixel = ((i * 3 + c) * size * size) + (m - i * size * size);
+                        colour += images[pixel] * masks[m];
+                        weight += masks[m];
+                    }
+                    small_images.push(colour / f32::max(weight, 1e-6));
+                }
+            }
+        }
+        for y in 0..half {
+            for x in 0..half {
+                let weight: f32 = block(y, x).iter().map(|&m| masks[m]).sum::<f32>() / 4.0;
+                small_masks.push(if weight >= 0.5 { 1.0 } else { 0.0 });
+            }
+        }
+    }
+    let small = TextureDataset::new(
+        Tensor::from_vec(small_images, (n, 3, half, half), &Device::Cpu).unwrap(),
+        Some(Tensor::from_vec(small_masks, (n, 1, half, half), &Device::Cpu).unwrap()),
+    )
+    .unwrap();
+    let config = TrainConfig {
+        generator: GeneratorConfig {
+            latent_dim: 4,
+            channels: vec![4],
+        },
+        ..tiny_config()
+    };
+    let mut from_large = Trainer::new(config.clone(), &data, &Device::Cpu).unwrap();
+    let mut from_small = Trainer::new(config, &small, &Device::Cpu).unwrap();
+    for _ in 0..3 {
+        let (a, b) = (from_large.step().unwrap(), from_small.step().unwrap());
+        let close = |x: f64, y: f64| (x - y).abs() <= 1e-5 * (1.0 + x.abs());
+        assert!(
+            close(a.d_loss, b.d_loss) && close(a.g_loss, b.g_loss),
+            "{a:?} vs {b:?}"
+        );
+    }
+}
+
 #[test]
 fn folders_of_images_load_with_alpha_as_mask() {
     let dir = tempfile::tempdir().unwrap();
