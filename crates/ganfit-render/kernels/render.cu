@@ -1041,6 +1041,118 @@ __device__ void shade_phong_bwd(const T* albedo, const T* geometry, const T* lig
 }
 
 // ---------------------------------------------------------------------------------------------
+// Camera: the axis-angle rotation (Rodrigues, in double like the CPU: a handful of values per
+// image) and points · matrix + offset per image.
+
+// R = I + a K + b (r rᵀ - |r|² I), K the cross-product matrix of r, a = sin θ / θ,
+// b = (1 - cos θ) / θ², θ = sqrt(|r|² + 1e-16); and a', b' (d/dθ), by series for small θ.
+struct RodriguesTerms {
+    double theta, a, b, da, db;
+};
+
+__device__ __forceinline__ RodriguesTerms rodrigues_terms(const double r[3]) {
+    const double sq = r[0] * r[0] + r[1] * r[1] + r[2] * r[2];
+    RodriguesTerms t;
+    t.theta = sqrt(sq + 1e-16);
+    const double th = t.theta, s = sin(th), h = sin(0.5 * th);
+    t.a = s / th;
+    t.b = 2.0 * (h / th) * (h / th);
+    if (th < 1e-2) {
+        const double th3 = th * th * th;
+        t.da = -th / 3.0 + th3 / 30.0;
+        t.db = -th / 12.0 + th3 / 180.0;
+    } else {
+        t.da = (th * cos(th) - s) / (th * th);
+        t.db = (s * th - 4.0 * h * h) / (th * th * th);
+    }
+    return t;
+}
+
+template <typename T>
+__device__ void rotation_fwd(const T* axis_angle, int batch, T* out) {
+    ITEM_INDEX(batch);
+    const double r[3] = {(double)axis_angle[item * 3], (double)axis_angle[item * 3 + 1],
+                         (double)axis_angle[item * 3 + 2]};
+    const RodriguesTerms t = rodrigues_terms(r);
+    const double sq = r[0] * r[0] + r[1] * r[1] + r[2] * r[2];
+    const double k[9] = {0.0, -r[2], r[1], r[2], 0.0, -r[0], -r[1], r[0], 0.0};
+    for (int i = 0; i < 3; ++i)
+        for (int j = 0; j < 3; ++j) {
+            const double eye = i == j ? 1.0 : 0.0;
+            out[item * 9 + i * 3 + j] = (T)(eye + t.a * k[i * 3 + j] + t.b * (r[i] * r[j] - sq * eye));
+        }
+}
+
+// d r = a' (r/θ) <G, K> + a w + b' (r/θ) (rᵀ G r - |r|² tr G) + b (G r + Gᵀ r - 2 r tr G), with
+// w = (G₂₁ - G₁₂, G₀₂ - G₂₀, G₁₀ - G₀₁) = d <G, K> / d r.
+template <typename T>
+__device__ void rotation_grad(const T* axis_angle, const T* grad, int batch, T* out) {
+    ITEM_INDEX(batch);
+    const double r[3] = {(double)axis_angle[item * 3], (double)axis_angle[item * 3 + 1],
+                         (double)axis_angle[item * 3 + 2]};
+    double g[9];
+    for (int i = 0; i < 9; ++i) g[i] = (double)grad[item * 9 + i];
+    const RodriguesTerms t = rodrigues_terms(r);
+    const double sq = r[0] * r[0] + r[1] * r[1] + r[2] * r[2];
+    const double w[3] = {g[7] - g[5], g[2] - g[6], g[3] - g[1]};
+    const double gk = r[0] * w[0] + r[1] * w[1] + r[2] * w[2];
+    const double trace = g[0] + g[4] + g[8];
+    double gr[3], gtr[3];
+    for (int i = 0; i < 3; ++i) {
+        gr[i] = g[i * 3] * r[0] + g[i * 3 + 1] * r[1] + g[i * 3 + 2] * r[2];
+        gtr[i] = g[i] * r[0] + g[3 + i] * r[1] + g[6 + i] * r[2];
+    }
+    const double q = r[0] * gr[0] + r[1] * gr[1] + r[2] * gr[2] - sq * trace;
+    for (int i = 0; i < 3; ++i) {
+        const double along = r[i] / t.theta;
+        out[item * 3 + i] = (T)(t.da * along * gk + t.a * w[i] + t.db * along * q +
+                                t.b * (gr[i] + gtr[i] - 2.0 * r[i] * trace));
+    }
+}
+
+// out[b, v] = points[b or 0, v] · matrix[b] (3 x k) + offset[b].
+template <typename T>
+__device__ void affine_points_fwd(const T* points, const T* matrix, const T* offset, int batch, int shared,
+                                  int64_t nv, int k, T* out) {
+    ITEM_INDEX((int64_t)batch * nv);
+    const int64_t b = item / nv;
+    const T* p = points + (shared ? item % nv : item) * 3;
+    const T* m = matrix + b * 3 * k;
+    const T* t = offset + b * k;
+    for (int j = 0; j < k; ++j) out[item * k + j] = p[0] * m[j] + p[1] * m[k + j] + p[2] * m[2 * k + j] + t[j];
+}
+
+// d points (added up over the batch when the points are shared), and d matrix = Σ_v p gᵀ,
+// d offset = Σ_v g per image, summed per warp.
+template <typename T>
+__device__ void affine_points_grad(const T* points, const T* matrix, const T* grad, int batch, int shared,
+                                   int64_t nv, int k, T* g_points, T* g_matrix, T* g_offset) {
+    // Threads past the end still take part in the warp sums (adding zero).
+    const int64_t total = (int64_t)batch * nv;
+    const int64_t thread_item = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool in_range = thread_item < total;
+    const int64_t item = in_range ? thread_item : total - 1;
+    const int64_t b = item / nv, point = shared ? item % nv : item;
+    const T* p = points + point * 3;
+    const T* m = matrix + b * 3 * k;
+    const T* g = grad + item * k;
+    if (in_range)
+        for (int i = 0; i < 3; ++i) {
+            T sum = (T)0;
+            for (int j = 0; j < k; ++j) sum = sum + g[j] * m[i * k + j];
+            if (shared)
+                atomicAdd(g_points + point * 3 + i, sum);
+            else
+                g_points[point * 3 + i] = sum;
+        }
+    for (int j = 0; j < k; ++j) {
+        const T gj = in_range ? g[j] : (T)0;
+        for (int i = 0; i < 3; ++i) warp_atomic_add(g_matrix + b * 3 * k + i * k + j, p[i] * gj);
+        warp_atomic_add(g_offset + b * k + j, gj);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points: one f32 and one f64 instance of each kernel.
 
 #define FLOAT_KERNELS(KERNEL)                                                         \
@@ -1233,3 +1345,34 @@ FLOAT_KERNELS(SHADE_PHONG_FWD)
                            g_geometry, g_light);                                                     \
     }
 FLOAT_KERNELS(SHADE_PHONG_BWD)
+
+#define ROTATION_FWD(T, S)                                                                          \
+    extern "C" __global__ void rotation_fwd_##S(const T* axis_angle, int batch, T* out) {            \
+        rotation_fwd<T>(axis_angle, batch, out);                                                     \
+    }
+FLOAT_KERNELS(ROTATION_FWD)
+
+#define ROTATION_GRAD(T, S)                                                                         \
+    extern "C" __global__ void rotation_grad_##S(const T* axis_angle, const T* grad, int batch,      \
+                                                 T* out) {                                           \
+        rotation_grad<T>(axis_angle, grad, batch, out);                                              \
+    }
+FLOAT_KERNELS(ROTATION_GRAD)
+
+#define AFFINE_POINTS_FWD(T, S)                                                                     \
+    extern "C" __global__ void affine_points_fwd_##S(const T* points, const T* matrix,               \
+                                                     const T* offset, int batch, int shared,         \
+                                                     int64_t nv, int k, T* out) {                    \
+        affine_points_fwd<T>(points, matrix, offset, batch, shared, nv, k, out);                     \
+    }
+FLOAT_KERNELS(AFFINE_POINTS_FWD)
+
+#define AFFINE_POINTS_GRAD(T, S)                                                                    \
+    extern "C" __global__ void affine_points_grad_##S(const T* points, const T* matrix,              \
+                                                      const T* grad, int batch, int shared,          \
+                                                      int64_t nv, int k, T* g_points,                \
+                                                      T* g_matrix, T* g_offset) {                    \
+        affine_points_grad<T>(points, matrix, grad, batch, shared, nv, k, g_points, g_matrix,        \
+                              g_offset);                                                             \
+    }
+FLOAT_KERNELS(AFFINE_POINTS_GRAD)

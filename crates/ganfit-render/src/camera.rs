@@ -116,13 +116,21 @@ impl Camera {
 }
 
 /// Rotation matrices `[B, 3, 3]` from axis-angle vectors `[B, 3]` (direction = axis, norm =
-/// angle in radians, right-hand rule), by Rodrigues' formula in differentiable tensor ops.
+/// angle in radians, right-hand rule), by Rodrigues' formula.
 ///
 /// Written as `R = I + a K + b (r rᵀ - |r|² I)` with `K` the cross-product matrix of `r`,
 /// `a = sin θ / θ` and `b = 2 (sin(θ/2) / θ)²`, which stays accurate and differentiable at θ = 0
-/// (θ is computed as `sqrt(|r|² + 1e-16)`).
+/// (θ is computed as `sqrt(|r|² + 1e-16)`). In f32 and f64 one op ([`RotationMatrix`], computed
+/// in f64, on the CPU and on CUDA devices), otherwise candle tensor ops.
 pub fn rotation_matrix(axis_angle: &Tensor) -> Result<Tensor> {
     check_float(axis_angle, "axis_angle", "[B, 3]", 2, Some(3))?;
+    if matches!(axis_angle.dtype(), DType::F32 | DType::F64) {
+        return Ok(axis_angle.contiguous()?.apply_op1(RotationMatrix)?);
+    }
+    rotation_matrix_with_tensor_ops(axis_angle)
+}
+
+fn rotation_matrix_with_tensor_ops(axis_angle: &Tensor) -> Result<Tensor> {
     let (batch, _) = axis_angle.dims2()?;
     let r = axis_angle;
     let sq_norm = r.sqr()?.sum_keepdim(1)?; // [B,1]
@@ -198,11 +206,13 @@ pub fn camera_from_world(
 }
 
 /// `points · matrix + offset` per image, for points `[B, V, 3]` (or `[1, V, 3]`, shared by the
-/// batch), matrices `[B, 3, K]` and offsets `[B, K]`: `[B, V, K]`. On the CPU one op
-/// ([`AffinePoints`]); as candle tensor ops, the matrix product and the broadcast sum cost
-/// several vertex-sized temporaries and gradient sums in each direction.
+/// batch), matrices `[B, 3, K]` and offsets `[B, K]`: `[B, V, K]`. On the CPU and on CUDA devices
+/// one op ([`AffinePoints`]); as candle tensor ops, the matrix product and the broadcast sum
+/// cost several vertex-sized temporaries and gradient sums in each direction.
 fn affine_points(points: &Tensor, matrix: &Tensor, offset: &Tensor) -> Result<Tensor> {
-    if points.device().is_cpu() && matches!(points.dtype(), DType::F32 | DType::F64) {
+    let fused_device =
+        points.device().is_cpu() || cfg!(feature = "cuda") && points.device().is_cuda();
+    if fused_device && matches!(points.dtype(), DType::F32 | DType::F64) {
         return Ok(points.contiguous()?.apply_op3(
             &matrix.contiguous()?,
             &offset.contiguous()?,
@@ -358,6 +368,25 @@ impl CustomOp3 for AffinePoints {
         })
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        points: &candle_core::CudaStorage,
+        points_l: &Layout,
+        matrix: &candle_core::CudaStorage,
+        matrix_l: &Layout,
+        offset: &candle_core::CudaStorage,
+        offset_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let d = AffineDims::of(points_l.shape(), matrix_l.shape())?;
+        crate::cuda::affine_points(
+            (points, points_l),
+            (matrix, matrix_l),
+            (offset, offset_l),
+            (d.batch, d.shared, d.vertices, d.k),
+        )
+    }
+
     fn bwd(
         &self,
         points: &Tensor,
@@ -367,6 +396,12 @@ impl CustomOp3 for AffinePoints {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = AffineDims::of(points.shape(), matrix.shape())?;
+        #[cfg(feature = "cuda")]
+        if points.device().is_cuda() {
+            let (gp, gm, go) =
+                crate::cuda::affine_points_grads([points, matrix, offset], grad, d.shared)?;
+            return Ok((Some(gp), Some(gm), Some(go)));
+        }
         fn run<T: Real>(
             op: &AffinePoints,
             [points, matrix, offset]: [&Tensor; 3],
@@ -394,6 +429,145 @@ impl CustomOp3 for AffinePoints {
     }
 }
 
+/// The terms of Rodrigues' formula at `r` (see [`rotation_matrix`]): θ, a, b and their
+/// derivatives a', b' with respect to θ (by series below θ = 0.01, where the closed forms
+/// cancel).
+fn rodrigues_terms(r: [f64; 3]) -> [f64; 5] {
+    let theta = (r[0] * r[0] + r[1] * r[1] + r[2] * r[2] + 1e-16).sqrt();
+    let (s, h) = (theta.sin(), (0.5 * theta).sin());
+    let a = s / theta;
+    let b = 2.0 * (h / theta) * (h / theta);
+    let (da, db) = if theta < 1e-2 {
+        let theta3 = theta * theta * theta;
+        (-theta / 3.0 + theta3 / 30.0, -theta / 12.0 + theta3 / 180.0)
+    } else {
+        (
+            (theta * theta.cos() - s) / (theta * theta),
+            (s * theta - 4.0 * h * h) / (theta * theta * theta),
+        )
+    };
+    [theta, a, b, da, db]
+}
+
+/// The rotation matrix (row-major) of axis-angle `r`.
+fn rodrigues(r: [f64; 3]) -> [f64; 9] {
+    let [_, a, b, _, _] = rodrigues_terms(r);
+    let sq = r[0] * r[0] + r[1] * r[1] + r[2] * r[2];
+    let k = [0.0, -r[2], r[1], r[2], 0.0, -r[0], -r[1], r[0], 0.0];
+    std::array::from_fn(|ij| {
+        let (i, j) = (ij / 3, ij % 3);
+        let eye = if i == j { 1.0 } else { 0.0 };
+        eye + a * k[ij] + b * (r[i] * r[j] - sq * eye)
+    })
+}
+
+/// `<g, d R / d r>` for the rotation of axis-angle `r`: with `w = d <g, K> / d r`,
+/// `a' (r/θ) <g, K> + a w + b' (r/θ) (rᵀ g r - |r|² tr g) + b (g r + gᵀ r - 2 r tr g)`.
+fn rodrigues_vjp(r: [f64; 3], g: [f64; 9]) -> [f64; 3] {
+    let [theta, a, b, da, db] = rodrigues_terms(r);
+    let sq = r[0] * r[0] + r[1] * r[1] + r[2] * r[2];
+    let w = [g[7] - g[5], g[2] - g[6], g[3] - g[1]];
+    let gk = r[0] * w[0] + r[1] * w[1] + r[2] * w[2];
+    let trace = g[0] + g[4] + g[8];
+    let gr: [f64; 3] =
+        std::array::from_fn(|i| g[i * 3] * r[0] + g[i * 3 + 1] * r[1] + g[i * 3 + 2] * r[2]);
+    let gtr: [f64; 3] = std::array::from_fn(|i| g[i] * r[0] + g[3 + i] * r[1] + g[6 + i] * r[2]);
+    let q = r[0] * gr[0] + r[1] * gr[1] + r[2] * gr[2] - sq * trace;
+    std::array::from_fn(|i| {
+        let along = r[i] / theta;
+        da * along * gk + a * w[i] + db * along * q + b * (gr[i] + gtr[i] - 2.0 * r[i] * trace)
+    })
+}
+
+/// [`rotation_matrix`] as one op: axis-angle `[B, 3]` -> `[B, 3, 3]`, in f64 whatever the
+/// dtype (kernels/render.cu computes the same on a GPU). As tensor ops it was some 40 small
+/// operations and their backward, 1 ms of every render on a GPU.
+struct RotationMatrix;
+
+impl candle_core::CustomOp1 for RotationMatrix {
+    fn name(&self) -> &'static str {
+        "ganfit-rotation-matrix"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let batch = layout.shape().dims()[0];
+        dispatch_float!(storage, T => {
+            let r = data::<T>(storage, layout)?;
+            let out: Vec<T> = r
+                .chunks_exact(3)
+                .flat_map(|r| rodrigues([0, 1, 2].map(|i| <T as candle_core::WithDType>::to_f64(r[i]))))
+                .map(T::of)
+                .collect();
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), Shape::from((batch, 3, 3))))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rotation(storage, layout)
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &RotationMatrixGrad,
+        )?))
+    }
+}
+
+/// Vector-Jacobian product of [`RotationMatrix`]: (axis-angle, d R) -> d axis-angle.
+pub(crate) struct RotationMatrixGrad;
+
+impl candle_core::CustomOp2 for RotationMatrixGrad {
+    fn name(&self) -> &'static str {
+        "ganfit-rotation-matrix-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        r: &CpuStorage,
+        r_l: &Layout,
+        g: &CpuStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch_float!(r, T => {
+            let (r, g) = (data::<T>(r, r_l)?, data::<T>(g, g_l)?);
+            let f = <T as candle_core::WithDType>::to_f64;
+            let out: Vec<T> = r
+                .chunks_exact(3)
+                .zip(g.chunks_exact(9))
+                .flat_map(|(r, g)| rodrigues_vjp([0, 1, 2].map(|i| f(r[i])), std::array::from_fn(|i| f(g[i]))))
+                .map(T::of)
+                .collect();
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(out), r_l.shape().clone()))
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        r: &candle_core::CudaStorage,
+        r_l: &Layout,
+        g: &candle_core::CudaStorage,
+        g_l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::rotation_grad((r, r_l), (g, g_l))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,6 +576,41 @@ mod tests {
     /// The CPU op against its tensor-op definition, on outputs and vector-Jacobian products
     /// for every input, with points of their own and shared by the batch; its backward against
     /// central differences.
+    /// The rotation op against its tensor-op definition (outputs and vector-Jacobian products)
+    /// and its backward against central differences, from no rotation through tiny angles
+    /// (the series branch) to nearly half a turn; in f32 too, which it computes in f64.
+    #[test]
+    fn rotation_op_matches_tensor_ops_and_finite_differences() {
+        let axis_angle = Tensor::from_vec(
+            vec![
+                0.0, 0.0, 0.0, 1e-6, -2e-6, 5e-7, 3e-3, 1e-3, -4e-3, 0.3, -0.2, 0.5, -1.9, 2.1, 0.4,
+            ],
+            (5, 3),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let fused = |x: &Tensor| rotation_matrix(x).unwrap();
+        let reference = |x: &Tensor| rotation_matrix_with_tensor_ops(x).unwrap();
+        assert!(max_abs_diff(&fused(&axis_angle), &reference(&axis_angle)) < 1e-14);
+        let cot = random(&[5, 3, 3], -1.0, 1.0, 7);
+        let vjp = |f: &dyn Fn(&Tensor) -> Tensor, x: &Tensor| {
+            let cot = cot
+                .narrow(0, 5 - x.dim(0).unwrap(), x.dim(0).unwrap())
+                .unwrap();
+            (f(x) * cot).unwrap().sum_all().unwrap()
+        };
+        let ours = gradient(&axis_angle, |x| vjp(&fused, x));
+        let theirs = gradient(&axis_angle, |x| vjp(&reference, x));
+        assert!(max_abs_diff(&ours, &theirs) < 1e-9, "{ours} vs {theirs}");
+        assert!(dot(&ours, &ours) > 0.0);
+        // Away from zero, where differences of a step are not dominated by the 1e-16 offset.
+        let away = axis_angle.narrow(0, 2, 3).unwrap();
+        let err = finite_difference_error(&away, |x| vjp(&fused, x));
+        assert!(err < 1e-8, "finite-difference error {err}");
+        let in_f32 = rotation_matrix(&axis_angle.to_dtype(DType::F32).unwrap()).unwrap();
+        assert!(max_abs_diff(&in_f32.to_dtype(DType::F64).unwrap(), &fused(&axis_angle)) < 1e-7);
+    }
+
     #[test]
     fn fused_affine_points_match_tensor_ops() {
         let matrix = random(&[2, 3, 4], -1.0, 1.0, 1);

@@ -883,3 +883,122 @@ impl candle_core::CustomOp3 for ShadingGrads {
         })
     }
 }
+
+/// [`crate::rotation_matrix`]: axis-angle `[B, 3]` -> `[B, 3, 3]`.
+pub(crate) fn rotation(storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    let batch = layout.shape().dims()[0];
+    let b = i32_of(batch)?;
+    let dev = storage.device().clone();
+    dispatch_gpu_float!(storage.dtype(), T => {
+        let r = input::<T>(storage, layout)?;
+        let mut out = uninit::<T>(&dev, batch * 9)?;
+        launch!(dev, kernel::<T>("rotation_fwd"), batch, [&r, &b, &mut out]);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((batch, 3, 3))))
+    })
+}
+
+/// The gradient of [`rotation`] from (axis-angle, d R).
+pub(crate) fn rotation_grad(
+    (r_s, r_l): (&CudaStorage, &Layout),
+    (g_s, g_l): (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    let batch = r_l.shape().dims()[0];
+    let b = i32_of(batch)?;
+    let dev = r_s.device().clone();
+    dispatch_gpu_float!(r_s.dtype(), T => {
+        let (r, g) = (input::<T>(r_s, r_l)?, input::<T>(g_s, g_l)?);
+        let mut out = uninit::<T>(&dev, batch * 3)?;
+        launch!(dev, kernel::<T>("rotation_grad"), batch, [&r, &g, &b, &mut out]);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), r_l.shape().clone()))
+    })
+}
+
+/// `points · matrix + offset` per image (the camera's `AffinePoints`): `dims` are (images,
+/// points shared by them, points per image, output coordinates).
+pub(crate) fn affine_points(
+    (p_s, p_l): (&CudaStorage, &Layout),
+    (m_s, m_l): (&CudaStorage, &Layout),
+    (o_s, o_l): (&CudaStorage, &Layout),
+    (batch, shared, nv, k): (usize, bool, usize, usize),
+) -> Result<(CudaStorage, Shape)> {
+    let (b, shared32, nv64, k32) = (i32_of(batch)?, i32::from(shared), nv as i64, i32_of(k)?);
+    let dev = p_s.device().clone();
+    dispatch_gpu_float!(p_s.dtype(), T => {
+        let (points, matrix, offset) = (input::<T>(p_s, p_l)?, input::<T>(m_s, m_l)?, input::<T>(o_s, o_l)?);
+        let mut out = uninit::<T>(&dev, batch * nv * k)?;
+        launch!(dev, kernel::<T>("affine_points_fwd"), batch * nv,
+            [&points, &matrix, &offset, &b, &shared32, &nv64, &k32, &mut out]);
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((batch, nv, k))))
+    })
+}
+
+/// The gradients of [`affine_points`] to its points, matrices and offsets.
+pub(crate) fn affine_points_grads(
+    [points, matrix, offset]: [&Tensor; 3],
+    grad: &Tensor,
+    shared: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let op = AffinePointsGrads { shared };
+    let all =
+        points
+            .contiguous()?
+            .apply_op3_no_bwd(&matrix.contiguous()?, &grad.contiguous()?, &op)?;
+    let [g_points, g_matrix, g_offset] =
+        split(&all, [points.shape(), matrix.shape(), offset.shape()])?;
+    Ok((g_points, g_matrix, g_offset))
+}
+
+/// (points, matrix, d out) -> the three gradients flattened.
+struct AffinePointsGrads {
+    shared: bool,
+}
+
+impl candle_core::CustomOp3 for AffinePointsGrads {
+    fn name(&self) -> &'static str {
+        "ganfit-affine-points-grads"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        gpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        p_s: &CudaStorage,
+        p_l: &Layout,
+        m_s: &CudaStorage,
+        m_l: &Layout,
+        g_s: &CudaStorage,
+        g_l: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (batch, _, k) = m_l.shape().dims3()?;
+        let nv = p_l.shape().dims3()?.1;
+        let (b, shared, nv64, k32) = (
+            i32_of(batch)?,
+            i32::from(self.shared),
+            nv as i64,
+            i32_of(k)?,
+        );
+        let (n_points, n_matrix) = (p_l.shape().elem_count(), batch * 3 * k);
+        let dev = p_s.device().clone();
+        dispatch_gpu_float!(p_s.dtype(), T => {
+            let (points, matrix, grad) = (input::<T>(p_s, p_l)?, input::<T>(m_s, m_l)?, input::<T>(g_s, g_l)?);
+            let mut all = zeros::<T>(&dev, n_points + n_matrix + batch * k)?;
+            {
+                let (mut g_points, mut rest) = all.split_at_mut(n_points);
+                let (mut g_matrix, mut g_offset) = rest.split_at_mut(n_matrix);
+                launch!(dev, kernel::<T>("affine_points_grad"), batch * nv,
+                    [&points, &matrix, &grad, &b, &shared, &nv64, &k32, &mut g_points, &mut g_matrix, &mut g_offset]);
+            }
+            Ok((CudaStorage::wrap_cuda_slice(all, dev), Shape::from(n_points + n_matrix + batch * k)))
+        })
+    }
+}

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{Rng, bumpy_sphere, camera, random_clip_mesh, vjp};
 use ganfit_render::{
     Appearance, Lighting, PhongLight, RasterOptions, RenderOptions, Renderer, Scene, Triangles,
-    WrapMode, interpolate, normalize, rasterize, shade_phong, texture,
+    WrapMode, camera_from_world, interpolate, normalize, rasterize, shade_phong, texture,
 };
 use ganfit_testkit::{gpu, relative_error, values};
 
@@ -72,6 +72,46 @@ fn cuda_rasterize_matches_cpu() {
         );
         let error = relative_error(&cpu[0], &on_gpu[0]);
         assert!(error < 1e-10, "rasterize VJP: relative error {error:e}");
+    }
+}
+
+/// The camera's rotation and point transforms (one op each on the GPU too), with points of
+/// each image and points shared by the batch, and clip coordinates after them; the rotation is
+/// computed in f64 on both sides, so outputs agree to rounding of the products only.
+#[test]
+fn cuda_camera_matches_cpu() {
+    let mut rng = Rng::new(11);
+    let cam = camera(160, 120);
+    for point_batch in [2, 1] {
+        let points = rng.tensor(&[point_batch, 500, 3], -0.5, 0.5);
+        let rotation = rng.tensor(&[2, 3], -1.5, 1.5);
+        let translation = rng.tensor(&[2, 3], -0.2, 0.2);
+        let shift = Tensor::new(&[[0.0f64, 0.0, 3.0]], &Device::Cpu).unwrap();
+        let translation = translation.broadcast_add(&shift).unwrap();
+        let f = |t: &[Tensor]| {
+            let camera_space = camera_from_world(&t[0], &t[1], &t[2]).unwrap();
+            cam.to_clip(&camera_space).unwrap()
+        };
+        let inputs = [points, rotation, translation];
+        let on_gpu: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_device(&gpu()).unwrap())
+            .collect();
+        let error = relative_error(&f(&inputs), &f(&on_gpu));
+        assert!(error < 1e-12, "clip coordinates: relative error {error:e}");
+        let cot = rng.tensor(&[2, 500, 4], -1.0, 1.0);
+        let cpu = vjp(&inputs, f, &cot);
+        let gpu_grads = vjp(&on_gpu, f, &cot.to_device(&gpu()).unwrap());
+        for (what, (a, b)) in ["points", "rotation", "translation"]
+            .iter()
+            .zip(cpu.iter().zip(&gpu_grads))
+        {
+            let error = relative_error(a, b);
+            assert!(
+                error < 1e-10,
+                "camera VJP to {what}: relative error {error:e}"
+            );
+        }
     }
 }
 
