@@ -4,21 +4,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use ganfit_losses::face::{
-    FaceChoice, FaceDetector, FaceLandmarker, IBUG68_FROM_MESH, ICT_VERTEX_FROM_MESH, Landmarks468,
-    MESH_POINT_ERROR,
-};
+use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker};
 use ganfit_losses::identity::FaceRecognitionNet;
 use ganfit_morphable::{MorphableModel, TexturedMesh};
 use ganfit_optim::{
     AlignmentConfig, FitParams, ImageLandmarks, Intrinsics, LossWeights, PhotoView, RefineConfig,
-    StageReport, TextureSource, UvTexture, VertexObservation,
+    StageReport, TextureSource, UvTexture,
 };
 use ganfit_render::{Appearance, Lighting, PhongLight, RenderOptions, Renderer, Scene, WrapMode};
 use ganfit_texture::TextureModel;
 use image::{RgbImage, RgbaImage};
 
 use crate::atlas::{EyeColours, HeadLayout, cheek_colour};
+use crate::correspondence::MeshCorrespondence;
 
 /// Everything that can go wrong while building a [`Fitter`] or fitting a photo.
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +339,9 @@ pub struct FitResult {
     /// points were fitted to (for ICT, where the landmarker's points lie on it; otherwise the
     /// model's landmark vertices), `None` where the model has no vertex for a landmark.
     pub fitted_landmarks: Vec<Option<[f32; 2]>>,
+    /// The model vertex of each of `fitted_landmarks` (for ICT, chosen for the photo's head
+    /// yaw: see [`MeshCorrespondence`]).
+    pub landmark_vertices: Vec<Option<u32>>,
     /// Loss history of each stage.
     pub stages: Vec<StageReport>,
     /// Wall time of each step.
@@ -436,14 +437,20 @@ impl Fitter {
                     .locate(&self.detector, image, self.face_choice)?;
             let detected = mesh_points.to_ibug68().to_vec();
             lap("face detection and landmarks", &mut timings);
+            let correspondence = MeshCorrespondence::for_photo(
+                self.host_model(),
+                &mesh_points,
+                image.width(),
+                image.height(),
+            );
             let landmarks = ImageLandmarks {
                 points: detected
                     .iter()
                     .map(|p| Some([f64::from(p[0]), f64::from(p[1])]))
                     .collect(),
-                vertices: mesh_landmark_vertices(&self.model),
-                weights: mesh_landmark_weights(&self.model),
-                dense: dense_observations(&self.model, &mesh_points),
+                vertices: correspondence.map(|c| c.landmark_vertices()),
+                weights: correspondence.map(|c| c.landmark_weights()),
+                dense: correspondence.map_or_else(Vec::new, |c| c.observations(&mesh_points)),
                 width: image.width(),
                 height: image.height(),
             };
@@ -631,57 +638,11 @@ impl Fitter {
             eye_colours,
             detected_landmarks: Vec::new(),
             fitted_landmarks,
+            landmark_vertices: landmark_vertices.to_vec(),
             stages: Vec::new(),
             timings: Vec::new(),
         })
     }
-}
-
-/// Whether `model` is ICT's, whose vertices [`ICT_VERTEX_FROM_MESH`] names.
-fn is_ict(model: &MorphableModel) -> bool {
-    model.name().starts_with("ICT Face Model")
-        && ICT_VERTEX_FROM_MESH
-            .iter()
-            .all(|&v| (v as usize) < model.n_vertices())
-}
-
-/// The ICT vertices where the landmarker's iBUG points lie (see [`ICT_VERTEX_FROM_MESH`]);
-/// other models use their own landmark vertices.
-fn mesh_landmark_vertices(model: &MorphableModel) -> Option<Vec<Option<u32>>> {
-    is_ict(model).then(|| {
-        IBUG68_FROM_MESH
-            .iter()
-            .map(|&point| Some(ICT_VERTEX_FROM_MESH[point]))
-            .collect()
-    })
-}
-
-/// For ICT, each landmark's inverse squared typical error (see [`MESH_POINT_ERROR`]): the
-/// landmark term then counts each point as far as the landmarker can be trusted there. The
-/// landmarker's errors were measured on ICT faces; other models count the points equally.
-fn mesh_landmark_weights(model: &MorphableModel) -> Option<Vec<f64>> {
-    is_ict(model).then(|| {
-        IBUG68_FROM_MESH
-            .iter()
-            .map(|&point| f64::from(MESH_POINT_ERROR[point]).powi(-2))
-            .collect()
-    })
-}
-
-/// MediaPipe's 468 face-mesh points as observations of their ICT vertices, when fitting the
-/// ICT model (other models get none).
-fn dense_observations(model: &MorphableModel, mesh: &Landmarks468) -> Vec<VertexObservation> {
-    if !is_ict(model) {
-        return Vec::new();
-    }
-    ICT_VERTEX_FROM_MESH
-        .iter()
-        .zip(&mesh.points)
-        .map(|(&vertex, p)| VertexObservation {
-            vertex,
-            pixel: [f64::from(p[0]), f64::from(p[1])],
-        })
-        .collect()
 }
 
 /// `[T, T, 3]` in `[0, 1]` → an RGB image.

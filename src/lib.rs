@@ -7,11 +7,15 @@
 //! each layer is usable on its own through its module here.
 
 mod atlas;
+mod correspondence;
 pub mod evaluate;
 mod fitter;
 pub mod synthetic;
 
 pub use atlas::EyeColours;
+pub use correspondence::{
+    MeshCorrespondence, estimate_head_yaw_deg, head_yaw_deg, nearest_yaw_table,
+};
 pub use fitter::{Error, FitResult, Fitter, FitterBuilder, Progress, Result};
 pub use ganfit_assets as assets;
 pub use ganfit_losses as losses;

@@ -78,12 +78,17 @@ fn parameters_stay_within_the_configured_ranges() {
     assert!(mean.abs() < 0.15 && (std - 1.0).abs() < 0.1, "{mean} {std}");
 }
 
+fn detector_and_landmarker() -> (FaceDetector, FaceLandmarker) {
+    let resolver = ganfit::assets::Resolver::new();
+    (
+        FaceDetector::from_resolver(&resolver, &Device::Cpu).unwrap(),
+        FaceLandmarker::from_resolver(&resolver, &Device::Cpu).unwrap(),
+    )
+}
+
 #[test]
 fn the_landmarker_finds_the_face_where_the_ground_truth_puts_it() {
-    let device = Device::Cpu;
-    let resolver = ganfit::assets::Resolver::new();
-    let detector = FaceDetector::from_resolver(&resolver, &device).unwrap();
-    let landmarker = FaceLandmarker::from_resolver(&resolver, &device).unwrap();
+    let (detector, landmarker) = detector_and_landmarker();
     let generator = generator(SyntheticConfig {
         yaw_deg: 30.0,
         ..SyntheticConfig::default()
@@ -119,6 +124,37 @@ fn the_landmarker_finds_the_face_where_the_ground_truth_puts_it() {
             100.0 * error
         );
     }
+}
+
+/// The fitter picks the landmark correspondence for the head yaw it reads from the detected
+/// points (`ganfit::MeshCorrespondence`); on synthetic faces that reading must match the yaw
+/// they were drawn with, and the yaw of a pose must invert how the generator composed it.
+#[test]
+fn the_head_yaw_is_read_back_from_the_pose_and_from_the_detected_points() {
+    use ganfit::{estimate_head_yaw_deg, head_yaw_deg};
+    use nalgebra::{Rotation3, Vector3};
+    let (detector, landmarker) = detector_and_landmarker();
+    let generator = generator(SyntheticConfig::default());
+    let mut errors = Vec::new();
+    for seed in 0..8 {
+        let face = generator.generate(seed).unwrap();
+        let truth = face.yaw_pitch_roll_deg[0];
+        let posed = head_yaw_deg(&Rotation3::new(Vector3::from(face.rotation)));
+        assert!(
+            (posed - truth).abs() < 1e-9,
+            "seed {seed}: {posed} vs {truth}"
+        );
+        let (_, points) = landmarker
+            .locate(&detector, &face.image, FaceChoice::Largest)
+            .unwrap();
+        let (width, height) = face.image.dimensions();
+        let estimate = estimate_head_yaw_deg(model(), &points, width, height);
+        eprintln!("seed {seed}: yaw {truth:+.1}°, estimated {estimate:+.1}°");
+        errors.push((estimate - truth).abs());
+    }
+    let mean = errors.iter().sum::<f64>() / errors.len() as f64;
+    assert!(mean < 5.0, "mean yaw error {mean:.1}°: {errors:?}");
+    assert!(errors.iter().all(|&e| e < 10.0), "{errors:?}");
 }
 
 #[test]
@@ -214,25 +250,54 @@ fn a_missing_shared_folder_is_a_typed_error() {
     assert!(status.success());
 }
 
-/// `ICT_VERTEX_FROM_MESH` is measured on synthetic faces (`ganfit bench landmark-map`); a
+/// The correspondence tables are measured on synthetic faces (`ganfit bench landmark-map`); a
 /// measurement gone wrong (a swapped axis, a wrong seed range, a detector failing on the
-/// renders) would put points far from where ICT's own landmark definition says the feature is.
+/// renders, tables in the wrong yaw order) would put points far from where ICT's own landmark
+/// definition says the feature is.
 #[test]
 fn the_measured_landmark_vertices_lie_near_icts_own_landmarks() {
-    use ganfit::losses::face::{IBUG68_FROM_MESH, ICT_VERTEX_FROM_MESH};
+    use ganfit::losses::face::{
+        IBUG68_FROM_MESH, ICT_VERTEX_FROM_MESH, ICT_VERTEX_FROM_MESH_AT_YAW, MESH_TABLE_YAWS_DEG,
+    };
     let mean = model().mean_rows().unwrap();
     let own = model().landmark_vertex_ids();
     let distance = |a: u32, b: u32| {
         let (a, b) = (mean[a as usize], mean[b as usize]);
         (0..3).map(|i| (a[i] - b[i]).powi(2)).sum::<f32>().sqrt()
     };
-    let distances: Vec<f32> = (0..68)
-        .map(|i| distance(own[i].unwrap(), ICT_VERTEX_FROM_MESH[IBUG68_FROM_MESH[i]]))
-        .collect();
+    let distances = |table: &[u32; 468]| -> Vec<f32> {
+        (0..68)
+            .map(|i| distance(own[i].unwrap(), table[IBUG68_FROM_MESH[i]]))
+            .collect()
+    };
+    let pooled = distances(&ICT_VERTEX_FROM_MESH);
     // The jaw line is where the landmarker's points and ICT's differ most (up to ~12 mm):
     // its points follow the visible outline, ICT's are fixed on the jaw.
-    assert!(distances[..17].iter().all(|&d| d < 16.0), "{distances:?}");
-    assert!(distances[17..].iter().all(|&d| d < 10.0), "{distances:?}");
-    let mean_distance = distances.iter().sum::<f32>() / 68.0;
+    assert!(pooled[..17].iter().all(|&d| d < 16.0), "{pooled:?}");
+    assert!(pooled[17..].iter().all(|&d| d < 10.0), "{pooled:?}");
+    let mean_distance = pooled.iter().sum::<f32>() / 68.0;
     assert!(mean_distance < 6.0, "mean {mean_distance} mm");
+    // Per yaw, the points on the far side move with the outline over the cheek (the jaw up to
+    // 72 mm at ±40°, 19 mm head-on); the inner points stay near their features, and the
+    // head-on table near the pooled one.
+    for (table, yaw) in ICT_VERTEX_FROM_MESH_AT_YAW.iter().zip(MESH_TABLE_YAWS_DEG) {
+        let d = distances(table);
+        let inner = d[17..].iter().copied().fold(0.0f32, f32::max);
+        let mean_distance = d.iter().sum::<f32>() / 68.0;
+        eprintln!("yaw {yaw:+}°: inner points up to {inner:.1} mm, mean {mean_distance:.1} mm");
+        assert!(inner < 25.0 && mean_distance < 10.0, "yaw {yaw}: {d:?}");
+    }
+    let frontal = &ICT_VERTEX_FROM_MESH_AT_YAW[MESH_TABLE_YAWS_DEG
+        .iter()
+        .position(|&yaw| yaw == 0.0)
+        .expect("a head-on table")];
+    let to_pooled = (17..68)
+        .map(|i| {
+            let point = IBUG68_FROM_MESH[i];
+            distance(frontal[point], ICT_VERTEX_FROM_MESH[point])
+        })
+        .sum::<f32>()
+        / 51.0;
+    eprintln!("head-on inner points {to_pooled:.2} mm from the pooled ones on average");
+    assert!(to_pooled < 2.0, "{to_pooled} mm");
 }

@@ -34,8 +34,8 @@ pub enum BenchCommand {
     /// Reconstruction accuracy on synthetic faces with ground truth (ours vs eos, NoW-style
     /// metric) and landmark error, identity distance, time and memory on real photos.
     Accuracy(AccuracyArgs),
-    /// Measures where MediaPipe's Face Mesh points lie on ICT faces and writes the
-    /// correspondence table the fit uses (`ICT_VERTEX_FROM_MESH`).
+    /// Measures where MediaPipe's Face Mesh points lie on ICT faces, per head yaw, and writes
+    /// the correspondence tables the fit uses (`ganfit_losses::face`'s `ict.rs`).
     LandmarkMap(crate::landmark_map::LandmarkMapArgs),
 }
 

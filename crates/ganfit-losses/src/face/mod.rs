@@ -35,7 +35,9 @@ pub use detector::{
 };
 pub use error::{FaceError, Result};
 pub use ibug::IBUG68_FROM_MESH;
-pub use ict::{ICT_VERTEX_FROM_MESH, MESH_POINT_ERROR};
+pub use ict::{
+    ICT_VERTEX_FROM_MESH, ICT_VERTEX_FROM_MESH_AT_YAW, MESH_POINT_ERROR_AT_YAW, MESH_TABLE_YAWS_DEG,
+};
 pub use image_io::{decode_rgb, load_rgb};
 pub use landmarker::{
     FaceLandmarker, LANDMARKER_ASSET, LANDMARKER_INPUT, Landmarks468, MESH_POINTS, MeshOutput,
