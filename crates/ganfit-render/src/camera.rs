@@ -120,7 +120,7 @@ impl Camera {
 ///
 /// Written as `R = I + a K + b (r rᵀ - |r|² I)` with `K` the cross-product matrix of `r`,
 /// `a = sin θ / θ` and `b = 2 (sin(θ/2) / θ)²`, which stays accurate and differentiable at θ = 0
-/// (θ is computed as `sqrt(|r|² + 1e-16)`). In f32 and f64 one op ([`RotationMatrix`], computed
+/// (θ is computed as `sqrt(|r|² + 1e-16)`). In f32 and f64 one op (computed
 /// in f64, on the CPU and on CUDA devices), otherwise candle tensor ops.
 pub fn rotation_matrix(axis_angle: &Tensor) -> Result<Tensor> {
     check_float(axis_angle, "axis_angle", "[B, 3]", 2, Some(3))?;
