@@ -15,9 +15,26 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{camera, face_like_mesh};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit_render::{
-    Appearance, Lighting, RasterOptions, RenderOptions, Renderer, Scene, WrapMode, antialias,
-    camera_from_world, interpolate, normalize, rasterize, shade_sh, texture, vertex_normals,
+    Appearance, Lighting, RasterOptions, RenderOptions, Renderer, Rendering, Scene, WrapMode,
+    antialias, camera_from_world, interpolate, normalize, rasterize, shade_sh, texture,
+    vertex_normals,
 };
+
+/// The fit's per-iteration render: vertex colours under SH light.
+fn render_lit(
+    renderer: &Renderer,
+    [world, rotation, translation, albedo, light]: [&Var; 5],
+) -> Rendering {
+    renderer
+        .render(&Scene {
+            vertices: world.as_tensor(),
+            rotation: rotation.as_tensor(),
+            translation: translation.as_tensor(),
+            appearance: Appearance::VertexColors(albedo.as_tensor()),
+            lighting: Lighting::SphericalHarmonics(light.as_tensor()),
+        })
+        .unwrap()
+}
 
 fn benches(c: &mut Criterion) {
     let dev = Device::new_cuda(0).expect("the cuda benches need a CUDA device");
@@ -95,15 +112,10 @@ fn benches(c: &mut Criterion) {
                 Var::from_tensor(&Tensor::rand(0.0f32, 0.3, (batch, 3, 9), &dev).unwrap()).unwrap();
             group.bench_function(id("renderer_fwd_bwd"), |b| {
                 b.iter(|| {
-                    let out = renderer
-                        .render(&Scene {
-                            vertices: world.as_tensor(),
-                            rotation: rotation.as_tensor(),
-                            translation: translation.as_tensor(),
-                            appearance: Appearance::VertexColors(albedo.as_tensor()),
-                            lighting: Lighting::SphericalHarmonics(light.as_tensor()),
-                        })
-                        .unwrap();
+                    let out = render_lit(
+                        &renderer,
+                        [&world, &rotation, &translation, &albedo, &light],
+                    );
                     let grads = (out.image.mean_all().unwrap() + out.mask.mean_all().unwrap())
                         .unwrap()
                         .backward()
@@ -196,15 +208,10 @@ fn stages(c: &mut Criterion) {
     let renderer = Renderer::new(tris.clone(), cam, RenderOptions::default());
     group.bench_function("renderer_fwd_only", |b| {
         b.iter(|| {
-            let out = renderer
-                .render(&Scene {
-                    vertices: world.as_tensor(),
-                    rotation: rotation.as_tensor(),
-                    translation: translation.as_tensor(),
-                    appearance: Appearance::VertexColors(albedo.as_tensor()),
-                    lighting: Lighting::SphericalHarmonics(light.as_tensor()),
-                })
-                .unwrap();
+            let out = render_lit(
+                &renderer,
+                [&world, &rotation, &translation, &albedo, &light],
+            );
             sync();
             out.image
         })
