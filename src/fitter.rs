@@ -531,7 +531,14 @@ impl Fitter {
             };
             let vertex_ids = observed.landmarks.vertex_ids(&self.model).to_vec();
             let eye_colours = EyeColours::measure(image, &observed.detected);
-            let mut result = self.finish(image, params, &vertex_ids, albedo, eye_colours)?;
+            let mut result = self.finish(
+                image,
+                &observed.photo,
+                params,
+                &vertex_ids,
+                albedo,
+                eye_colours,
+            )?;
             result.light = light;
             result.detected_landmarks = observed.detected;
             result.stages = stages;
@@ -584,6 +591,7 @@ impl Fitter {
     fn finish(
         &self,
         image: &RgbImage,
+        photo: &Tensor,
         params: FitParams,
         landmark_vertices: &[Option<u32>],
         albedo: Option<RgbImage>,
@@ -591,7 +599,8 @@ impl Fitter {
     ) -> Result<FitResult> {
         let model = self.host_model();
         let params = params.to_device(model.device())?;
-        let photo = photo_tensor(image, model.device())?;
+        // The photo's tensor as the full objective used it: no copy on the CPU.
+        let photo = photo.to_device(model.device())?;
         let vertices = model.instance(&params.shape, &params.expression)?;
         let fitted_landmarks = project_landmarks(landmark_vertices, &vertices, &params)?;
         let mesh = model.mesh(&vertices)?;
