@@ -89,8 +89,9 @@ __device__ __forceinline__ int64_t triangle_at(T id) {
 #define BEYOND_FAR 2
 #define BEFORE_NEAR 4
 
-// Per triangle and image: 9 edge coefficients then 3 depth-plane coefficients.
-#define SETUP_FLOATS 12
+// Per triangle and image: 9 edge coefficients then the corners' clip (z, w) (see `Setup::depth`
+// in src/raster.rs for why not the depth plane).
+#define SETUP_FLOATS 15
 // Per triangle and image: pixel box x0, x1, y0, y1 (x0 > x1 when it covers nothing), and the
 // tie-ownership bits of the three edges.
 #define SETUP_INTS 5
@@ -220,17 +221,26 @@ __device__ void raster_setup(const T* clip, const uint32_t* tris, int batch, int
         for (int k = 0; k < 3; ++k) edges[i][k] *= sign;
         if (edges[i][0] > (T)0 || (edges[i][0] == (T)0 && edges[i][1] > (T)0)) owns |= 1u << i;
     }
-    T inv_det = (T)1 / det;
     T* s = setups + item * SETUP_FLOATS;
     for (int i = 0; i < 3; ++i)
         for (int k = 0; k < 3; ++k) s[i * 3 + k] = edges[i][k];
-    for (int m = 0; m < 3; ++m)
-        s[9 + m] = (v[0][2] * edges[0][m] + v[1][2] * edges[1][m] + v[2][2] * edges[2][m]) * sign * inv_det;
+    for (int i = 0; i < 3; ++i) {
+        s[9 + 2 * i] = v[i][2];
+        s[10 + 2 * i] = v[i][3];
+    }
     box[0] = x0;
     box[1] = span[1];
     box[2] = y0;
     box[3] = span[3];
     box[4] = (int)owns;
+}
+
+// z/w at a covered centre with edge values e, as the CPU's `depth_at`.
+template <typename T>
+__device__ __forceinline__ T depth_at(const T* s, const T e[3]) {
+    T z = e[0] * s[9] + e[1] * s[11] + e[2] * s[13];
+    T w = e[0] * s[10] + e[1] * s[12] + e[2] * s[14];
+    return z / w;
 }
 
 // Whether the centre (px, py) is covered, and its edge values and depth, exactly as the CPU's
@@ -245,8 +255,7 @@ __device__ __forceinline__ bool covers(const T* s, unsigned owns, T px, T py, T 
     }
     T sum = e[0] + e[1] + e[2];
     if (sum <= (T)0) return false;
-    T z_row = s[10] * py + s[11];
-    *z = s[9] * px + z_row;
+    *z = depth_at(s, e);
     return *z >= (T)-1 && *z <= (T)1;
 }
 
@@ -309,10 +318,9 @@ __device__ void raster_resolve(const T* setups, const uint32_t* ids, int batch, 
         e[i] = s[i * 3] * px + row;
     }
     T sum = e[0] + e[1] + e[2];
-    T z_row = s[10] * py + s[11];
     out[0] = e[0] / sum;
     out[1] = e[1] / sum;
-    out[2] = s[9] * px + z_row;
+    out[2] = depth_at(s, e);
     out[3] = (T)((double)t + 1.0);
 }
 

@@ -26,7 +26,7 @@ const MODULE: &str = "ganfit_render";
 const BLOCK: u32 = 256;
 
 /// Per triangle and image, the setup kernel's floats and ints (see kernels/render.cu).
-const SETUP_FLOATS: usize = 12;
+const SETUP_FLOATS: usize = 15;
 const SETUP_INTS: usize = 5;
 
 /// The float types the kernels are instantiated for.

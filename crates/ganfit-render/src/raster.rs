@@ -97,7 +97,8 @@ struct Rasterize {
     cull_backfaces: bool,
 }
 
-/// Per-triangle constants: three edge functions and a depth plane over pixel NDC `(x, y)`.
+/// Per-triangle constants: three edge functions over pixel NDC `(x, y)` and the corners' clip
+/// `z` and `w`.
 #[derive(Clone, Copy)]
 struct Setup<T> {
     /// `(a, b, c)` of `e = a x + b y + c`, signed so that the inside is positive. For a pixel
@@ -105,8 +106,14 @@ struct Setup<T> {
     edges: [[T; 3]; 3],
     /// Whether a centre exactly on edge i (e = 0) belongs to this triangle.
     owns_tie: [bool; 3],
-    /// `z/w = depth[0] x + depth[1] y + depth[2]`.
-    depth: [T; 3],
+    /// `(z_i, w_i)` of the corners: a covered centre's `z/w` is `Σ e_i z_i / Σ e_i w_i`, a
+    /// weighted mean of the corners' `z_i/w_i` (weights `e_i w_i ≥ 0` in front of the
+    /// camera). The same value as the triangle's depth plane `Σ z_i (a_j × a_k) / det`, but
+    /// that plane's coefficients lose all precision for triangles a fraction of a pixel across
+    /// (the cross products cancel): at a camera a metre away with the near plane at 1 cm, an
+    /// eyelid's plane put its pixels tens of millimetres off, piercing it with the eyeball
+    /// behind.
+    depth: [[T; 2]; 3],
     /// Inclusive pixel bounding box `[x0, x1] × [y0, y1]`.
     bbox: [u32; 4],
     /// Triangle index + 1, as written to the id channel.
@@ -283,14 +290,10 @@ fn setup<T: Real>(
         }
     }
     let owns = |e: &[T; 3]| e[0] > T::zero() || (e[0] == T::zero() && e[1] > T::zero());
-    let inv_det = T::one() / det;
-    let depth_term = |m: usize| {
-        (v[0][2] * edges[0][m] + v[1][2] * edges[1][m] + v[2][2] * edges[2][m]) * sign * inv_det
-    };
     Some(Setup {
         edges,
         owns_tie: [owns(&edges[0]), owns(&edges[1]), owns(&edges[2])],
-        depth: [depth_term(0), depth_term(1), depth_term(2)],
+        depth: v.map(|c| [c[2], c[3]]),
         bbox,
         id,
     })
@@ -439,6 +442,14 @@ impl Bands {
     }
 }
 
+/// `z/w` at a covered centre with edge values `e` (see [`Setup::depth`]).
+#[inline]
+fn depth_at<T: Real>(depth: &[[T; 2]; 3], e: &[T; 3]) -> T {
+    let z = e[0] * depth[0][0] + e[1] * depth[1][0] + e[2] * depth[2][0];
+    let w = e[0] * depth[0][1] + e[1] * depth[1][1] + e[2] * depth[2][1];
+    z / w
+}
+
 /// Depth-tests one triangle into the rows `row0..` held by `rows`.
 fn draw<T: Real>(rows: &mut [T], row0: usize, w: usize, s: &Setup<T>, xs: &[T], ys: &[T]) {
     let [x0, x1, y0, y1] = s.bbox.map(|b| b as usize);
@@ -450,7 +461,6 @@ fn draw<T: Real>(rows: &mut [T], row0: usize, w: usize, s: &Setup<T>, xs: &[T], 
         let py = ys[y];
         // Row-then-column evaluation keeps shared edges bit-exact negatives of each other.
         let (ra, rb, rc) = (ea[1] * py + ea[2], eb[1] * py + eb[2], ec[1] * py + ec[2]);
-        let z_row = s.depth[1] * py + s.depth[2];
         let line = &mut rows[(y - row0) * w * 4..(y - row0 + 1) * w * 4];
         for x in x0..=x1 {
             let px = xs[x];
@@ -465,7 +475,7 @@ fn draw<T: Real>(rows: &mut [T], row0: usize, w: usize, s: &Setup<T>, xs: &[T], 
             if sum <= T::zero() {
                 continue;
             }
-            let z = s.depth[0] * px + z_row;
+            let z = depth_at(&s.depth, &e);
             if !(z >= -T::one() && z <= T::one()) {
                 continue;
             }

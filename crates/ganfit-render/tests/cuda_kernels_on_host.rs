@@ -110,7 +110,7 @@ fn rasterize_on_host<T: Float>(
     let nt = tris.len() / 3;
     let pixels = batch * h * w;
     let (mut setups, mut boxes) = (
-        vec![T::default(); batch * nt * 12],
+        vec![T::default(); batch * nt * 15],
         vec![0i32; batch * nt * 5],
     );
     let (mut depth, mut ids) = (vec![0u64; pixels], vec![0u32; pixels]);

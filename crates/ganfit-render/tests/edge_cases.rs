@@ -231,7 +231,9 @@ fn empty_mesh_gives_an_empty_image_with_gradients() {
 fn exact_depth_ties_go_to_the_lower_triangle_id() {
     let cam = camera(9, 9);
     let pts = [[-1.0, -1.0, 2.0], [1.0, -1.0, 2.0], [0.0, 1.0, 2.0]];
-    let tris = Triangles::new(vec![[0, 1, 2], [0, 1, 2], [2, 0, 1]], 3).unwrap();
+    // The same corners in the same order: the same depths to the last bit. (Listed with its
+    // corners rotated, a triangle's depths may differ from its own in the last bit.)
+    let tris = Triangles::new(vec![[0, 1, 2], [0, 1, 2], [0, 1, 2]], 3).unwrap();
     let rast = rasterize(&clip_of(&cam, &pts), &tris, 9, 9, RasterOptions::default()).unwrap();
     let ids: Vec<f64> = rast
         .narrow(3, 3, 1)
@@ -348,4 +350,70 @@ fn backface_culling_follows_the_documented_winding() {
         .to_scalar::<f64>()
         .unwrap();
     assert_eq!(diff, 0.0);
+}
+
+/// Two jittered sheets of triangles a fraction of a pixel across, the back one a millimetre
+/// behind the front one, a metre from a camera whose near plane is at 1 cm (the fit's depth
+/// range): in f32 every pixel shows the front sheet, at a depth between its triangle's
+/// corners'. (A depth plane per triangle lost its precision for such triangles: eyelids were
+/// pierced by the eyeballs behind them, in a spray of single pixels.)
+#[test]
+fn sub_pixel_triangles_keep_their_depth_order_far_from_the_near_plane() {
+    let (size, cells, extent_mm, distance_mm) = (24usize, 240usize, 48.0, 1000.0);
+    let cam = Camera::new(700.0, 700.0, 11.5, 11.5, size, size, 10.0, 1e4).unwrap();
+    let mut rng = Rng::new(5);
+    let step = extent_mm / cells as f64;
+    let mut points = Vec::new();
+    let mut tris = Vec::new();
+    for sheet in 0..2 {
+        let first = points.len() as u32;
+        for row in 0..=cells {
+            for column in 0..=cells {
+                let jitter = |rng: &mut Rng| rng.uniform(-0.3, 0.3) * step;
+                points.push([
+                    column as f64 * step - extent_mm / 2.0 + jitter(&mut rng),
+                    row as f64 * step - extent_mm / 2.0 + jitter(&mut rng),
+                    distance_mm + sheet as f64 + rng.uniform(-0.2, 0.2),
+                ]);
+            }
+        }
+        let at = |row: usize, column: usize| first + (row * (cells + 1) + column) as u32;
+        for row in 0..cells {
+            for column in 0..cells {
+                tris.push([at(row, column), at(row + 1, column), at(row, column + 1)]);
+                tris.push([
+                    at(row + 1, column),
+                    at(row + 1, column + 1),
+                    at(row, column + 1),
+                ]);
+            }
+        }
+    }
+    let front_triangles = tris.len() / 2;
+    let clip = clip_of(&cam, &points).to_dtype(DType::F32).unwrap();
+    let corner_depths: Vec<[f32; 3]> = {
+        let c: Vec<Vec<f32>> = clip.squeeze(0).unwrap().to_vec2().unwrap();
+        tris.iter()
+            .map(|t| t.map(|v| c[v as usize][2] / c[v as usize][3]))
+            .collect()
+    };
+    let triangles = Triangles::new(tris, points.len()).unwrap();
+    let rast = rasterize(&clip, &triangles, size, size, RasterOptions::default()).unwrap();
+    let values: Vec<f32> = rast.flatten_all().unwrap().to_vec1().unwrap();
+    for (p, pixel) in values.chunks(4).enumerate() {
+        let id = pixel[3] as usize;
+        assert!(
+            (1..=front_triangles).contains(&id),
+            "pixel {p} shows triangle {id}, not the front sheet's 1..={front_triangles}"
+        );
+        let [a, b, c] = corner_depths[id - 1];
+        // A few roundings of slack: a few hundredths of a millimetre here.
+        let slack = 4.0 * f32::EPSILON;
+        let (lo, hi) = (a.min(b).min(c) - slack, a.max(b).max(c) + slack);
+        assert!(
+            pixel[2] >= lo && pixel[2] <= hi,
+            "pixel {p}: z/w {} outside its corners' {lo}..{hi}",
+            pixel[2]
+        );
+    }
 }
