@@ -146,8 +146,7 @@ fn the_head_yaw_is_read_back_from_the_pose_and_from_the_detected_points() {
         );
         // The detector misses the odd flat-skinned face looking down (seed 5, score 0.36): a
         // miss is not the yaw reading's to answer for, but most faces must be read.
-        let Ok((_, points)) = landmarker.locate(&detector, &face.image, FaceChoice::Largest)
-        else {
+        let Ok((_, points)) = landmarker.locate(&detector, &face.image, FaceChoice::Largest) else {
             eprintln!("seed {seed}: no face found");
             continue;
         };
