@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use candle_core::Device;
-use ganfit::losses::face::{FaceChoice, FaceDetector, FaceLandmarker};
+use ganfit::losses::face::{FaceChoice, FaceDetector, FaceError, FaceLandmarker};
 use ganfit::morphable::MorphableModel;
 use ganfit::synthetic::{
     SyntheticAssets, SyntheticConfig, SyntheticError, SyntheticGenerator, shared_dir, shared_photos,
@@ -126,6 +126,62 @@ fn the_landmarker_finds_the_face_where_the_ground_truth_puts_it() {
     }
 }
 
+/// A face the short-range detector scores under its threshold (flat skin, looking down 19°:
+/// 0.36 < 0.5) is still located where the landmark network is sure of it, and its points lie
+/// where the ground truth puts them; a photo whose face is painted over, where the detector's
+/// best guess scores 0.31, still holds no face.
+#[test]
+fn a_face_the_detector_doubts_is_taken_only_when_the_landmark_network_confirms_it() {
+    let (detector, landmarker) = detector_and_landmarker();
+    let face = generator(SyntheticConfig::default()).generate(5).unwrap();
+    assert!(detector.detect(&face.image).unwrap().is_empty());
+    let (_, points) = landmarker
+        .locate(&detector, &face.image, FaceChoice::Largest)
+        .unwrap();
+    let detected = points.to_ibug68();
+    let truth: Vec<[f64; 2]> = face.landmarks.iter().map(|p| p.unwrap()).collect();
+    let inter_ocular = (truth[36][0] - truth[45][0]).hypot(truth[36][1] - truth[45][1]);
+    let error = (17..68)
+        .map(|i| {
+            (f64::from(detected[i][0]) - truth[i][0]).hypot(f64::from(detected[i][1]) - truth[i][1])
+        })
+        .sum::<f64>()
+        / 51.0
+        / inter_ocular;
+    assert!(
+        error < 0.1,
+        "mean inner landmark error {:.1} % IOD",
+        100.0 * error
+    );
+
+    let photo = shared_dir()
+        .unwrap()
+        .join("data/faces/frl_london/142_smiling.jpg");
+    let mut painted = image::open(photo).unwrap().to_rgb8();
+    let [x0, y0, x1, y1] = detector
+        .detect_face(&painted, FaceChoice::Largest)
+        .unwrap()
+        .bbox;
+    let (w, h) = (x1 - x0, y1 - y0);
+    let (width, height) = painted.dimensions();
+    for y in (y0 - 0.4 * h).max(0.0) as u32..((y1 + 0.4 * h) as u32).min(height) {
+        for x in (x0 - 0.3 * w).max(0.0) as u32..((x1 + 0.3 * w) as u32).min(width) {
+            painted.put_pixel(x, y, image::Rgb([128, 128, 128]));
+        }
+    }
+    assert!(
+        !detector
+            .unsure_faces(&painted, FaceChoice::Largest, 0.25)
+            .unwrap()
+            .is_empty(),
+        "the painted photo should leave the detector a doubtful guess to reject"
+    );
+    assert!(matches!(
+        landmarker.locate(&detector, &painted, FaceChoice::Largest),
+        Err(FaceError::NoFaceFound { .. })
+    ));
+}
+
 /// The fitter picks the landmark correspondence for the head yaw it reads from the detected
 /// points (`ganfit::MeshCorrespondence`); on synthetic faces that reading must match the yaw
 /// they were drawn with, and the yaw of a pose must invert how the generator composed it.
@@ -136,7 +192,7 @@ fn the_head_yaw_is_read_back_from_the_pose_and_from_the_detected_points() {
     let (detector, landmarker) = detector_and_landmarker();
     let generator = generator(SyntheticConfig::default());
     let mut errors = Vec::new();
-    for seed in 0..10 {
+    for seed in 0..8 {
         let face = generator.generate(seed).unwrap();
         let truth = face.yaw_pitch_roll_deg[0];
         let posed = head_yaw_deg(&Rotation3::new(Vector3::from(face.rotation)));
@@ -144,18 +200,14 @@ fn the_head_yaw_is_read_back_from_the_pose_and_from_the_detected_points() {
             (posed - truth).abs() < 1e-9,
             "seed {seed}: {posed} vs {truth}"
         );
-        // The detector misses the odd flat-skinned face looking down (seed 5, score 0.36): a
-        // miss is not the yaw reading's to answer for, but most faces must be read.
-        let Ok((_, points)) = landmarker.locate(&detector, &face.image, FaceChoice::Largest) else {
-            eprintln!("seed {seed}: no face found");
-            continue;
-        };
+        let (_, points) = landmarker
+            .locate(&detector, &face.image, FaceChoice::Largest)
+            .unwrap();
         let (width, height) = face.image.dimensions();
         let estimate = estimate_head_yaw_deg(model(), &points, width, height);
         eprintln!("seed {seed}: yaw {truth:+.1}°, estimated {estimate:+.1}°");
         errors.push((estimate - truth).abs());
     }
-    assert!(errors.len() >= 8, "{} of 10 faces found", errors.len());
     let mean = errors.iter().sum::<f64>() / errors.len() as f64;
     assert!(mean < 5.0, "mean yaw error {mean:.1}°: {errors:?}");
     assert!(errors.iter().all(|&e| e < 10.0), "{errors:?}");

@@ -302,6 +302,11 @@ impl FaceDetector {
     /// Runs the network on a prepared `[1, 3, 128, 128]` input and returns the merged
     /// detections in tensor pixels, most confident first.
     pub fn detect_in_tensor(&self, input: &Tensor) -> Result<Vec<Detection>> {
+        self.detect_in_tensor_above(input, self.options.min_score)
+    }
+
+    /// [`Self::detect_in_tensor`] with another minimum score.
+    fn detect_in_tensor_above(&self, input: &Tensor, min_score: f32) -> Result<Vec<Detection>> {
         let (regressors, logits) = self.net.forward(input)?;
         let regressors = regressors.to_vec2::<f32>()?;
         let logits = logits.to_vec1::<f32>()?;
@@ -311,7 +316,7 @@ impl FaceDetector {
             .zip(regressors.iter().zip(&logits))
             .filter_map(|(anchor, (r, &logit))| {
                 let score = 1.0 / (1.0 + (-logit.clamp(-100.0, 100.0)).exp());
-                if score < self.options.min_score {
+                if score < min_score {
                     return None;
                 }
                 let (cx, cy) = (r[0] + anchor[0], r[1] + anchor[1]);
@@ -454,19 +459,7 @@ impl FaceDetector {
                 height: image.height(),
             });
         }
-        match choice {
-            FaceChoice::Largest => faces.sort_by(|a, b| b.area().total_cmp(&a.area())),
-            FaceChoice::MostConfident => {}
-            FaceChoice::Index(index) => {
-                let count = faces.len();
-                faces = vec![
-                    faces
-                        .into_iter()
-                        .nth(index)
-                        .ok_or(FaceError::FaceIndexOutOfRange { index, count })?,
-                ];
-            }
-        }
+        rank(&mut faces, choice)?;
         if faces[0].size() < self.options.min_face_px {
             return Err(FaceError::FaceTooSmall {
                 size: faces[0].size(),
@@ -476,6 +469,52 @@ impl FaceDetector {
         faces.retain(|face| face.size() >= self.options.min_face_px);
         Ok(faces)
     }
+
+    /// What the whole-image pass scores below [`DetectorOptions::min_score`] but at least
+    /// `min_score`, at least [`DetectorOptions::min_face_px`] wide, in the order `choice`
+    /// ranks faces (none when `choice` names a face by index: indices count sure faces). For
+    /// a second opinion where [`Self::faces_by_preference`] finds no face: the short-range
+    /// model scores some real faces low (looking down, flat lighting), and the landmark
+    /// network can confirm them.
+    pub fn unsure_faces(
+        &self,
+        image: &RgbImage,
+        choice: FaceChoice,
+        min_score: f32,
+    ) -> Result<Vec<Detection>> {
+        if matches!(choice, FaceChoice::Index(_)) {
+            return Ok(Vec::new());
+        }
+        let (input, roi) = self.input_tensor(image)?;
+        let n = DETECTOR_INPUT as f32;
+        let mut faces: Vec<Detection> = self
+            .detect_in_tensor_above(&input, min_score)?
+            .iter()
+            .filter(|d| d.score < self.options.min_score)
+            .map(|d| d.map(|p| roi.tensor_to_image(p, n)))
+            .filter(|d| d.size() >= self.options.min_face_px)
+            .collect();
+        rank(&mut faces, choice)?;
+        Ok(faces)
+    }
+}
+
+/// Orders `faces` (most confident first) as `choice` prefers them; for an index, keeps
+/// only that face.
+fn rank(faces: &mut Vec<Detection>, choice: FaceChoice) -> Result<()> {
+    match choice {
+        FaceChoice::Largest => faces.sort_by(|a, b| b.area().total_cmp(&a.area())),
+        FaceChoice::MostConfident => {}
+        FaceChoice::Index(index) => {
+            let count = faces.len();
+            let chosen = faces
+                .get(index)
+                .cloned()
+                .ok_or(FaceError::FaceIndexOutOfRange { index, count })?;
+            *faces = vec![chosen];
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
