@@ -3,10 +3,12 @@
 //! [`chip_transform`] fits, as dlib's `get_face_chip_details` does, the least-squares similarity
 //! transform from a canonical landmark template (dlib's 5-point or 68-point mean face, widened by
 //! the padding) to the photo's landmarks. [`ChipWarp`] then samples any image through that
-//! transform with bilinear interpolation built from candle ops, so gradients flow back to the
-//! image: a render warped with the photo's transform lands exactly where the photo's chip does.
+//! transform with ganfit-render's bilinear texture op, so gradients flow back to the image (on
+//! the GPU too, scattered in parallel): a render warped with the photo's transform lands exactly
+//! where the photo's chip does.
 
 use candle_core::{DType, Device, Tensor};
+use ganfit_render::WrapMode;
 
 use crate::identity::INPUT_SIZE;
 use crate::{LossError, Result};
@@ -233,10 +235,12 @@ pub fn chip_transform(
 /// not entirely inside the image is black.
 #[derive(Debug, Clone)]
 pub struct ChipWarp {
-    /// Flat source indices of the four neighbours of every chip pixel.
-    indices: [Tensor; 4],
-    /// Their bilinear weights (zero outside the image).
-    weights: [Tensor; 4],
+    /// Where every chip pixel samples the image, as texture coordinates of
+    /// [`ganfit_render::texture`] (`[1, size, size, 2]`).
+    uv: Tensor,
+    /// 1 where the pixel's 2×2 neighbourhood lies inside the image, 0 elsewhere
+    /// (`[1, size, size, 1]`).
+    inside: Tensor,
     source: (usize, usize),
     size: usize,
 }
@@ -252,51 +256,23 @@ impl ChipWarp {
         device: &Device,
     ) -> Result<Self> {
         let n = size * size;
-        let mut idx = vec![vec![0u32; n]; 4];
-        let mut wts = vec![vec![0f64; n]; 4];
+        let mut uv = Vec::with_capacity(2 * n);
+        let mut inside = Vec::with_capacity(n);
         for r in 0..size {
             for c in 0..size {
                 let [x, y] = transform.apply([c as f64, r as f64]);
-                let (left, top) = (x.floor(), y.floor());
-                let inside = left >= 0.0
-                    && top >= 0.0
-                    && left + 1.0 < width as f64
-                    && top + 1.0 < height as f64;
-                if !inside {
-                    continue;
-                }
-                let (fx, fy) = (x - left, y - top);
-                let base = top as usize * width + left as usize;
-                let i = r * size + c;
-                let corners = [
-                    (base, (1.0 - fx) * (1.0 - fy)),
-                    (base + 1, fx * (1.0 - fy)),
-                    (base + width, (1.0 - fx) * fy),
-                    (base + width + 1, fx * fy),
-                ];
-                for (k, (index, weight)) in corners.into_iter().enumerate() {
-                    idx[k][i] = u32::try_from(index).map_err(|_| LossError::Alignment {
-                        reason: format!("a {height}×{width} image is too large to warp"),
-                    })?;
-                    wts[k][i] = weight;
-                }
+                let within = x >= 0.0
+                    && y >= 0.0
+                    && x.floor() + 1.0 < width as f64
+                    && y.floor() + 1.0 < height as f64;
+                inside.push(if within { 1.0 } else { 0.0 });
+                // The texture op puts texel centres at (i + 0.5) / extent.
+                uv.extend([(x + 0.5) / width as f64, (y + 0.5) / height as f64]);
             }
         }
-        let to_tensors = |v: Vec<Tensor>| -> [Tensor; 4] {
-            let mut it = v.into_iter();
-            std::array::from_fn(|_| it.next().expect("four corners"))
-        };
-        let indices = idx
-            .into_iter()
-            .map(|v| Tensor::from_vec(v, n, device))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let weights = wts
-            .into_iter()
-            .map(|v| Tensor::from_vec(v, n, device)?.to_dtype(dtype))
-            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
-            indices: to_tensors(indices),
-            weights: to_tensors(weights),
+            uv: Tensor::from_vec(uv, (1, size, size, 2), device)?.to_dtype(dtype)?,
+            inside: Tensor::from_vec(inside, (1, size, size, 1), device)?.to_dtype(dtype)?,
             source: (height, width),
             size,
         })
@@ -319,27 +295,37 @@ impl ChipWarp {
 
     /// Warps `[B, C, H, W]` images to `[B, C, size, size]` chips.
     pub fn apply(&self, images: &Tensor) -> Result<Tensor> {
+        let (h, w) = self.source;
+        self.check_source(images, [2, 3], format!("[B, C, {h}, {w}]"))?;
+        self.apply_channels_last(&images.permute((0, 2, 3, 1))?)
+    }
+
+    /// Warps `[B, H, W, C]` images (channels last, as renders come) to `[B, C, size, size]`
+    /// chips.
+    pub fn apply_channels_last(&self, images: &Tensor) -> Result<Tensor> {
+        let (h, w) = self.source;
+        self.check_source(images, [1, 2], format!("[B, {h}, {w}, C]"))?;
+        let batch = images.dim(0)?;
+        let uv = self
+            .uv
+            .to_dtype(images.dtype())?
+            .broadcast_as((batch, self.size, self.size, 2))?;
+        let chips = ganfit_render::texture(&images.contiguous()?, &uv, WrapMode::Clamp)?
+            .broadcast_mul(&self.inside.to_dtype(images.dtype())?)?;
+        Ok(chips.permute((0, 3, 1, 2))?.contiguous()?)
+    }
+
+    /// Checks that `images` are rank 4 with the source's height and width at `axes`.
+    fn check_source(&self, images: &Tensor, axes: [usize; 2], expected: String) -> Result<()> {
         let dims = images.dims();
-        if dims.len() != 4 || (dims[2], dims[3]) != self.source {
+        if dims.len() != 4 || (dims[axes[0]], dims[axes[1]]) != self.source {
             return Err(LossError::InputShape {
                 what: "images to warp",
-                expected: format!("[B, C, {}, {}]", self.source.0, self.source.1),
+                expected,
                 actual: dims.to_vec(),
             });
         }
-        let flat = images.flatten_from(2)?;
-        let mut out: Option<Tensor> = None;
-        for (index, weight) in self.indices.iter().zip(&self.weights) {
-            let term = flat
-                .index_select(index, 2)?
-                .broadcast_mul(&weight.to_dtype(images.dtype())?)?;
-            out = Some(match out {
-                Some(acc) => (acc + term)?,
-                None => term,
-            });
-        }
-        let out = out.expect("four corners");
-        Ok(out.reshape((dims[0], dims[1], self.size, self.size))?)
+        Ok(())
     }
 }
 
@@ -436,6 +422,14 @@ mod tests {
             + src[tp + 1][l] * (1.0 - fx) * fy
             + src[tp + 1][l + 1] * fx * fy;
         assert!((out[1][2] - expected).abs() < 1e-12);
+        let channels_last = warp.apply_channels_last(&img.permute((0, 2, 3, 1))?)?;
+        assert_eq!(
+            (warp.apply(&img)? - channels_last)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?,
+            0.0
+        );
         Ok(check_input_gradient(
             &img,
             |x| warp.apply(x).map_err(candle_core::Error::wrap),

@@ -90,6 +90,10 @@ pub enum LossError {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+
+    /// One of the renderer's ops (the chip warp samples images with its texture op) failed.
+    #[error(transparent)]
+    Render(#[from] ganfit_render::RenderError),
 }
 
 /// Result type of this crate.

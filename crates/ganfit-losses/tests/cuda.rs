@@ -2,12 +2,14 @@
 //! path there (the fused CPU stages are CPU-only): feature maps, descriptors and the input
 //! gradient of the identity + content losses in f64 to 1e-9 of their scale (the same folded
 //! weights, only the summation order differs), descriptors in f32 to 1e-4. MediaPipe's detector
-//! and landmarker on the bundled photo: boxes, keypoints and the 468 points within 0.01 px.
+//! and landmarker on the bundled photo: boxes, keypoints and the 468 points within 0.01 px. The
+//! chip warp and its image gradient in f64 to 1e-12 (its scatter adds in another order).
 //! Built only with the `cuda` feature and run on a machine with a GPU by
 //! scripts/device-check.sh, from this crate's folder (the photo is found relative to it).
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};
+use ganfit_losses::align::{ChipWarp, SimilarityTransform};
 use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker, load_rgb};
 use ganfit_losses::identity::{FaceRecognitionNet, INPUT_SIZE};
 use ganfit_losses::losses::{content_loss, identity_loss};
@@ -111,4 +113,51 @@ fn cuda_face_detection_and_landmarks_match_cpu() {
         "detection differs by {detection_error} px"
     );
     assert!(mesh_error < 0.01, "landmarks differ by {mesh_error} px");
+}
+
+#[test]
+fn cuda_chip_warp_and_its_image_gradient_match_cpu() {
+    let (batch, height, width) = (2, 181, 203);
+    let dims = (batch, 3, height, width);
+    let images =
+        Tensor::from_vec(pixels(batch * 3 * height * width, 3), dims, &Device::Cpu).unwrap();
+    let cotangent = Tensor::from_vec(
+        pseudo_random(batch * 3 * INPUT_SIZE * INPUT_SIZE, 4),
+        (batch, 3, INPUT_SIZE, INPUT_SIZE),
+        &Device::Cpu,
+    )
+    .unwrap();
+    // Rotated and scaled so that samples fall between pixels and some chip corners leave the
+    // image.
+    let transform = SimilarityTransform {
+        a: 1.3 * 0.35f64.cos(),
+        b: 1.3 * 0.35f64.sin(),
+        t: [-12.0, 4.5],
+    };
+    let warp_and_gradient = |device: &Device| {
+        let warp =
+            ChipWarp::new(&transform, height, width, INPUT_SIZE, DType::F64, device).unwrap();
+        let images = Var::from_tensor(&images.to_device(device).unwrap()).unwrap();
+        let chips = warp.apply(images.as_tensor()).unwrap();
+        let loss = (&chips * cotangent.to_device(device).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let grad = loss
+            .backward()
+            .unwrap()
+            .get(images.as_tensor())
+            .unwrap()
+            .clone();
+        (chips, grad)
+    };
+    let (cpu_chips, cpu_grad) = warp_and_gradient(&Device::Cpu);
+    let (gpu_chips, gpu_grad) = warp_and_gradient(&gpu());
+    let (chip_error, grad_error) = (
+        relative_error(&cpu_chips, &gpu_chips),
+        relative_error(&cpu_grad, &gpu_grad),
+    );
+    eprintln!("chip warp {chip_error:.1e}, image gradient {grad_error:.1e}");
+    assert!(chip_error < 1e-12, "chips differ by {chip_error}");
+    assert!(grad_error < 1e-12, "image gradients differ by {grad_error}");
 }

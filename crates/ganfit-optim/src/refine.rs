@@ -454,13 +454,7 @@ impl ViewTarget {
             device,
         )?;
         let crop = crop_warp
-            .apply(
-                &photo
-                    .image
-                    .to_dtype(DType::F32)?
-                    .permute((2, 0, 1))?
-                    .unsqueeze(0)?,
-            )?
+            .apply_channels_last(&photo.image.to_dtype(DType::F32)?.unsqueeze(0)?)?
             .permute((0, 2, 3, 1))?
             .contiguous()?;
 
@@ -524,7 +518,7 @@ fn chip_warp(landmarks: &[[f64; 2]], size: usize, device: &Device) -> Result<Chi
 
 /// `[1, S, S, 3]` images in `[0, 1]` → the network's `[1, 3, 150, 150]` chip in 0–255.
 fn to_chip(warp: &ChipWarp, image: &Tensor) -> Result<Tensor, OptimError> {
-    let chip = warp.apply(&image.permute((0, 3, 1, 2))?.contiguous()?)?;
+    let chip = warp.apply_channels_last(image)?;
     Ok((chip * 255.0)?)
 }
 
