@@ -605,7 +605,7 @@ impl Fitter {
         let fitted_landmarks = project_landmarks(landmark_vertices, &vertices, &params)?;
         let mesh = model.mesh(&vertices)?;
         let mut texture =
-            ganfit_optim::unwrap_photo(model, &vertices, &params, &photo, self.texture_size)?;
+            ganfit_optim::project_photo(model, &vertices, &params, &photo, self.texture_size)?;
         let background = albedo
             .as_ref()
             .map(|albedo| albedo_background(albedo, texture.size));
@@ -613,9 +613,7 @@ impl Fitter {
         // albedo was fitted to; from elsewhere (the frontal render, the exported mesh) the far
         // side of a turned head is better shown by the seen side's mirror image.
         let mut in_photo = texture.clone();
-        if let Some(background) = &background {
-            in_photo.fill_unobserved(Some(background));
-        }
+        in_photo.fill_unobserved(background.as_deref());
         texture.fill_unobserved_mirrored(background.as_deref());
         let photo_view = View::new(model, &in_photo, eye_colours)?;
         let render = photo_view.render(&vertices, &params, image.width(), image.height(), false)?;

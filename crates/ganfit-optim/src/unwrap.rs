@@ -4,9 +4,10 @@
 //! the photo under the fitted camera, the texel takes the photo's colour. This gives the first
 //! texture of a fit (and, over many photos, the UV maps a texture model is trained on).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, StorageRef, Tensor};
 use ganfit_morphable::MorphableModel;
 use ganfit_render::{RasterOptions, Triangles, camera_from_world, interpolate, rasterize};
+use rayon::prelude::*;
 
 use crate::{FitParams, OptimError};
 
@@ -69,6 +70,20 @@ pub fn unwrap_photo(
     photo: &Tensor,
     size: usize,
 ) -> Result<UvTexture, OptimError> {
+    let mut texture = project_photo(model, vertices, params, photo, size)?;
+    texture.fill_unobserved(None);
+    Ok(texture)
+}
+
+/// [`unwrap_photo`] without the fill: the texels the photo does not see stay black, for a
+/// caller that fills them its own way (a fill reads only the seen texels).
+pub fn project_photo(
+    model: &MorphableModel,
+    vertices: &Tensor,
+    params: &FitParams,
+    photo: &Tensor,
+    size: usize,
+) -> Result<UvTexture, OptimError> {
     let (height, width, channels) = photo.dims3()?;
     if channels != 3 || size == 0 {
         return Err(OptimError::InvalidInput(format!(
@@ -117,51 +132,72 @@ pub fn unwrap_photo(
     let photo_rast = rasterize(&clip, &triangles, height, width, RasterOptions::default())?;
     let photo_depth = interpolate(&camera_vertices.narrow(2, 2, 1)?, &photo_rast, &triangles)?;
 
-    let covered: Vec<f32> = uv_rast.narrow(3, 3, 1)?.flatten_all()?.to_vec1()?;
-    let surface: Vec<f32> = surface.flatten_all()?.to_vec1()?;
-    let normals: Vec<f32> = normals.flatten_all()?.to_vec1()?;
-    let depth: Vec<f32> = photo_depth.flatten_all()?.to_vec1()?;
-    let pixels: Vec<f32> = photo.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let photo = photo.to_dtype(DType::F32)?.to_device(&cpu)?.contiguous()?;
+    let borrowed =
+        [&uv_rast, &surface, &normals, &photo_depth, &photo].map(|t| t.storage_and_layout());
+    let [rast, surface, normals, depth, pixels] = borrowed
+        .each_ref()
+        .map(|(storage, layout)| cpu_f32(storage, layout));
+    let (rast, surface, normals, depth, pixels) = (rast?, surface?, normals?, depth?, pixels?);
 
-    let texels = size * size;
-    let mut rgb = vec![0.0f32; texels * 3];
-    let mut observed = vec![0.0f32; texels];
-    for texel in 0..texels {
-        if covered[texel] == 0.0 {
-            continue;
+    let mut rgb = vec![0.0f32; size * size * 3];
+    let mut observed = vec![0.0f32; size * size];
+    let rows = rgb
+        .par_chunks_mut(size * 3)
+        .zip(observed.par_chunks_mut(size));
+    rows.enumerate().for_each(|(row, (rgb, observed))| {
+        for column in 0..size {
+            let texel = row * size + column;
+            // Channel 3 of the rasterizer's output is the triangle id + 1, 0 where uncovered.
+            if rast[texel * 4 + 3] == 0.0 {
+                continue;
+            }
+            let p = &surface[texel * 3..texel * 3 + 3];
+            let normal = &normals[texel * 3..texel * 3 + 3];
+            let distance = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
+            let normal_length =
+                (normal[0] * normal[0] + normal[1] * normal[1] + normal[2] * normal[2]).sqrt();
+            let facing = -(p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2])
+                / (distance * normal_length).max(f32::MIN_POSITIVE);
+            if p[2] <= 0.0 || facing < MIN_VIEW_COSINE {
+                continue;
+            }
+            let x = (k.fx * f64::from(p[0] / p[2]) + k.cx) as f32;
+            let y = (k.fy * f64::from(p[1] / p[2]) + k.cy) as f32;
+            let (pixel_column, pixel_row) = (x.round(), y.round());
+            if pixel_column < 0.0
+                || pixel_row < 0.0
+                || pixel_column >= width as f32
+                || pixel_row >= height as f32
+            {
+                continue;
+            }
+            let seen_depth = depth[pixel_row as usize * width + pixel_column as usize];
+            let pixel_footprint = p[2] / k.fx as f32;
+            if (seen_depth - p[2]).abs() > DEPTH_TOLERANCE_MM + 1.5 * pixel_footprint / facing {
+                continue;
+            }
+            let colour = bilinear(pixels, width, height, x, y);
+            rgb[column * 3..column * 3 + 3].copy_from_slice(&colour);
+            observed[column] = 1.0;
         }
-        let p = &surface[texel * 3..texel * 3 + 3];
-        let normal = &normals[texel * 3..texel * 3 + 3];
-        let distance = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
-        let normal_length =
-            (normal[0] * normal[0] + normal[1] * normal[1] + normal[2] * normal[2]).sqrt();
-        let facing = -(p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2])
-            / (distance * normal_length).max(f32::MIN_POSITIVE);
-        if p[2] <= 0.0 || facing < MIN_VIEW_COSINE {
-            continue;
-        }
-        let x = (k.fx * f64::from(p[0] / p[2]) + k.cx) as f32;
-        let y = (k.fy * f64::from(p[1] / p[2]) + k.cy) as f32;
-        let (column, row) = (x.round(), y.round());
-        if column < 0.0 || row < 0.0 || column >= width as f32 || row >= height as f32 {
-            continue;
-        }
-        let seen_depth = depth[row as usize * width + column as usize];
-        let pixel_footprint = p[2] / k.fx as f32;
-        if (seen_depth - p[2]).abs() > DEPTH_TOLERANCE_MM + 1.5 * pixel_footprint / facing {
-            continue;
-        }
-        let colour = bilinear(&pixels, width, height, x, y);
-        rgb[texel * 3..texel * 3 + 3].copy_from_slice(&colour);
-        observed[texel] = 1.0;
-    }
-    let mut texture = UvTexture {
+    });
+    Ok(UvTexture {
         size,
         rgb,
         observed,
-    };
-    texture.fill_unobserved(None);
-    Ok(texture)
+    })
+}
+
+/// The elements of a contiguous f32 CPU tensor's storage, borrowed: the maps read here are
+/// megabytes, and copying them out costs more than the pass over them.
+fn cpu_f32<'a>(storage: &'a StorageRef<'_>, layout: &Layout) -> Result<&'a [f32], OptimError> {
+    match (&**storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) => Ok(&values[start..end]),
+        _ => Err(OptimError::InvalidInput(
+            "unwrap reads contiguous f32 maps on the CPU".to_string(),
+        )),
+    }
 }
 
 /// Bilinear sample of an `[H, W, 3]` image at pixel-centre coordinates (x, y), clamped.
@@ -236,29 +272,36 @@ impl UvTexture {
             )
         });
         let mirror_gain = self.mirror_shading_gain(mirror);
-        for texel in (0..texels).filter(|&t| self.observed[t] == 0.0) {
-            // Full trust in an average where at least half its window was seen.
-            let trust = |(density, _): &(Vec<f32>, Vec<f32>)| (2.0 * density[texel]).min(1.0);
-            let average = |(density, weighted): &(Vec<f32>, Vec<f32>), c: usize, otherwise: f32| {
-                if density[texel] > 0.0 {
-                    weighted[texel * 3 + c] / density[texel]
-                } else {
-                    otherwise
+        let observed = &self.observed;
+        let rows = self.rgb.par_chunks_mut(size * 3).enumerate();
+        rows.for_each(|(row, rgb)| {
+            for column in (0..size).filter(|&column| observed[row * size + column] == 0.0) {
+                let texel = row * size + column;
+                // Full trust in an average where at least half its window was seen.
+                let trust = |(density, _): &(Vec<f32>, Vec<f32>)| (2.0 * density[texel]).min(1.0);
+                let average =
+                    |(density, weighted): &(Vec<f32>, Vec<f32>), c: usize, otherwise: f32| {
+                        if density[texel] > 0.0 {
+                            weighted[texel * 3 + c] / density[texel]
+                        } else {
+                            otherwise
+                        }
+                    };
+                let near_trust = trust(&direct);
+                for c in 0..3 {
+                    let mut far = background.map_or(1.0, |b| b[texel * 3 + c]) * gain[c];
+                    if let Some(mirrored) = &mirrored {
+                        let mirror_trust = trust(mirrored);
+                        let seen_opposite =
+                            average(mirrored, c, far / mirror_gain[c]) * mirror_gain[c];
+                        far = mirror_trust * seen_opposite + (1.0 - mirror_trust) * far;
+                    }
+                    let near = average(&direct, c, far);
+                    rgb[column * 3 + c] =
+                        (near_trust * near + (1.0 - near_trust) * far).clamp(0.0, 1.0);
                 }
-            };
-            let near_trust = trust(&direct);
-            for c in 0..3 {
-                let mut far = background.map_or(1.0, |b| b[texel * 3 + c]) * gain[c];
-                if let Some(mirrored) = &mirrored {
-                    let mirror_trust = trust(mirrored);
-                    let seen_opposite = average(mirrored, c, far / mirror_gain[c]) * mirror_gain[c];
-                    far = mirror_trust * seen_opposite + (1.0 - mirror_trust) * far;
-                }
-                let near = average(&direct, c, far);
-                self.rgb[texel * 3 + c] =
-                    (near_trust * near + (1.0 - near_trust) * far).clamp(0.0, 1.0);
             }
-        }
+        });
     }
 
     /// Per channel, how much brighter the side of the map that needs mirror filling was seen
@@ -300,13 +343,14 @@ impl UvTexture {
     /// box-blurred twice: their ratio is a smooth average of the weighted texels.
     fn blurred(
         &self,
-        weight: impl Fn(usize) -> f32,
-        source: impl Fn(usize) -> usize,
+        weight: impl Fn(usize) -> f32 + Sync,
+        source: impl Fn(usize) -> usize + Sync,
         radius: usize,
     ) -> (Vec<f32>, Vec<f32>) {
         let texels = self.size * self.size;
-        let mut density: Vec<f32> = (0..texels).map(&weight).collect();
+        let mut density: Vec<f32> = (0..texels).into_par_iter().map(&weight).collect();
         let mut weighted: Vec<f32> = (0..texels * 3)
+            .into_par_iter()
             .map(|i| self.rgb[source(i / 3) * 3 + i % 3] * density[i / 3])
             .collect();
         for _ in 0..2 {
@@ -318,45 +362,64 @@ impl UvTexture {
 }
 
 /// Replaces each value of a `size × size × channels` image by the mean over a
-/// `(2·radius + 1)²` window (shrunk at the borders), as two running-sum passes.
+/// `(2·radius + 1)²` window (shrunk at the borders), as a running-sum pass along the rows and
+/// one down the columns. The column pass keeps one running sum per column and walks whole rows,
+/// so every read is sequential (a map is megabytes; a walk down each column missed the cache
+/// at every step).
 fn box_blur(values: &mut [f32], size: usize, channels: usize, radius: usize) {
-    let mut line = vec![0.0f32; size * channels];
-    for pass in 0..2 {
-        for outer in 0..size {
-            // Pass 0 runs along rows, pass 1 along columns.
-            let index = |inner: usize| {
-                let (row, column) = if pass == 0 {
-                    (outer, inner)
-                } else {
-                    (inner, outer)
-                };
-                (row * size + column) * channels
-            };
+    let row_length = size * channels;
+    let window = |inner: usize| (inner.saturating_sub(radius), (inner + radius + 1).min(size));
+    values.par_chunks_exact_mut(row_length).for_each_init(
+        || vec![0.0f32; row_length],
+        |line, row| {
             for c in 0..channels {
                 let mut sum = 0.0f64;
-                let mut count = 0usize;
-                for inner in 0..radius.min(size) {
-                    sum += f64::from(values[index(inner) + c]);
-                    count += 1;
-                }
+                let mut span = (0, 0);
                 for inner in 0..size {
-                    if inner + radius < size {
-                        sum += f64::from(values[index(inner + radius) + c]);
-                        count += 1;
+                    let (lo, hi) = window(inner);
+                    while span.1 < hi {
+                        sum += f64::from(row[span.1 * channels + c]);
+                        span.1 += 1;
                     }
-                    if inner > radius {
-                        sum -= f64::from(values[index(inner - radius - 1) + c]);
-                        count -= 1;
+                    while span.0 < lo {
+                        sum -= f64::from(row[span.0 * channels + c]);
+                        span.0 += 1;
                     }
-                    line[inner * channels + c] = (sum / count as f64) as f32;
+                    line[inner * channels + c] = (sum / (hi - lo) as f64) as f32;
                 }
             }
-            for inner in 0..size {
-                let at = index(inner);
-                values[at..at + channels].copy_from_slice(&line[inner * channels..][..channels]);
+            row.copy_from_slice(line);
+        },
+    );
+    // Bands of rows in parallel, each starting its running sums afresh.
+    const BAND_ROWS: usize = 32;
+    let rows = values.to_vec();
+    let row_at = |r: usize| &rows[r * row_length..][..row_length];
+    let bands = values.par_chunks_mut(BAND_ROWS * row_length).enumerate();
+    bands.for_each(|(band, out)| {
+        let mut sums = vec![0.0f64; row_length];
+        let first = band * BAND_ROWS;
+        let mut span = (window(first).0, window(first).0);
+        for (offset, out) in out.chunks_exact_mut(row_length).enumerate() {
+            let (lo, hi) = window(first + offset);
+            while span.1 < hi {
+                sums.iter_mut()
+                    .zip(row_at(span.1))
+                    .for_each(|(s, &v)| *s += f64::from(v));
+                span.1 += 1;
             }
+            while span.0 < lo {
+                sums.iter_mut()
+                    .zip(row_at(span.0))
+                    .for_each(|(s, &v)| *s -= f64::from(v));
+                span.0 += 1;
+            }
+            let count = (hi - lo) as f64;
+            out.iter_mut()
+                .zip(&sums)
+                .for_each(|(o, &s)| *o = (s / count) as f32);
         }
-    }
+    });
 }
 
 #[cfg(test)]
@@ -483,6 +546,40 @@ mod tests {
         // photo's light came from the left): the copies are shaded alike.
         let t = mirror_filled(40, 0.5);
         assert_pattern(&t, &[(5, 50), (30, 55), (60, 61), (12, 45)], 0.5);
+    }
+
+    #[test]
+    fn box_blur_is_the_mean_over_each_window_clipped_to_the_map() {
+        let channels = 3;
+        // 70 rows span several of the column pass's bands.
+        for (size, radius) in [(11, 1), (11, 3), (11, 12), (70, 3)] {
+            let original: Vec<f32> = (0..size * size * channels)
+                .map(|i| ((i * 7919 % 1000) as f32) / 1000.0)
+                .collect();
+            let mut blurred = original.clone();
+            box_blur(&mut blurred, size, channels, radius);
+            for row in 0..size {
+                for column in 0..size {
+                    let rows = row.saturating_sub(radius)..(row + radius + 1).min(size);
+                    let columns = column.saturating_sub(radius)..(column + radius + 1).min(size);
+                    let count = (rows.len() * columns.len()) as f32;
+                    for c in 0..channels {
+                        let mut sum = 0.0;
+                        for r in rows.clone() {
+                            for k in columns.clone() {
+                                sum += original[(r * size + k) * channels + c];
+                            }
+                        }
+                        let got = blurred[(row * size + column) * channels + c];
+                        assert!(
+                            (got - sum / count).abs() < 1e-5,
+                            "radius {radius} at ({row}, {column}, {c}): {got} vs {}",
+                            sum / count
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
