@@ -861,21 +861,24 @@ impl Problem<'_> {
             add("texture symmetry", w.texture_symmetry, symmetry)?;
         }
 
-        let mut total: Option<Tensor> = None;
-        let mut reported = Vec::with_capacity(terms.len());
-        for (name, value) in terms {
-            let value = value.to_dtype(DType::F32)?.reshape(())?;
-            reported.push((name.to_string(), f64::from(value.to_scalar::<f32>()?)));
-            total = Some(match total {
-                Some(t) => (t + value)?,
-                None => value,
-            });
+        if terms.is_empty() {
+            return Err(OptimError::InvalidInput(
+                "every weight of the full objective is zero".to_string(),
+            ));
         }
-        let total = total.ok_or_else(|| {
-            OptimError::InvalidInput("every weight of the full objective is zero".to_string())
-        })?;
+        let values = terms
+            .iter()
+            .map(|(_, value)| value.to_dtype(DType::F32)?.reshape(1))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let values = Tensor::cat(&values, 0)?;
+        // One read-back for all the terms: on a GPU each read waits for the queue to drain.
+        let reported = terms
+            .iter()
+            .zip(values.to_vec1::<f32>()?)
+            .map(|((name, _), value)| (name.to_string(), f64::from(value)))
+            .collect();
         Ok(Loss {
-            total,
+            total: values.sum_all()?,
             terms: reported,
         })
     }

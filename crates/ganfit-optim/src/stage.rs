@@ -274,19 +274,24 @@ fn finite_gradients(
     groups: &[ParamGroup],
     grads: &candle_core::backprop::GradStore,
 ) -> Result<bool, OptimError> {
-    for var in groups.iter().flat_map(|g| &g.vars) {
-        if let Some(grad) = grads.get(var) {
-            let sum = grad
-                .abs()?
+    let sums = groups
+        .iter()
+        .flat_map(|g| &g.vars)
+        .filter_map(|var| grads.get(var))
+        .map(|grad| {
+            grad.abs()?
                 .sum_all()?
                 .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-            if !sum.is_finite() {
-                return Ok(false);
-            }
-        }
+                .reshape(1)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(true);
     }
-    Ok(true)
+    // A NaN or infinity anywhere makes the sum of the (f64) magnitudes non-finite; one
+    // read-back instead of one per variable, each of which waits for a GPU to drain its queue.
+    let total = Tensor::cat(&sums, 0)?.sum_all()?.to_scalar::<f64>()?;
+    Ok(total.is_finite())
 }
 
 /// Copies of every variable's value, to return to.
