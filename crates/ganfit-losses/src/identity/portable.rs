@@ -3,7 +3,8 @@
 //! the maximum of nine strided views, the residual sums zero-padded as dlib's `add_prev` does.
 //! Slower than the fused ops on the CPU, but differentiable with candle's autograd anywhere.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
 
 use super::ops::FixedConv;
 use super::stages::Stage;
@@ -13,25 +14,132 @@ use super::winograd::Scratch;
 #[derive(Debug, Clone)]
 struct Conv {
     weight: Tensor,
-    bias: Tensor,
-    stride: usize,
-    padding: usize,
+    /// The bias, carrying the input's gradient (see [`BiasWithInputGradient`]).
+    bias: BiasWithInputGradient,
 }
 
 impl Conv {
     fn new<T: Scratch>(conv: &FixedConv<T>, device: &Device) -> Result<Self> {
         let (weight, bias, stride, padding) = conv.to_tensors(device)?;
+        let k = weight.dim(2)?;
+        let reversed = Tensor::from_vec((0..k as u32).rev().collect(), k, device)?;
+        let flipped = weight
+            .transpose(0, 1)?
+            .contiguous()?
+            .index_select(&reversed, 2)?
+            .index_select(&reversed, 3)?
+            .contiguous()?;
         Ok(Self {
+            bias: BiasWithInputGradient {
+                bias,
+                weight: weight.clone(),
+                flipped,
+                stride,
+                padding,
+            },
             weight,
-            bias,
-            stride,
-            padding,
         })
     }
 
+    /// The convolution of the detached input plus the bias, which carries the input's
+    /// gradient: candle's own backward of `conv2d(x, w) + b` also computes the gradients of the
+    /// weights and the bias (constants here) and takes the input's from a direct transposed
+    /// convolution, and on a GPU, where each small kernel costs its launch, that is most of the
+    /// network's backward pass.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&self.bias)
+        let b = &self.bias;
+        let out = x.detach().conv2d(&self.weight, b.padding, b.stride, 1, 1)?;
+        out + x.apply_op1(b.clone())?
+    }
+}
+
+/// A convolution's bias broadcast to the convolution's output shape, as a function of its
+/// input whose backward is the convolution's gradient with respect to that input: a
+/// convolution of the output's gradient with the spatially flipped, transposed weights (a
+/// transposed convolution for strided ones).
+#[derive(Debug, Clone)]
+struct BiasWithInputGradient {
+    /// `[1, O, 1, 1]`.
+    bias: Tensor,
+    /// `[O, I, k, k]`.
+    weight: Tensor,
+    /// `[I, O, k, k]`, flipped in both spatial dims.
+    flipped: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl BiasWithInputGradient {
+    fn output_shape(&self, input: &Layout) -> Result<Shape> {
+        let (b, _, h, w) = input.shape().dims4()?;
+        let (o, _, k, _) = self.weight.dims4()?;
+        let out = |size: usize| (size + 2 * self.padding - k) / self.stride + 1;
+        Ok(Shape::from((b, o, out(h), out(w))))
+    }
+
+    /// The bias copied into a new `shape`-sized storage of `device`.
+    fn broadcast<S: BackendStorage<Device = D>, D: BackendDevice<Storage = S>>(
+        &self,
+        bias: &S,
+        bias_layout: &Layout,
+        shape: &Shape,
+    ) -> Result<S> {
+        // Every element is written by the copy: zeros only to get a storage of the right size.
+        let mut out = bias.device().zeros_impl(shape, bias.dtype())?;
+        bias.copy_strided_src(&mut out, 0, &bias_layout.broadcast_as(shape)?)?;
+        Ok(out)
+    }
+}
+
+impl CustomOp1 for BiasWithInputGradient {
+    fn name(&self) -> &'static str {
+        "dlib-conv-bias-with-input-gradient"
+    }
+
+    fn cpu_fwd(&self, _storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = self.output_shape(layout)?;
+        let (bias, bias_layout) = self.bias.storage_and_layout();
+        let Storage::Cpu(bias) = &*bias else {
+            candle_core::bail!("the convolution's bias is not on the CPU")
+        };
+        Ok((self.broadcast(bias, bias_layout, &shape)?, shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = self.output_shape(layout)?;
+        let (bias, bias_layout) = self.bias.storage_and_layout();
+        let Storage::Cuda(bias) = &*bias else {
+            candle_core::bail!("the convolution's bias is not on the GPU")
+        };
+        Ok((self.broadcast(bias, bias_layout, &shape)?, shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let k = self.weight.dim(2)?;
+        if self.stride == 1 {
+            return Ok(Some(grad.conv2d(
+                &self.flipped,
+                k - 1 - self.padding,
+                1,
+                1,
+                1,
+            )?));
+        }
+        // As candle's own conv2d backward: the rows a strided convolution skipped at the end.
+        let covered = (grad.dim(2)? - 1) * self.stride + k - 2 * self.padding;
+        let output_padding = arg.dim(2)? - covered;
+        Ok(Some(grad.conv_transpose2d(
+            &self.weight,
+            self.padding,
+            output_padding,
+            self.stride,
+            1,
+        )?))
     }
 }
 
