@@ -278,45 +278,67 @@ fn write_outputs(
     result: &FitResult,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
-    result.uv_texture.save(dir.join("texture.png"))?;
-    result.uv_observed.save(dir.join("texture_observed.png"))?;
-    if let Some(albedo) = &result.albedo {
-        albedo.save(dir.join("albedo.png"))?;
-    }
-    export::write_obj(
-        &dir.join("mesh.obj"),
-        &result.mesh,
-        Some(Path::new("texture.png")),
-    )?;
-    export::write_glb(
-        &dir.join("mesh.glb"),
-        &result.mesh,
-        Some(&result.uv_texture),
-    )?;
-    result.render.save(dir.join("render.png"))?;
-    result.frontal_render.save(dir.join("frontal.png"))?;
     let overlay = overlay(photo, &result.geometry_render);
-    overlay.save(dir.join("overlay.png"))?;
-    std::fs::write(
-        dir.join("landmarks.json"),
-        serde_json::to_string_pretty(&json!({
-            "convention": "iBUG-68 order, pixel coordinates (x right, y down, pixel centres at integers)",
-            "detected": result.detected_landmarks,
-            "fitted": result.fitted_landmarks,
-        }))?,
-    )?;
-    std::fs::write(
-        dir.join("params.json"),
-        serde_json::to_string_pretty(&params_json(fitter, result)?)?,
-    )?;
-    report::write(
-        &dir.join("report.html"),
-        photo_name,
-        photo,
-        &overlay,
-        result,
-    )?;
-    Ok(())
+    type Job<'a> = Box<dyn FnOnce() -> anyhow::Result<()> + Send + 'a>;
+    let mut jobs: Vec<Job<'_>> = vec![
+        Box::new(|| Ok(result.uv_texture.save(dir.join("texture.png"))?)),
+        Box::new(|| Ok(result.uv_observed.save(dir.join("texture_observed.png"))?)),
+        Box::new(|| {
+            export::write_obj(
+                &dir.join("mesh.obj"),
+                &result.mesh,
+                Some(Path::new("texture.png")),
+            )?;
+            Ok(())
+        }),
+        Box::new(|| {
+            export::write_glb(
+                &dir.join("mesh.glb"),
+                &result.mesh,
+                Some(&result.uv_texture),
+            )?;
+            Ok(())
+        }),
+        Box::new(|| Ok(result.render.save(dir.join("render.png"))?)),
+        Box::new(|| Ok(result.frontal_render.save(dir.join("frontal.png"))?)),
+        Box::new(|| Ok(overlay.save(dir.join("overlay.png"))?)),
+        Box::new(|| {
+            std::fs::write(
+                dir.join("landmarks.json"),
+                serde_json::to_string_pretty(&json!({
+                    "convention": "iBUG-68 order, pixel coordinates (x right, y down, pixel centres at integers)",
+                    "detected": result.detected_landmarks,
+                    "fitted": result.fitted_landmarks,
+                }))?,
+            )?;
+            std::fs::write(
+                dir.join("params.json"),
+                serde_json::to_string_pretty(&params_json(fitter, result)?)?,
+            )?;
+            Ok(())
+        }),
+        Box::new(|| {
+            report::write(
+                &dir.join("report.html"),
+                photo_name,
+                photo,
+                &overlay,
+                result,
+            )
+        }),
+    ];
+    if let Some(albedo) = &result.albedo {
+        jobs.push(Box::new(|| Ok(albedo.save(dir.join("albedo.png"))?)));
+    }
+    // Independent files, most of their time PNG compression: one thread each.
+    std::thread::scope(|scope| {
+        let writers: Vec<_> = jobs.into_iter().map(|job| scope.spawn(job)).collect();
+        writers.into_iter().try_for_each(|writer| {
+            writer
+                .join()
+                .map_err(|_| anyhow::anyhow!("a thread writing the results panicked"))?
+        })
+    })
 }
 
 /// The grey geometry render blended half-transparently over the photo.
