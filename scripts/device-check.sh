@@ -3,18 +3,19 @@
 #
 # Here (no GPU needed):   bash scripts/device-check.sh pack
 #   builds the `cuda` test binaries of the renderer, morphable model, loss networks and texture
-#   GAN, the CUDA renderer bench and the `ganfit` CLI with CUDA, and packs them with the
-#   converted ICT model the fit needs (built from ../shared, which does not travel) into one
-#   solid archive .devbin/bin.tar.xz (git-ignored), beside this script. Everything that
-#   travels (the tracked tree is ~28 MB) must stay under 64 MiB.
+#   GAN, the CUDA renderer bench, the identity network's bench and the `ganfit` CLI with CUDA,
+#   and packs them with the converted ICT model the fit needs (built from ../shared, which does
+#   not travel) into one solid archive .devbin/bin.tar.xz (git-ignored), beside this script.
+#   Everything that travels (the tracked tree is ~28 MB) must stay under 64 MiB.
 # Then one device call from the repository root:
 #   run(command="bash .devbin/device-check.sh run", carry=[".devbin"], timeout_s=480)
 #   which runs timed default fits of the bundled photo on the GPU (twice: the first includes
 #   the driver's JIT of the PTX) and on the CPU, a short texture-GAN training run through the
 #   CLI on the GPU, then every packed test binary (CPU-vs-CUDA parity of outputs and gradients)
-#   and the `cuda/` benches, printing the GPU, the libraries found and the results. With $OUT
-#   set (the device tool sets it), the fit's report and renders and the GAN's samples land
-#   there; pipe the output into $OUT too, so a run that overruns still brings its log back.
+#   and the benches (renderer; identity network on the CPU and the GPU), printing the GPU, the
+#   libraries found and the results. With $OUT set (the device tool sets it), the fit's report
+#   and renders and the GAN's samples land there; pipe the output into $OUT too, so a run that
+#   overruns still brings its log back.
 set -euo pipefail
 mode=${1:-}
 root=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
@@ -32,7 +33,8 @@ pack() {
   # CUDA into every test binary), and the bench through `cargo test` too: the release profile,
   # so candle's CUDA kernels (minutes to build) are built once for all.
   cargo test --release -p ganfit-render -p ganfit-morphable -p ganfit-losses -p ganfit-texture \
-    --features cuda --test cuda --bench render_cuda --no-run --message-format=json > .devbin/cargo.json
+    --features cuda --test cuda --bench render_cuda --bench identity --no-run \
+    --message-format=json > .devbin/cargo.json
   mkdir .devbin/bin
   jq -r 'select(.reason == "compiler-artifact" and .executable != null and .profile.test)
          | "\(.executable) \(.manifest_path) \(.target.kind[0])"' .devbin/cargo.json |

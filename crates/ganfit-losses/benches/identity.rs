@@ -2,7 +2,8 @@
 //! 150×150 images — GANFIT's render R and frontal render R̂ — through the identity and content
 //! losses against a fixed photo; the forward pass alone is timed too. `forward_backward_cpu`
 //! reports the same step's CPU time (all threads of the process), which on a shared machine
-//! moves much less with the load than the wall time.
+//! moves much less with the load than the wall time. Built with the `cuda` feature it times the
+//! same two steps on the first GPU as `cuda/...` (scripts/device-check.sh runs it there).
 //!
 //! `cargo bench --release -p ganfit-losses --bench identity -- --warm-up-time 2 --measurement-time 5`
 //! (tools/bench/identity_torch.py times the same network in PyTorch; tools/bench/compare_identity.sh
@@ -20,7 +21,14 @@ use ganfit_losses::identity::{FaceRecognitionNet, INPUT_SIZE};
 use ganfit_losses::losses::{content_loss, identity_loss};
 
 fn bench(c: &mut Criterion) {
-    let device = Device::Cpu;
+    bench_on(c, &Device::Cpu, "cpu");
+    // With the `cuda` feature, the same steps on the first GPU (its tensor-op path).
+    #[cfg(feature = "cuda")]
+    bench_on(c, &Device::new_cuda(0).expect("a CUDA device"), "cuda");
+}
+
+fn bench_on(c: &mut Criterion, device: &Device, name: &str) {
+    let device = device.clone();
     let net = FaceRecognitionNet::load(&device).expect("weights");
     let shape = (2, 3, INPUT_SIZE, INPUT_SIZE);
     let images = (Tensor::rand(0f32, 255f32, shape, &device).unwrap())
@@ -31,8 +39,13 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let input = Var::from_tensor(&images).unwrap();
 
-    c.bench_function("cpu/dlib_resnet/forward/b2", |b| {
-        b.iter(|| net.embed(&images).unwrap())
+    c.bench_function(&format!("{name}/dlib_resnet/forward/b2"), |b| {
+        b.iter(|| {
+            let embedding = net.embed(&images).unwrap();
+            // A GPU queues its work: wait for it, so that the time is the work's.
+            device.synchronize().unwrap();
+            embedding
+        })
     });
     let step = || {
         let render = net.forward(input.as_tensor()).unwrap();
@@ -42,9 +55,16 @@ fn bench(c: &mut Criterion) {
         .sum_all()
         .unwrap();
         let grads = loss.backward().unwrap();
-        grads.get(input.as_tensor()).unwrap().clone()
+        let grad = grads.get(input.as_tensor()).unwrap().clone();
+        device.synchronize().unwrap();
+        grad
     };
-    c.bench_function("cpu/dlib_resnet/forward_backward/b2", |b| b.iter(step));
+    c.bench_function(&format!("{name}/dlib_resnet/forward_backward/b2"), |b| {
+        b.iter(step)
+    });
+    if !device.is_cpu() {
+        return;
+    }
     c.bench_function("cpu/dlib_resnet/forward_backward_cpu/b2", |b| {
         b.iter_custom(|iters| {
             let start = process_cpu_time();
