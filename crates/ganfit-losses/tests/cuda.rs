@@ -23,6 +23,15 @@ fn pixels(n: usize, seed: u64) -> Vec<f64> {
         .collect()
 }
 
+/// d `loss` / d `of`.
+fn gradient(loss: &Tensor, of: &Var) -> Tensor {
+    loss.backward()
+        .unwrap()
+        .get(of.as_tensor())
+        .expect("the variable takes part in the loss")
+        .clone()
+}
+
 /// The network's maps and descriptors for `images`, and the gradient of identity + content
 /// losses against `reference` with respect to the images.
 fn features_and_input_gradient(
@@ -36,12 +45,7 @@ fn features_and_input_gradient(
     let loss = (identity_loss(&target.embedding, &features.embedding).unwrap()
         + content_loss(&target.maps, &features.maps).unwrap())
     .unwrap();
-    let grad = loss
-        .backward()
-        .unwrap()
-        .get(images.as_tensor())
-        .unwrap()
-        .clone();
+    let grad = gradient(&loss, &images);
     let mut outputs = features.maps;
     outputs.push(features.embedding);
     (outputs, grad)
@@ -143,13 +147,7 @@ fn cuda_chip_warp_and_its_image_gradient_match_cpu() {
             .unwrap()
             .sum_all()
             .unwrap();
-        let grad = loss
-            .backward()
-            .unwrap()
-            .get(images.as_tensor())
-            .unwrap()
-            .clone();
-        (chips, grad)
+        (chips, gradient(&loss, &images))
     };
     let (cpu_chips, cpu_grad) = warp_and_gradient(&Device::Cpu);
     let (gpu_chips, gpu_grad) = warp_and_gradient(&gpu());
