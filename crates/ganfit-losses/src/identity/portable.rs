@@ -203,11 +203,15 @@ impl PortableStages {
 }
 
 /// Every second entry of dim `dim` from `offset` on, `count` of them: a strided view built
-/// from a narrow, a reshape that pairs neighbours and a narrow to the first of each pair.
+/// from a narrow (padded by one zero where the last pair would run past the end), a reshape
+/// that pairs neighbours and a narrow to the first of each pair.
 fn every_second(t: &Tensor, dim: usize, offset: usize, count: usize) -> Result<Tensor> {
-    let picked = t
-        .narrow(dim, offset, 2 * count - 1)?
-        .pad_with_zeros(dim, 0, 1)?;
+    let picked = if offset + 2 * count <= t.dim(dim)? {
+        t.narrow(dim, offset, 2 * count)?
+    } else {
+        t.narrow(dim, offset, 2 * count - 1)?
+            .pad_with_zeros(dim, 0, 1)?
+    };
     let mut dims = picked.dims().to_vec();
     dims[dim] = count;
     dims.insert(dim + 1, 2);
@@ -218,22 +222,17 @@ fn every_second(t: &Tensor, dim: usize, offset: usize, count: usize) -> Result<T
 }
 
 /// dlib's 3×3/2 max-pool without padding (candle's own pooling has no gradient when the window
-/// is larger than the stride).
+/// is larger than the stride): the maximum of three strided views down the rows, then of three
+/// across the columns. The 3×3 maximum is separable, so that is 4 maxima and 6 views instead of
+/// 8 and 12, each a few kernels forward and more backward on a GPU.
 fn max_pool_3x3_stride_2(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let (oh, ow) = ((h - 3) / 2 + 1, (w - 3) / 2 + 1);
-    let mut best: Option<Tensor> = None;
-    for ky in 0..3 {
-        let rows = every_second(x, 2, ky, oh)?;
-        for kx in 0..3 {
-            let view = every_second(&rows, 3, kx, ow)?;
-            best = Some(match best {
-                Some(b) => b.maximum(&view)?,
-                None => view,
-            });
-        }
-    }
-    best.ok_or_else(|| candle_core::Error::Msg("a 3x3 window has taps".into()))
+    let max_of_three = |t: &Tensor, dim: usize| -> Result<Tensor> {
+        let count = (t.dim(dim)? - 3) / 2 + 1;
+        every_second(t, dim, 0, count)?
+            .maximum(&every_second(t, dim, 1, count)?)?
+            .maximum(&every_second(t, dim, 2, count)?)
+    };
+    max_of_three(&max_of_three(x, 2)?, 3)
 }
 
 /// 2×2/2 average pooling that drops an odd last row/column, as dlib does.
@@ -258,8 +257,34 @@ fn pad_to(t: &Tensor, like: &Tensor) -> Result<Tensor> {
 mod tests {
     use candle_core::{DType, Var};
 
+    use super::max_pool_3x3_stride_2;
     use crate::gradcheck::seeded_tensor;
     use crate::identity::FaceRecognitionNet;
+
+    /// Odd sizes need the padded views; the values are the windows' maxima and the gradient
+    /// that of a maximum (ties have measure zero on random inputs).
+    #[test]
+    fn max_pool_takes_each_windows_maximum_at_odd_and_even_sizes() -> crate::Result<()> {
+        for (h, w) in [(7, 8), (9, 9), (6, 11)] {
+            let x = seeded_tensor(&[1, 2, h, w], (h * w) as u64)?;
+            let pooled: Vec<Vec<Vec<f64>>> = max_pool_3x3_stride_2(&x)?.squeeze(0)?.to_vec3()?;
+            let values: Vec<Vec<Vec<f64>>> = x.squeeze(0)?.to_vec3()?;
+            let (oh, ow) = ((h - 3) / 2 + 1, (w - 3) / 2 + 1);
+            for (c, plane) in pooled.iter().enumerate() {
+                assert_eq!((plane.len(), plane[0].len()), (oh, ow));
+                for (r, row) in plane.iter().enumerate() {
+                    for (k, &got) in row.iter().enumerate() {
+                        let want = (0..9)
+                            .map(|tap| values[c][2 * r + tap / 3][2 * k + tap % 3])
+                            .fold(f64::NEG_INFINITY, f64::max);
+                        assert_eq!(got, want, "{h}×{w}, channel {c}, ({r}, {k})");
+                    }
+                }
+            }
+            crate::gradcheck::check_input_gradient(&x, max_pool_3x3_stride_2, 1e-6)?;
+        }
+        Ok(())
+    }
 
     /// The tensor-operation path computes the fused ops' function: same feature maps and
     /// descriptors, and the same input gradient (in f64, so that only the order of sums differs).
