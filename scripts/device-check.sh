@@ -9,13 +9,13 @@
 #   Everything that travels (the tracked tree is ~28 MB) must stay under 64 MiB.
 # Then one device call from the repository root:
 #   run(command="bash .devbin/device-check.sh run", carry=[".devbin"], timeout_s=480)
-#   which runs timed default fits of the bundled photo on the GPU (twice: the first includes
-#   the driver's JIT of the PTX) and on the CPU, a short texture-GAN training run through the
-#   CLI on the GPU, then every packed test binary (CPU-vs-CUDA parity of outputs and gradients)
-#   and the benches (renderer; identity network on the CPU and the GPU), printing the GPU, the
-#   libraries found and the results. With $OUT set (the device tool sets it), the fit's report
-#   and renders and the GAN's samples land there; pipe the output into $OUT too, so a run that
-#   overruns still brings its log back.
+#   which runs timed default fits of the bundled photo, one on the GPU that includes the
+#   driver's JIT of the PTX, then three each on the GPU and the CPU, alternating, a short
+#   texture-GAN training run through the CLI on the GPU, then every packed test binary
+#   (CPU-vs-CUDA parity of outputs and gradients) and the benches (renderer; identity network
+#   on the CPU and the GPU), printing the GPU, the libraries found and the results. With $OUT
+#   set (the device tool sets it), the fit's report and renders and the GAN's samples land
+#   there; pipe the output into $OUT too, so a run that overruns still brings its log back.
 set -euo pipefail
 mode=${1:-}
 root=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
@@ -89,15 +89,15 @@ run() {
   local rc=0
   # The timed fits and the trainer first: the headline numbers survive a run that overruns.
   if [ -f /tmp/devbin/assets/ict-face-model-light.safetensors ]; then
-    for device in cuda cuda cpu; do
+    # The first GPU fit includes the driver's JIT of the PTX; then three on each device,
+    # alternating, so that a busy host slows both alike (report medians and their ratio).
+    for device in cuda cuda cpu cuda cpu cuda cpu; do
       echo "=== fit on $device"
       local start
       start=$(date +%s%N)
       "$bin/ganfit" fit "$root/examples/data/astronaut.png" \
         --device "$device" --out "/tmp/devbin/fit-$device" --quiet || rc=1
       echo "wall $(( ($(date +%s%N) - start) / 1000000 )) ms"
-    done
-    for device in cuda cpu; do
       echo "stages on $device: $(grep -o '<h2>Timings</h2>.*</table>' "/tmp/devbin/fit-$device/report.html" |
         sed -e 's/<\/td><td>/ /g; s/<[^>]*>/ /g; s/  */ /g')"
     done
