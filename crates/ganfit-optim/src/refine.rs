@@ -746,24 +746,28 @@ impl Problem<'_> {
                 .instance(shape.as_tensor(), vars.expression.as_tensor())?;
             let rotation = vars.rotation.as_tensor().unsqueeze(0)?;
             let translation = vars.translation.as_tensor().unsqueeze(0)?;
-            let on_photo = |albedo: &Tensor| -> Result<(Tensor, Tensor), OptimError> {
-                let rendering = view.renderer.render(&Scene {
+            // A free UV map's detached copy colours the render the identity network sees: the
+            // same geometry, so one rasterization serves both.
+            let recognised_appearance = match texture.model {
+                Some(_) => vec![],
+                None => vec![self.scene.appearance(&recognised_albedo)],
+            };
+            let renderings = view.renderer.render_with_appearances(
+                &Scene {
                     vertices: &vertices,
                     rotation: &rotation,
                     translation: &translation,
-                    appearance: self.scene.appearance(albedo),
+                    appearance: self.scene.appearance(&albedo),
                     lighting: Lighting::SphericalHarmonics(vars.light.as_tensor()),
-                })?;
-                let background = view
-                    .crop
-                    .broadcast_mul(&rendering.mask.affine(-1.0, 1.0)?)?;
-                Ok(((rendering.image + background)?, rendering.mask))
-            };
-            let (composite, mask) = on_photo(&albedo)?;
-            let recognised = if texture.model.is_some() {
-                composite.clone()
-            } else {
-                on_photo(&recognised_albedo)?.0
+                },
+                &recognised_appearance,
+            )?;
+            let mask = &renderings[0].mask;
+            let background = view.crop.broadcast_mul(&mask.affine(-1.0, 1.0)?)?;
+            let composite = (&renderings[0].image + &background)?;
+            let recognised = match renderings.get(1) {
+                Some(rendering) => (&rendering.image + &background)?,
+                None => composite.clone(),
             };
             pixel.push(pixel_loss(&composite, &view.crop, &mask.detach())?);
             chips.push(to_chip(&view.chip, &recognised)?);

@@ -93,6 +93,17 @@ pub struct Rendering {
     pub camera_vertices: Tensor,
 }
 
+/// [`Lighting`] with what it needs per pixel besides the normals.
+enum Light<'a> {
+    Unlit,
+    SphericalHarmonics(&'a Tensor),
+    Phong {
+        light: &'a PhongLight,
+        /// Unit directions to the camera `[B, H, W, 3]`.
+        towards_camera: Tensor,
+    },
+}
+
 /// Draws a fixed mesh topology through a fixed camera; everything else varies per call.
 #[derive(Clone, Debug)]
 pub struct Renderer {
@@ -119,6 +130,21 @@ impl Renderer {
     /// Renders a batch. All float inputs must share one dtype (f32 or f64); gradients flow to
     /// vertices, pose, colours or texture, and light.
     pub fn render(&self, scene: &Scene<'_>) -> Result<Rendering> {
+        let mut renderings = self.render_with_appearances(scene, &[])?;
+        Ok(renderings.swap_remove(0))
+    }
+
+    /// Renders `scene`, then the same scene with each of `more` appearances instead, sharing
+    /// one rasterization, one set of normals and one silhouette analysis: only the colours,
+    /// the shading and the antialiased blend are per appearance, in the forward pass and in
+    /// the backward pass (where the shared ops see the appearances' gradients summed). For
+    /// renders of one geometry whose colours must pass gradients to different variables, e.g.
+    /// a texture and its detached copy. Returns the renderings in that order.
+    pub fn render_with_appearances(
+        &self,
+        scene: &Scene<'_>,
+        more: &[Appearance<'_>],
+    ) -> Result<Vec<Rendering>> {
         let tris = &self.triangles;
         let cam = &self.camera;
         let camera_vertices = camera_from_world(scene.vertices, scene.rotation, scene.translation)?;
@@ -130,57 +156,72 @@ impl Renderer {
         let interpolated_normals =
             interpolate(&vertex_normals(&camera_vertices, tris)?, &rast, tris)?;
         let normals = normalize(&interpolated_normals)?;
-        let albedo = match scene.appearance {
-            Appearance::VertexColors(colors) => interpolate(colors, &rast, tris)?,
-            Appearance::Texture {
-                texture: tex,
-                uv,
-                uv_triangles,
-                wrap,
-            } => {
-                let uv_tris = uv_triangles.unwrap_or(tris);
-                if uv_tris.len() != tris.len() {
-                    return Err(RenderError::Shape {
-                        what: "uv_triangles",
-                        expected: format!("{} triangles, one per mesh triangle", tris.len()),
-                        got: vec![uv_tris.len(), 3],
-                    });
-                }
-                let uv_px = interpolate(uv, &rast, uv_tris)?;
-                texture(tex, &uv_px, wrap)?
-            }
-        };
-        let shaded = match scene.lighting {
-            Lighting::Unlit => albedo,
-            // Normalised again inside: when the loss does not involve `normals` (as it rarely
-            // does), the backward pass then skips the separate normalisation.
-            Lighting::SphericalHarmonics(coeffs) => {
-                shade_sh_of_normalized(&albedo, &interpolated_normals, coeffs)?
-            }
-            Lighting::Phong(light) => {
+        // Phong's direction to the camera per pixel, also shared.
+        let light = match scene.lighting {
+            Lighting::Unlit => Light::Unlit,
+            Lighting::SphericalHarmonics(coeffs) => Light::SphericalHarmonics(coeffs),
+            Lighting::Phong(phong) => Light::Phong {
+                light: phong,
                 // Negating the vertices rather than the image: one small tensor op, same values.
-                let towards_camera =
-                    normalize(&interpolate(&camera_vertices.neg()?, &rast, tris)?)?;
-                shade_phong(&albedo, &normals, &towards_camera, light)?
-            }
+                towards_camera: normalize(&interpolate(&camera_vertices.neg()?, &rast, tris)?)?,
+            },
         };
-
         // Masking, antialiasing and the mask come from one analysis of the silhouettes.
         let silhouettes = Silhouettes::analyse(&rast, &clip, tris, self.options.antialias)?;
-        let image = blend(&shaded, &clip, &silhouettes, true)?;
         let mask = if self.options.antialias {
             coverage(&clip, &silhouettes)?
         } else {
             silhouettes.covered(rast.dtype())?
         };
         let depth = interpolate(&camera_vertices.narrow(2, 2, 1)?.contiguous()?, &rast, tris)?;
-        Ok(Rendering {
-            image,
-            mask,
-            depth,
-            normals,
-            rast,
-            camera_vertices,
-        })
+
+        std::iter::once(&scene.appearance)
+            .chain(more)
+            .map(|appearance| {
+                let albedo = match *appearance {
+                    Appearance::VertexColors(colors) => interpolate(colors, &rast, tris)?,
+                    Appearance::Texture {
+                        texture: tex,
+                        uv,
+                        uv_triangles,
+                        wrap,
+                    } => {
+                        let uv_tris = uv_triangles.unwrap_or(tris);
+                        if uv_tris.len() != tris.len() {
+                            return Err(RenderError::Shape {
+                                what: "uv_triangles",
+                                expected: format!(
+                                    "{} triangles, one per mesh triangle",
+                                    tris.len()
+                                ),
+                                got: vec![uv_tris.len(), 3],
+                            });
+                        }
+                        let uv_px = interpolate(uv, &rast, uv_tris)?;
+                        texture(tex, &uv_px, wrap)?
+                    }
+                };
+                let shaded = match &light {
+                    Light::Unlit => albedo,
+                    // Normalised again inside: when the loss does not involve `normals` (as it
+                    // rarely does), the backward pass then skips the separate normalisation.
+                    Light::SphericalHarmonics(coeffs) => {
+                        shade_sh_of_normalized(&albedo, &interpolated_normals, coeffs)?
+                    }
+                    Light::Phong {
+                        light,
+                        towards_camera,
+                    } => shade_phong(&albedo, &normals, towards_camera, light)?,
+                };
+                Ok(Rendering {
+                    image: blend(&shaded, &clip, &silhouettes, true)?,
+                    mask: mask.clone(),
+                    depth: depth.clone(),
+                    normals: normals.clone(),
+                    rast: rast.clone(),
+                    camera_vertices: camera_vertices.clone(),
+                })
+            })
+            .collect()
     }
 }

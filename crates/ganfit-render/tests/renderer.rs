@@ -1,5 +1,6 @@
 //! The composed renderer on a sphere: plausible depth, normals and coverage, texture and
-//! vertex-colour paths agree, batching is independent per item.
+//! vertex-colour paths agree, batching is independent per item, and appearances sharing one
+//! rasterization render and differentiate as separate renders.
 
 mod common;
 
@@ -152,4 +153,108 @@ fn texture_and_vertex_colours_agree_for_a_linear_colouring() {
         .unwrap();
     assert!(diff < 1e-9, "{diff}");
     assert!(coloured.sum_all().unwrap().to_scalar::<f64>().unwrap() > 10.0);
+}
+
+/// Several appearances over one rasterization: each image is what `render` draws with that
+/// appearance alone, and the gradients of a loss over all of them are the separate renders'
+/// gradients summed (to the vertices, the pose, the light and each appearance's colours).
+#[test]
+fn appearances_sharing_one_rasterization_render_and_differentiate_as_separate_renders() {
+    let (verts, tris) = sphere();
+    let nv = tris.num_vertices();
+    let var = |t: Tensor| candle_core::Var::from_tensor(&t).unwrap();
+    let colours = |seed: f64| {
+        let values: Vec<f64> = (0..nv * 3)
+            .map(|i| 0.5 + 0.4 * (i as f64 * 0.37 + seed).sin())
+            .collect();
+        var(Tensor::from_vec(values, (nv, 3), &Device::Cpu).unwrap())
+    };
+    let (first, second) = (colours(0.0), colours(1.3));
+    let vertices = var(verts);
+    let rot = var(Tensor::new(&[[0.1, 0.2, 0.0]], &Device::Cpu).unwrap());
+    let trans = var(Tensor::new(&[[0.0, 0.0, 3.0]], &Device::Cpu).unwrap());
+    let sh = var(Tensor::new(
+        &[[[0.8, 0.1, -0.3, 0.1, 0.0, 0.0, 0.05, 0.0, 0.0]; 3]],
+        &Device::Cpu,
+    )
+    .unwrap());
+    let renderer = Renderer::new(tris, camera(24, 20), RenderOptions::default());
+    fn scene<'a>(
+        [vertices, rot, trans, sh]: [&'a candle_core::Var; 4],
+        colours: &'a candle_core::Var,
+    ) -> Scene<'a> {
+        Scene {
+            vertices: vertices.as_tensor(),
+            rotation: rot.as_tensor(),
+            translation: trans.as_tensor(),
+            appearance: Appearance::VertexColors(colours.as_tensor()),
+            lighting: Lighting::SphericalHarmonics(sh.as_tensor()),
+        }
+    }
+    let geometry = [&vertices, &rot, &trans, &sh];
+    // Different weights per image, so that a swapped or shared gradient would show.
+    let weights = [0.7, -1.9];
+    let loss = |images: [&Tensor; 2]| {
+        let terms: Vec<Tensor> = images
+            .iter()
+            .zip(weights)
+            .map(|(image, w)| (*image * w).unwrap().sqr().unwrap().sum_all().unwrap())
+            .collect();
+        (&terms[0] + &terms[1]).unwrap()
+    };
+    let together = renderer
+        .render_with_appearances(
+            &scene(geometry, &first),
+            &[Appearance::VertexColors(second.as_tensor())],
+        )
+        .unwrap();
+    let apart = [
+        renderer.render(&scene(geometry, &first)).unwrap(),
+        renderer.render(&scene(geometry, &second)).unwrap(),
+    ];
+    let max_difference = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    for (t, a) in together.iter().zip(&apart) {
+        assert_eq!(max_difference(&t.image, &a.image), 0.0);
+        assert_eq!(max_difference(&t.mask, &a.mask), 0.0);
+    }
+    assert!(max_difference(&apart[0].image, &apart[1].image) > 0.1);
+    let shared = loss([&together[0].image, &together[1].image])
+        .backward()
+        .unwrap();
+    let separate = loss([&apart[0].image, &apart[1].image]).backward().unwrap();
+    for (name, v) in [
+        ("vertices", &vertices),
+        ("rotation", &rot),
+        ("translation", &trans),
+        ("light", &sh),
+        ("first colours", &first),
+        ("second colours", &second),
+    ] {
+        let (s, p) = (
+            shared.get(v.as_tensor()).unwrap(),
+            separate.get(v.as_tensor()).unwrap(),
+        );
+        let scale = p
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(scale > 0.0, "{name} has no gradient");
+        assert!(
+            max_difference(s, p) <= 1e-12 * scale,
+            "{name}: {}",
+            max_difference(s, p)
+        );
+    }
 }
