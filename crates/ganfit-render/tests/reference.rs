@@ -5,22 +5,11 @@
 mod common;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use common::{Rng, dot, random_clip_mesh};
+use common::{Rng, dot, max_abs_diff, random_clip_mesh};
 use ganfit_render::{
     PhongLight, RasterOptions, Triangles, WrapMode, interpolate, rasterize, sh_irradiance_basis,
     shade_phong, shade_sh, texture,
 };
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 /// Gradients of `dot(f(inputs), cot)` for each input.
 fn vjp(inputs: &[&Tensor], f: impl Fn(&[Tensor]) -> Tensor, cot: &Tensor) -> (Tensor, Vec<Tensor>) {

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{bumpy_sphere, camera};
+use common::{bumpy_sphere, camera, max_abs_diff};
 use ganfit_render::{
     Appearance, Lighting, PhongLight, RenderOptions, Renderer, Scene, Triangles, WrapMode,
 };
@@ -212,21 +212,11 @@ fn appearances_sharing_one_rasterization_render_and_differentiate_as_separate_re
         renderer.render(&scene(geometry, &first)).unwrap(),
         renderer.render(&scene(geometry, &second)).unwrap(),
     ];
-    let max_difference = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
     for (t, a) in together.iter().zip(&apart) {
-        assert_eq!(max_difference(&t.image, &a.image), 0.0);
-        assert_eq!(max_difference(&t.mask, &a.mask), 0.0);
+        assert_eq!(max_abs_diff(&t.image, &a.image), 0.0);
+        assert_eq!(max_abs_diff(&t.mask, &a.mask), 0.0);
     }
-    assert!(max_difference(&apart[0].image, &apart[1].image) > 0.1);
+    assert!(max_abs_diff(&apart[0].image, &apart[1].image) > 0.1);
     let shared = loss([&together[0].image, &together[1].image])
         .backward()
         .unwrap();
@@ -252,9 +242,9 @@ fn appearances_sharing_one_rasterization_render_and_differentiate_as_separate_re
             .unwrap();
         assert!(scale > 0.0, "{name} has no gradient");
         assert!(
-            max_difference(s, p) <= 1e-12 * scale,
+            max_abs_diff(s, p) <= 1e-12 * scale,
             "{name}: {}",
-            max_difference(s, p)
+            max_abs_diff(s, p)
         );
     }
 }
