@@ -3,7 +3,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{Rng, bumpy_sphere, camera};
+use common::{Rng, bumpy_sphere, camera, max_abs_diff};
 use ganfit_render::{Camera, RasterOptions, Triangles, antialias, interpolate, rasterize};
 
 /// Ray through the centre of pixel (x, y) hits triangle `p` (camera space) at depth t with
@@ -341,15 +341,7 @@ fn backface_culling_follows_the_documented_winding() {
     let tris = Triangles::new(tris, nv).unwrap();
     let a = rasterize(&clip, &tris, 12, 12, RasterOptions::default()).unwrap();
     let b = rasterize(&clip, &tris, 12, 12, cull).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    assert_eq!(diff, 0.0);
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
 }
 
 /// Two jittered sheets of triangles a fraction of a pixel across, the back one a millimetre

@@ -143,14 +143,7 @@ fn texture_and_vertex_colours_agree_for_a_linear_colouring() {
         wrap: WrapMode::Clamp,
     });
     let coloured = render(Appearance::VertexColors(&colors));
-    let diff = (&textured - &coloured)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
+    let diff = max_abs_diff(&textured, &coloured);
     assert!(diff < 1e-9, "{diff}");
     assert!(coloured.sum_all().unwrap().to_scalar::<f64>().unwrap() > 10.0);
 }
@@ -233,13 +226,7 @@ fn appearances_sharing_one_rasterization_render_and_differentiate_as_separate_re
             shared.get(v.as_tensor()).unwrap(),
             separate.get(v.as_tensor()).unwrap(),
         );
-        let scale = p
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let scale = max_abs_diff(p, &p.zeros_like().unwrap());
         assert!(scale > 0.0, "{name} has no gradient");
         assert!(
             max_abs_diff(s, p) <= 1e-12 * scale,
