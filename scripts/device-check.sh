@@ -120,6 +120,22 @@ run() {
       cp /tmp/devbin/gan/samples/"$(ls /tmp/devbin/gan/samples | tail -1)" "$OUT/gan-samples.png" || true
     fi
   fi
+  # Per-launch GPU times of the renderer's forward + backward (512², batch 1), where Nsight
+  # Compute reads the counters (Firecracker machines; gVisor ones refuse it): set beside the
+  # bench's wall time, they tell the kernels' share from the host's.
+  local ncu_bin
+  ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
+  if [ -n "$ncu_bin" ]; then
+    local render_bench
+    render_bench=$(awk '$2 == "crates/ganfit-render" && $3 == "bench" {print $1}' "$bin/list")
+    echo "=== per-launch GPU times ($ncu_bin), cuda/renderer_fwd_bwd/512/b1"
+    (cd "$root/crates/ganfit-render" && timeout 150 "$ncu_bin" --clock-control none \
+      --launch-skip 3000 --launch-count 600 --metrics gpu__time_duration.sum --csv \
+      "$bin/$render_bench" --bench 'cuda/renderer_fwd_bwd/512/b1$' --warm-up-time 1 \
+      --measurement-time 1 > /tmp/devbin/ncu.csv) || echo "ncu failed"
+    grep -c gpu__time_duration /tmp/devbin/ncu.csv || true
+    [ -n "${OUT:-}" ] && cp /tmp/devbin/ncu.csv "$OUT/" || true
+  fi
   while read -r name crate kind; do
     if ldd "$bin/$name" | grep 'not found'; then echo "=== $name: missing libraries"; rc=1; continue; fi
     echo "=== $crate $kind ($name)"

@@ -11,6 +11,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use candle_core::{DType, Device, Tensor, Var};
 use common::{camera, face_like_mesh};
 use criterion::{Criterion, criterion_group, criterion_main};
@@ -110,18 +112,37 @@ fn benches(c: &mut Criterion) {
                 Var::from_tensor(&Tensor::full(0.7f32, (batch, nv, 3), &dev).unwrap()).unwrap();
             let light =
                 Var::from_tensor(&Tensor::rand(0.0f32, 0.3, (batch, 3, 9), &dev).unwrap()).unwrap();
+            let render_and_backward = || {
+                let out = render_lit(
+                    &renderer,
+                    [&world, &rotation, &translation, &albedo, &light],
+                );
+                (out.image.mean_all().unwrap() + out.mask.mean_all().unwrap())
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
             group.bench_function(id("renderer_fwd_bwd"), |b| {
                 b.iter(|| {
-                    let out = render_lit(
-                        &renderer,
-                        [&world, &rotation, &translation, &albedo, &light],
-                    );
-                    let grads = (out.image.mean_all().unwrap() + out.mask.mean_all().unwrap())
-                        .unwrap()
-                        .backward()
-                        .unwrap();
+                    let grads = render_and_backward();
                     sync();
                     grads
+                })
+            });
+            // The host's part of the row above: the time until `backward` returns, before
+            // waiting for the GPU. Close to the full time means the host's launches, not the
+            // kernels, set the pace.
+            group.bench_function(id("renderer_fwd_bwd_until_queued"), |b| {
+                b.iter_custom(|iters| {
+                    let mut queuing = Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = Instant::now();
+                        let grads = render_and_backward();
+                        queuing += start.elapsed();
+                        sync();
+                        drop(grads);
+                    }
+                    queuing
                 })
             });
         }
