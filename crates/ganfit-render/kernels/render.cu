@@ -5,9 +5,10 @@
 // and every forward value come out bit-identical to the CPU; only sums that the GPU accumulates
 // with atomics (gradients) differ, by summation order.
 //
-// Every kernel is one thread per item over a 1-D grid (item = pixel, sample or triangle), with no
-// shared memory: tests/cuda_kernels_on_host.rs compiles this very file for the host, one item at a
-// time, and compares it with the CPU ops, which is how it is checked on machines without a GPU.
+// Every kernel is one thread per item over a 1-D grid (item = pixel, sample or triangle), and only
+// the sums of many items into few values use warps and shared memory, in GPU-only code paths:
+// tests/cuda_kernels_on_host.rs compiles this very file for the host, one item at a time, and
+// compares it with the CPU ops, which is how it is checked on machines without a GPU.
 //
 // Kernels come in f32 and f64 instances, named `<kernel>_f32` / `<kernel>_f64`.
 
@@ -39,6 +40,38 @@ __device__ __forceinline__ void warp_atomic_add(T* dst, T value) {
     }
 #endif
     atomicAdd(dst, value);
+}
+
+// Adds `values[k]` to `dst[k]` (k < N) for every thread of the block. Where the whole block adds
+// to the same `dst` (`uniform`, which must be the same for every thread of the block), each
+// warp sums, the warps' sums meet in shared memory and N threads add them: one atomic per block
+// and value. Per-warp atomics alone were too many for a per-image sum such as the SH light's
+// gradient (27 values, 8192 warps at 512x512: 0.32 ms on an H100, the renderer's largest
+// kernel; 4 us this way). Every thread of the block must call it, the same number of times.
+// The host emulation adds directly.
+template <typename T, int N>
+__device__ __forceinline__ void block_atomic_add(T* dst, const T values[N], bool uniform) {
+#ifdef __CUDA_ARCH__
+    if (uniform) {
+        __shared__ T warp_sums[32][N];
+        const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+        for (int k = 0; k < N; ++k) {
+            T value = values[k];
+            for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+            if (lane == 0) warp_sums[warp][k] = value;
+        }
+        __syncthreads();
+        if (threadIdx.x < N) {
+            T sum = (T)0;
+            for (int w = 0; w < warps; ++w) sum += warp_sums[w][threadIdx.x];
+            atomicAdd(dst + threadIdx.x, sum);
+        }
+        // The next call writes `warp_sums` again.
+        __syncthreads();
+        return;
+    }
+#endif
+    for (int k = 0; k < N; ++k) warp_atomic_add(dst + k, values[k]);
 }
 
 // Rust's saturating float -> integer casts (NaN -> 0); a plain C cast is undefined out of range.
@@ -551,11 +584,14 @@ __device__ void texture_uv_grad(const T* tex, const T* uv, const T* grad, int te
 // are silhouettes; per pixel, the crossings of silhouette edges with the segments to its right
 // and lower neighbours; blends along those crossings and their gradients.
 //
-// Crossing slots: two per pixel (0: with the right neighbour, 1: with the one below), each
-// CROSSING_WORDS 32-bit words: four unsigned ints (target pixel, source pixel, the edge's two
-// vertices; target NO_CROSSING when there is none), then seven doubles (weight, then
-// d weight / d (x, y, w) of the edge's two vertices). One u32 buffer holds both kinds, so that
-// the op that finds them returns a single tensor.
+// Crossing slots: two per pixel (0: with the right neighbour, 1: with the one below), slot
+// k = 2 * pixel + direction over the whole batch. The buffer holds first every slot's target
+// pixel (NO_CROSSING when there is none), then per slot a record of CROSSING_WORDS 32-bit words:
+// four unsigned ints (target pixel, source pixel, the edge's two vertices), then seven doubles
+// (weight, then d weight / d (x, y, w) of the edge's two vertices), written only for a crossing.
+// Most pixels have none: kernels read the dense targets and open a record only for a crossing
+// (one 72-byte record per slot and look cost more than the rest of the kernels' work). One u32
+// buffer holds both kinds, so that the op that finds them returns a single tensor.
 
 #define CROSSING_WORDS 18
 #define NO_CROSSING 0xffffffffu
@@ -578,16 +614,14 @@ __device__ void silhouette_facing(const T* clip, const uint32_t* tris, int batch
     facing[item] = dot3(a[0], c12) > (T)0;
 }
 
-__device__ __forceinline__ uint32_t* slot_ints(uint32_t* slots, int64_t k) { return slots + k * CROSSING_WORDS; }
-__device__ __forceinline__ const uint32_t* slot_ints(const uint32_t* slots, int64_t k) {
-    return slots + k * CROSSING_WORDS;
+// Slot k's record in a buffer of `slots` slots: its ints, then (at word 4) its doubles.
+__device__ __forceinline__ uint32_t* slot_record(uint32_t* buffer, int64_t slots, int64_t k) {
+    return buffer + slots + k * CROSSING_WORDS;
 }
-__device__ __forceinline__ double* slot_reals(uint32_t* slots, int64_t k) {
-    return (double*)(slots + k * CROSSING_WORDS + 4);
+__device__ __forceinline__ const uint32_t* slot_record(const uint32_t* buffer, int64_t slots, int64_t k) {
+    return buffer + slots + k * CROSSING_WORDS;
 }
-__device__ __forceinline__ const double* slot_reals(const uint32_t* slots, int64_t k) {
-    return (const double*)(slots + k * CROSSING_WORDS + 4);
-}
+__device__ __forceinline__ const double* record_reals(const uint32_t* record) { return (const double*)(record + 4); }
 
 __device__ void silhouette_edges(const uint32_t* neighbours, const unsigned char* facing, int batch,
                                  int nt, unsigned char* bits) {
@@ -602,12 +636,13 @@ __device__ void silhouette_edges(const uint32_t* neighbours, const unsigned char
     bits[item] = out;
 }
 
-// The crossing of pixel p and its neighbour q, as the CPU's `Scene::crossing` finds it.
+// The crossing of pixel p and its neighbour q, as the CPU's `Scene::crossing` finds it: its
+// target pixel into `target` (NO_CROSSING if none) and, if there is one, its `record`.
 template <typename T>
 __device__ void find_crossing(const T* rast, const T* verts, const uint32_t* tris, const unsigned char* bits,
-                              int nt, int height, int width, int64_t p, int64_t q, uint32_t* ints,
-                              double* reals) {
-    ints[0] = NO_CROSSING;
+                              int nt, int height, int width, int64_t p, int64_t q, uint32_t* target,
+                              uint32_t* record) {
+    *target = NO_CROSSING;
     const T* rp = rast + p * 4;
     const T* rq = rast + q * 4;
     const int64_t tp = triangle_at(rp[3]), tq = triangle_at(rq[3]);
@@ -668,7 +703,10 @@ __device__ void find_crossing(const T* rast, const T* verts, const uint32_t* tri
     const T dn[2][2] = {{e2[1] - pn[1], pn[0] - e2[0]}, {pn[1] - e1[1], e1[0] - pn[0]}};
     const T df[2][2] = {{e2[1] - pf[1], pf[0] - e2[0]}, {pf[1] - e1[1], e1[0] - pf[0]}};
     const T denom = (best_near - best_far) * (best_near - best_far);
-    ints[0] = (uint32_t)(beyond_half ? far_px : near_px);
+    *target = (uint32_t)(beyond_half ? far_px : near_px);
+    uint32_t* ints = record;
+    double* reals = (double*)(record + 4);
+    ints[0] = *target;
     ints[1] = (uint32_t)(beyond_half ? near_px : far_px);
     ints[2] = tris[t * 3 + best_k];
     ints[3] = tris[t * 3 + (best_k + 1) % 3];
@@ -694,13 +732,14 @@ __device__ void silhouette_crossings(const T* rast, const T* clip, const uint32_
     const int64_t x = i % width, y = i / width;
     const T* image = rast + b * pixels * 4;
     const T* verts = clip + (int64_t)b * nv * 4;
+    const int64_t all_slots = (int64_t)batch * pixels * 2;
     for (int dir = 0; dir < 2; ++dir) {
-        uint32_t* ints = slot_ints(slots, item * 2 + dir);
-        ints[0] = NO_CROSSING;
+        const int64_t k = item * 2 + dir;
+        slots[k] = NO_CROSSING;
         const bool inside = dir == 0 ? x + 1 < width : y + 1 < height;
         if (!inside) continue;
         find_crossing(image, verts, tris, bits + b * nt, nt, height, width, i, dir == 0 ? i + 1 : i + width,
-                      ints, slot_reals(slots, item * 2 + dir));
+                      slots + k, slot_record(slots, all_slots, k));
     }
 }
 
@@ -734,15 +773,16 @@ __device__ void blend_fwd(const T* color, const T* rast, const uint32_t* slots, 
     const int64_t b = item / pixels, i = item % pixels;
     const T* image_rast = rast + b * pixels * 4;
     const T* image_color = coverage ? color : color + b * pixels * c;
-    const uint32_t* image_slots = slots + b * pixels * 2 * CROSSING_WORDS;
+    const int64_t all_slots = (int64_t)batch * pixels * 2, image_slots = b * pixels * 2;
     T* dst = out + item * c;
     for (int ch = 0; ch < c; ++ch) dst[ch] = blend_source(image_color, image_rast, i, c, ch, mask, coverage);
     int64_t touching[4];
     const int n = touching_slots(i, height, width, touching);
     for (int s = 0; s < n; ++s) {
-        const uint32_t* x = slot_ints(image_slots, touching[s]);
-        if (x[0] != (uint32_t)i) continue;
-        const T weight = (T)slot_reals(image_slots, touching[s])[0];
+        const int64_t k = image_slots + touching[s];
+        if (slots[k] != (uint32_t)i) continue;
+        const uint32_t* x = slot_record(slots, all_slots, k);
+        const T weight = (T)record_reals(x)[0];
         for (int ch = 0; ch < c; ++ch)
             dst[ch] += weight * (blend_source(image_color, image_rast, x[1], c, ch, mask, coverage) -
                                  blend_source(image_color, image_rast, x[0], c, ch, mask, coverage));
@@ -756,15 +796,16 @@ __device__ void blend_color_grad(const T* grad, const T* rast, const uint32_t* s
     const int64_t pixels = (int64_t)height * width;
     const int64_t b = item / pixels, i = item % pixels;
     const T* g = grad + b * pixels * c;
-    const uint32_t* image_slots = slots + b * pixels * 2 * CROSSING_WORDS;
+    const int64_t all_slots = (int64_t)batch * pixels * 2, image_slots = b * pixels * 2;
     T* dst = out + item * c;
     for (int ch = 0; ch < c; ++ch) dst[ch] = g[i * c + ch];
     int64_t touching[4];
     const int n = touching_slots(i, height, width, touching);
     for (int s = 0; s < n; ++s) {
-        const uint32_t* x = slot_ints(image_slots, touching[s]);
-        if (x[0] == NO_CROSSING) continue;
-        const T weight = (T)slot_reals(image_slots, touching[s])[0];
+        const int64_t k = image_slots + touching[s];
+        if (slots[k] == NO_CROSSING) continue;
+        const uint32_t* x = slot_record(slots, all_slots, k);
+        const T weight = (T)record_reals(x)[0];
         for (int ch = 0; ch < c; ++ch) {
             const T moved = weight * g[(int64_t)x[0] * c + ch];
             if (x[0] == (uint32_t)i) dst[ch] -= moved;
@@ -781,10 +822,10 @@ __device__ void blend_position_grad(const T* color, const T* grad, const T* rast
                                     int batch, int nv, int height, int width, int c,
                                     int mask, int coverage, T* out) {
     ITEM_INDEX((int64_t)batch * height * width * 2);
-    const uint32_t* x = slot_ints(slots, item);
-    if (x[0] == NO_CROSSING) return;
-    const double* r = slot_reals(slots, item);
+    if (slots[item] == NO_CROSSING) return;
     const int64_t pixels = (int64_t)height * width;
+    const uint32_t* x = slot_record(slots, (int64_t)batch * pixels * 2, item);
+    const double* r = record_reals(x);
     const int64_t b = item / 2 / pixels;
     const T* image_rast = rast + b * pixels * 4;
     const T* image_color = coverage ? color : color + b * pixels * c;
@@ -908,14 +949,17 @@ __device__ void shade_sh_fwd(const T* albedo, const T* normals, const T* coeffs,
     }
 }
 
-// One thread per pixel: d albedo and d normals; d coeffs summed per warp, then atomically.
+// One thread per pixel: d albedo and d normals; d coeffs summed per block, then atomically.
 template <typename T>
 __device__ void shade_sh_bwd(const T* albedo, const T* normals, const T* coeffs, const T* grad, int64_t pixels,
                              int64_t total, int c, ShBands bands, T* g_albedo, T* g_normals, T* g_coeffs) {
-    // Threads past the end still take part in the warp sums (adding zero).
-    const int64_t thread_item = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    // Threads past the end still take part in the block sums (adding zero).
+    const int64_t first = (int64_t)blockIdx.x * blockDim.x;
+    const int64_t thread_item = first + threadIdx.x;
     const bool in_range = thread_item < total;
     const int64_t item = in_range ? thread_item : total - 1;
+    const int64_t last = min(first + (int64_t)blockDim.x, total) - 1;
+    const bool block_in_one_image = first / pixels == last / pixels;
     const T* g = grad + item * c;
     bool any = false;
     for (int ch = 0; ch < c; ++ch) any = any || g[ch] != (T)0;
@@ -933,10 +977,12 @@ __device__ void shade_sh_bwd(const T* albedo, const T* normals, const T* coeffs,
         for (int k = 0; k < 9; ++k) irradiance = irradiance + lc[k] * basis[k];
         if (active) g_albedo[item * c + ch] = g[ch] * irradiance;
         const T t = active ? g[ch] * a[ch] : (T)0;
+        T g_light[9];
         for (int k = 0; k < 9; ++k) {
-            warp_atomic_add(g_coeffs + (b * c + ch) * 9 + k, t * basis[k]);
+            g_light[k] = t * basis[k];
             combined[k] += t * lc[k];
         }
+        block_atomic_add<T, 9>(g_coeffs + (b * c + ch) * 9, g_light, block_in_one_image);
     }
     if (!active) return;
     const T lin = (T)bands.linear, cr = (T)bands.cross;
@@ -1002,10 +1048,12 @@ __device__ void shade_phong_bwd(const T* albedo, const T* geometry, const T* lig
                                 int64_t total, int stride, PhongParams params, T* g_albedo, T* g_geometry,
                                 T* g_light) {
     const double specular = params.specular, shininess = params.shininess;
-    // Threads past the end still take part in the warp sums (adding zero).
-    const int64_t thread_item = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    // Threads past the end still take part in the block sums (adding zero).
+    const int64_t first = (int64_t)blockIdx.x * blockDim.x;
+    const int64_t thread_item = first + threadIdx.x;
     const bool in_range = thread_item < total;
     const int64_t item = in_range ? thread_item : total - 1;
+    const int64_t last = min(first + (int64_t)blockDim.x, total) - 1;
     const T* g = grad + item * 3;
     const bool active = in_range && (g[0] != (T)0 || g[1] != (T)0 || g[2] != (T)0);
     const int64_t b = item / pixels;
@@ -1045,7 +1093,7 @@ __device__ void shade_phong_bwd(const T* albedo, const T* geometry, const T* lig
             gl[i] += g_n_dot_l * p.n[i];
         }
     }
-    for (int i = 0; i < 9; ++i) warp_atomic_add(g_light + b * 9 + i, gl[i]);
+    block_atomic_add<T, 9>(g_light + b * 9, gl, first / pixels == last / pixels);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
-use crate::kernel::{Real, check_float, cpu_tensor, data, dispatch_float, min_tasks, with_data};
+use crate::kernel::{
+    Real, check_float, constant, cpu_tensor, data, dispatch_float, min_tasks, with_data,
+};
 
 /// Intrinsics of a pinhole camera plus the depth range kept by the rasteriser.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -90,12 +92,8 @@ impl Camera {
         ];
         let bias = [0.0, 0.0, -2.0 * f * n / (f - n), 0.0];
         let batch = points.dim(0)?;
-        let m = Tensor::from_slice(&m, (1, 3, 4), points.device())?
-            .to_dtype(points.dtype())?
-            .repeat((batch, 1, 1))?;
-        let bias = Tensor::from_slice(&bias, (1, 4), points.device())?
-            .to_dtype(points.dtype())?
-            .repeat((batch, 1))?;
+        let m = constant(&m, (1, 3, 4), points)?.repeat((batch, 1, 1))?;
+        let bias = constant(&bias, (1, 4), points)?.repeat((batch, 1))?;
         affine_points(points, &m, &bias)
     }
 
@@ -104,10 +102,8 @@ impl Camera {
         check_float(points, "camera-space points", "[B, N, 3]", 3, Some(3))?;
         let xy = points.narrow(2, 0, 2)?;
         let z = points.narrow(2, 2, 1)?;
-        let focal = Tensor::from_slice(&[self.fx, self.fy], 2, points.device())?
-            .to_dtype(points.dtype())?;
-        let centre = Tensor::from_slice(&[self.cx, self.cy], 2, points.device())?
-            .to_dtype(points.dtype())?;
+        let focal = constant(&[self.fx, self.fy], 2, points)?;
+        let centre = constant(&[self.cx, self.cy], 2, points)?;
         Ok(xy
             .broadcast_div(&z)?
             .broadcast_mul(&focal)?

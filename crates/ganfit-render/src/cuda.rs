@@ -57,17 +57,28 @@ macro_rules! dispatch_gpu_float {
     };
 }
 
-/// Launches kernel `$name` over `$items` threads with the given arguments (references).
+/// Threads per block of the rasterizer's drawing kernel: one thread per triangle walks the
+/// triangle's pixels, so the ~18,000 threads of a face are few for the GPU, and small blocks
+/// spread them over all of its multiprocessors (256-thread blocks left half of an H100's 132
+/// idle).
+const DRAW_BLOCK: u32 = 32;
+
+/// Launches kernel `$name` over `$items` threads in blocks of `$block` ([`BLOCK`] if not
+/// given) with the given arguments (references).
 macro_rules! launch {
-    ($dev:expr, $name:expr, $items:expr, [$($arg:expr),* $(,)?]) => {{
+    ($dev:expr, $name:expr, $items:expr, [$($arg:expr),* $(,)?]) => {
+        launch!($dev, $name, $items, BLOCK, [$($arg),*])
+    };
+    ($dev:expr, $name:expr, $items:expr, $block:expr, [$($arg:expr),* $(,)?]) => {{
         let items: usize = $items;
         if items > 0 {
             let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
             let mut builder = func.builder();
             $(builder.arg($arg);)*
+            let block: u32 = $block;
             let config = LaunchConfig {
-                grid_dim: ((items as u64).div_ceil(BLOCK as u64) as u32, 1, 1),
-                block_dim: (BLOCK, 1, 1),
+                grid_dim: ((items as u64).div_ceil(block as u64) as u32, 1, 1),
+                block_dim: (block, 1, 1),
                 shared_mem_bytes: 0,
             };
             // Safety: the argument lists match the kernels' signatures in kernels/render.cu,
@@ -191,7 +202,7 @@ pub(crate) fn rasterize(
         launch!(dev, kernel::<T>("raster_setup"), batch * nt,
             [&clip, tris.as_ref(), &b, &nv32, &nt32, &h, &w, &cull, &mut setups, &mut boxes]);
         for mode in [0i32, 1] {
-            launch!(dev, kernel::<T>("raster_draw"), batch * nt,
+            launch!(dev, kernel::<T>("raster_draw"), batch * nt, DRAW_BLOCK,
                 [&setups, &boxes, &b, &nt32, &h, &w, &mode, &mut depth, &mut ids]);
         }
         let mut rast = uninit::<T>(&dev, pixels * 4)?;
@@ -413,8 +424,9 @@ pub(crate) fn texture_uv_grad(
     })
 }
 
-/// Words per crossing slot, two slots per pixel (see kernels/render.cu).
-const CROSSING_WORDS: usize = 18;
+/// Words per crossing slot, two slots per pixel: the slot's target pixel, and its record of 18
+/// (see kernels/render.cu).
+const CROSSING_WORDS: usize = 1 + 18;
 
 /// Silhouette crossings found on the GPU, with the rast they were found in: what
 /// [`crate::antialias`]'s blends and their gradients read.
@@ -441,7 +453,8 @@ impl GpuCrossings {
             rast.contiguous()?
                 .apply_op2_no_bwd(&clip.contiguous()?, &op)?
         } else {
-            Tensor::full(u32::MAX, batch * h * w * 2 * CROSSING_WORDS, rast.device())?
+            // Only the dense targets: with none set, no kernel opens a record.
+            Tensor::full(u32::MAX, batch * h * w * 2, rast.device())?
         };
         Ok(Self {
             rast: rast.contiguous()?,

@@ -50,6 +50,19 @@ pub(crate) fn pixel_centre<T: Real>(i: usize, n: usize) -> T {
     T::of((2 * i + 1) as f64 / n as f64 - 1.0)
 }
 
+/// A constant tensor of `values` in `like`'s float type, on its device, converted on the host:
+/// converting on a GPU would be a kernel launch of its own, per call.
+pub(crate) fn constant(values: &[f64], shape: impl Into<Shape>, like: &Tensor) -> Result<Tensor> {
+    let device = like.device();
+    Ok(match like.dtype() {
+        DType::F32 => {
+            let values: Vec<f32> = values.iter().map(|&v| v as f32).collect();
+            Tensor::from_vec(values, shape, device)?
+        }
+        _ => Tensor::from_slice(values, shape, device)?.to_dtype(like.dtype())?,
+    })
+}
+
 /// Checks that `t` is a float tensor of rank `rank` whose trailing dim is `last` (if given).
 pub(crate) fn check_float(
     t: &Tensor,

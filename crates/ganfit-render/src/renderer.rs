@@ -77,20 +77,34 @@ pub struct Scene<'a> {
 }
 
 /// What [`Renderer::render`] returns; every image is `[B, H, W, _]` with row 0 at the top.
+/// Depth and normals are computed when asked for ([`Rendering::depth`],
+/// [`Rendering::normals`]): most uses of a render never read them.
 #[derive(Clone, Debug)]
 pub struct Rendering {
     /// Shaded colour on a black background, antialiased if enabled.
     pub image: Tensor,
     /// Coverage in `[0, 1]`, `[B, H, W, 1]`: 1 on the mesh, fractional on antialiased silhouettes.
     pub mask: Tensor,
-    /// Camera-space depth (z) of the visible surface, 0 on the background, `[B, H, W, 1]`.
-    pub depth: Tensor,
-    /// Unit camera-space normals of the visible surface, 0 on the background, `[B, H, W, 3]`.
-    pub normals: Tensor,
     /// The rasteriser output (see [`crate::rasterize`]).
     pub rast: Tensor,
     /// Camera-space vertex positions `[B, V, 3]` (e.g. for projecting landmarks).
     pub camera_vertices: Tensor,
+    /// The vertex normals interpolated over the image, before normalisation.
+    interpolated_normals: Tensor,
+    triangles: Triangles,
+}
+
+impl Rendering {
+    /// Camera-space depth (z) of the visible surface, 0 on the background, `[B, H, W, 1]`.
+    pub fn depth(&self) -> Result<Tensor> {
+        let z = self.camera_vertices.narrow(2, 2, 1)?.contiguous()?;
+        interpolate(&z, &self.rast, &self.triangles)
+    }
+
+    /// Unit camera-space normals of the visible surface, 0 on the background, `[B, H, W, 3]`.
+    pub fn normals(&self) -> Result<Tensor> {
+        normalize(&self.interpolated_normals)
+    }
 }
 
 /// [`Lighting`] with what it needs per pixel besides the normals.
@@ -99,6 +113,8 @@ enum Light<'a> {
     SphericalHarmonics(&'a Tensor),
     Phong {
         light: &'a PhongLight,
+        /// Unit normals `[B, H, W, 3]`.
+        normals: Tensor,
         /// Unit directions to the camera `[B, H, W, 3]`.
         towards_camera: Tensor,
     },
@@ -155,13 +171,13 @@ impl Renderer {
         let rast = rasterize(&clip, tris, cam.height, cam.width, raster)?;
         let interpolated_normals =
             interpolate(&vertex_normals(&camera_vertices, tris)?, &rast, tris)?;
-        let normals = normalize(&interpolated_normals)?;
-        // Phong's direction to the camera per pixel, also shared.
+        // Phong's unit normals and direction to the camera per pixel, also shared.
         let light = match scene.lighting {
             Lighting::Unlit => Light::Unlit,
             Lighting::SphericalHarmonics(coeffs) => Light::SphericalHarmonics(coeffs),
             Lighting::Phong(phong) => Light::Phong {
                 light: phong,
+                normals: normalize(&interpolated_normals)?,
                 // Negating the vertices rather than the image: one small tensor op, same values.
                 towards_camera: normalize(&interpolate(&camera_vertices.neg()?, &rast, tris)?)?,
             },
@@ -173,7 +189,6 @@ impl Renderer {
         } else {
             silhouettes.covered(rast.dtype())?
         };
-        let depth = interpolate(&camera_vertices.narrow(2, 2, 1)?.contiguous()?, &rast, tris)?;
 
         std::iter::once(&scene.appearance)
             .chain(more)
@@ -210,16 +225,17 @@ impl Renderer {
                     }
                     Light::Phong {
                         light,
+                        normals,
                         towards_camera,
-                    } => shade_phong(&albedo, &normals, towards_camera, light)?,
+                    } => shade_phong(&albedo, normals, towards_camera, light)?,
                 };
                 Ok(Rendering {
                     image: blend(&shaded, &clip, &silhouettes, true)?,
                     mask: mask.clone(),
-                    depth: depth.clone(),
-                    normals: normals.clone(),
                     rast: rast.clone(),
                     camera_vertices: camera_vertices.clone(),
+                    interpolated_normals: interpolated_normals.clone(),
+                    triangles: tris.clone(),
                 })
             })
             .collect()

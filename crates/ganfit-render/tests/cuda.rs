@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{Rng, bumpy_sphere, camera, random_clip_mesh, vjp};
 use ganfit_render::{
     Appearance, Lighting, PhongLight, RasterOptions, RenderOptions, Renderer, Scene, Triangles,
-    WrapMode, camera_from_world, interpolate, normalize, rasterize, shade_phong, texture,
+    WrapMode, camera_from_world, interpolate, normalize, rasterize, shade_phong, shade_sh, texture,
 };
 use ganfit_testkit::{gpu, relative_error, values};
 
@@ -270,6 +270,41 @@ fn cuda_renderer_matches_cpu() {
             error < 1e-8,
             "gradient to the {what}: relative error {error:e}"
         );
+    }
+}
+
+/// SH shading on both devices (f64), at image sizes where some thread blocks span two images
+/// (5000 pixels each; the light's gradient then falls back from per-block to per-warp sums) and
+/// where none does (512), with three channels and with one.
+#[test]
+fn cuda_sh_shading_matches_cpu() {
+    let mut rng = Rng::new(17);
+    for (batch, pixels, channels) in [(2, 5000, 3), (3, 512, 1)] {
+        let inputs = [
+            rng.tensor(&[batch, pixels, channels], 0.0, 1.0),
+            normalize(&rng.tensor(&[batch, pixels, 3], -1.0, 1.0)).unwrap(),
+            rng.tensor(&[batch, channels, 9], -0.5, 0.5),
+        ];
+        let cot = rng.tensor(&[batch, pixels, channels], -1.0, 1.0);
+        let shade = |t: &[Tensor]| shade_sh(&t[0], &t[1], &t[2]).unwrap();
+        let on_gpu: Vec<Tensor> = inputs
+            .iter()
+            .map(|t| t.to_device(&gpu()).unwrap())
+            .collect();
+        let error = relative_error(&shade(&inputs), &shade(&on_gpu));
+        assert!(error < 1e-12, "SH forward: relative error {error:e}");
+        let cpu = vjp(&inputs, shade, &cot);
+        let gpu_grads = vjp(&on_gpu, shade, &cot.to_device(&gpu()).unwrap());
+        for (what, (a, b)) in ["albedo", "normals", "light"]
+            .iter()
+            .zip(cpu.iter().zip(&gpu_grads))
+        {
+            let error = relative_error(a, b);
+            assert!(
+                error < 1e-10,
+                "SH VJP to the {what} ({batch} x {pixels} x {channels}): relative error {error:e}"
+            );
+        }
     }
 }
 

@@ -577,8 +577,9 @@ fn texture_sampling_matches_the_cpu() {
     }
 }
 
-/// Words per crossing slot, two slots per pixel (kernels/render.cu).
-const CROSSING_WORDS: usize = 18;
+/// Words per crossing slot, two slots per pixel: the dense target, and the record of 18
+/// (kernels/render.cu).
+const CROSSING_WORDS: usize = 1 + 18;
 
 /// The crossing slots of every pixel, found the way src/cuda.rs launches the kernels.
 fn crossings_on_host(
@@ -691,9 +692,10 @@ fn antialiasing_matches_the_cpu() {
         let (batch, nv, _) = clip.dims3().unwrap();
         let rast = rasterize(&clip, &tris, h, w, RasterOptions::default()).unwrap();
         let slots = crossings_on_host(&values(&clip), &values(&rast), &tris, (batch, nv, h, w));
-        let crossings = slots
-            .chunks(CROSSING_WORDS)
-            .filter(|s| s[0] != u32::MAX)
+        // The dense targets come first, one per slot.
+        let crossings = slots[..batch * h * w * 2]
+            .iter()
+            .filter(|&&target| target != u32::MAX)
             .count();
         let covered = rast
             .narrow(3, 3, 1)

@@ -56,9 +56,9 @@ fn sphere_render_has_plausible_buffers() {
     assert_eq!(out.image.dims(), &[2, 33, 33, 3]);
     // Centre pixel of item 0: the sphere's front at depth 3 - 0.8, facing the camera (-z), lit
     // head-on: 0.5 · (0.1 + 1).
-    let depth = at(&out.depth, 0, 16, 16)[0];
+    let depth = at(&out.depth().unwrap(), 0, 16, 16)[0];
     assert!((depth - 2.2).abs() < 0.01, "depth {depth}");
-    let n = at(&out.normals, 0, 16, 16);
+    let n = at(&out.normals().unwrap(), 0, 16, 16);
     assert!(n[2] < -0.99, "normal {n:?}");
     let c = at(&out.image, 0, 16, 16);
     assert!((c[0] - 0.55).abs() < 0.01, "colour {c:?}");
@@ -88,7 +88,7 @@ fn sphere_render_has_plausible_buffers() {
     assert!(at(&out.mask, 1, 16, 27)[0] > 0.5 && at(&out.mask, 1, 16, 5)[0] < 0.5);
     // Background stays black and zero.
     assert_eq!(at(&out.image, 0, 0, 0), vec![0.0; 3]);
-    assert_eq!(at(&out.depth, 0, 0, 0), vec![0.0]);
+    assert_eq!(at(&out.depth().unwrap(), 0, 0, 0), vec![0.0]);
 }
 
 #[test]

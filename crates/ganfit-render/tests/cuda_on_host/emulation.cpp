@@ -1,6 +1,7 @@
 // Host build of kernels/render.cu for tests/cuda_kernels_on_host.rs: the CUDA built-ins the
 // kernels use, defined for one thread that runs the grid's items one at a time. Atomics need no
-// atomicity then, and the kernels use no shared memory or barriers, so this runs them exactly.
+// atomicity then, and the kernels' shared memory and barriers are in GPU-only code paths (their
+// host paths add directly), so this runs them exactly.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
