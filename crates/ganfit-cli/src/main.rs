@@ -179,7 +179,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn parse_device(name: &str) -> anyhow::Result<Device> {
     let cuda = |ordinal: usize| {
-        Device::new_cuda(ordinal).with_context(|| {
+        ganfit::render::cuda_device(ordinal).with_context(|| {
             format!("cannot use `{name}`: build with `--features cuda` on a machine with a GPU")
         })
     };

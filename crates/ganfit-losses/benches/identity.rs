@@ -24,7 +24,11 @@ fn bench(c: &mut Criterion) {
     bench_on(c, &Device::Cpu, "cpu");
     // With the `cuda` feature, the same steps on the first GPU (its tensor-op path).
     #[cfg(feature = "cuda")]
-    bench_on(c, &Device::new_cuda(0).expect("a CUDA device"), "cuda");
+    bench_on(
+        c,
+        &ganfit_render::cuda_device(0).expect("a CUDA device"),
+        "cuda",
+    );
 }
 
 fn bench_on(c: &mut Criterion, device: &Device, name: &str) {

@@ -57,7 +57,7 @@ fn render_lit(
 }
 
 fn benches(c: &mut Criterion) {
-    let dev = Device::new_cuda(0).expect("the cuda benches need a CUDA device");
+    let dev = ganfit_render::cuda_device(0).expect("the cuda benches need a CUDA device");
     let (verts, tris) = face_like_mesh();
     let nv = tris.num_vertices();
     // The mesh's planar projection as UVs, into a 512² texture.
@@ -115,27 +115,8 @@ fn benches(c: &mut Criterion) {
                     grads
                 })
             });
-            let renderer = Renderer::new(tris.clone(), cam, RenderOptions::default());
-            let world = Var::from_tensor(&points.to_device(&dev).unwrap()).unwrap();
-            let pose = |v: [f32; 3]| {
-                Var::from_tensor(&Tensor::new(&[v], &dev).unwrap().repeat((batch, 1)).unwrap())
-                    .unwrap()
-            };
-            let (rotation, translation) = (pose([0.02, -0.03, 0.01]), pose([0.0; 3]));
-            let albedo =
-                Var::from_tensor(&Tensor::full(0.7f32, (batch, nv, 3), &dev).unwrap()).unwrap();
-            let light =
-                Var::from_tensor(&Tensor::rand(0.0f32, 0.3, (batch, 3, 9), &dev).unwrap()).unwrap();
-            let render_and_backward = || {
-                let out = render_lit(
-                    &renderer,
-                    [&world, &rotation, &translation, &albedo, &light],
-                );
-                (mean(&out.image) + mean(&out.mask))
-                    .unwrap()
-                    .backward()
-                    .unwrap()
-            };
+            let lit = LitFace::new(&dev, size, batch);
+            let render_and_backward = || lit.render_and_backward();
             group.bench_function(id("renderer_fwd_bwd"), |b| {
                 b.iter(|| {
                     let grads = render_and_backward();
@@ -161,14 +142,65 @@ fn benches(c: &mut Criterion) {
             });
         }
     }
+    // The row `renderer_fwd_bwd/512/b1` on a device as candle makes it, with cudarc's event
+    // tracking on: what `ganfit_render::cuda_device` saves.
+    let tracked = Device::new_cuda(0).expect("the cuda benches need a CUDA device");
+    let lit = LitFace::new(&tracked, 512, 1);
+    group.bench_function("renderer_fwd_bwd_event_tracking/512/b1", |b| {
+        b.iter(|| {
+            let grads = lit.render_and_backward();
+            tracked.synchronize().unwrap();
+            grads
+        })
+    });
     group.finish();
+}
+
+/// The fit's per-iteration render of the benches' face, as variables on one device.
+struct LitFace {
+    renderer: Renderer,
+    /// World vertices, rotation, translation, vertex colours, SH light.
+    vars: [Var; 5],
+}
+
+impl LitFace {
+    fn new(dev: &Device, size: usize, batch: usize) -> Self {
+        let (verts, tris) = face_like_mesh();
+        let nv = tris.num_vertices();
+        let var = |t: candle_core::Result<Tensor>| Var::from_tensor(&t.unwrap()).unwrap();
+        let pose = |v: [f32; 3]| var(Tensor::new(&[v], dev).unwrap().repeat((batch, 1)));
+        Self {
+            renderer: Renderer::new(tris, camera(size), RenderOptions::default()),
+            vars: [
+                var(Tensor::from_slice(&verts, (1, nv, 3), dev)
+                    .and_then(|t| t.repeat((batch, 1, 1)))),
+                pose([0.02, -0.03, 0.01]),
+                pose([0.0; 3]),
+                var(Tensor::full(0.7f32, (batch, nv, 3), dev)),
+                var(Tensor::rand(0.0f32, 0.3, (batch, 3, 9), dev)),
+            ],
+        }
+    }
+
+    /// Forward and backward of the image's and the mask's means.
+    fn render_and_backward(&self) -> candle_core::backprop::GradStore {
+        let [world, rotation, translation, albedo, light] = &self.vars;
+        let out = render_lit(
+            &self.renderer,
+            [world, rotation, translation, albedo, light],
+        );
+        (mean(&out.image) + mean(&out.mask))
+            .unwrap()
+            .backward()
+            .unwrap()
+    }
 }
 
 /// Where `Renderer::render`'s time goes at 512², batch 1: its pipeline rebuilt from the public
 /// ops and cut after each step (`cuda_stages/<n>_<last step>`, forward + backward, each
 /// including the steps before it), and the forward pass alone.
 fn stages(c: &mut Criterion) {
-    let dev = Device::new_cuda(0).expect("the cuda benches need a CUDA device");
+    let dev = ganfit_render::cuda_device(0).expect("the cuda benches need a CUDA device");
     let (verts, tris) = face_like_mesh();
     let nv = tris.num_vertices();
     let size = 512;

@@ -26,6 +26,7 @@ mod antialias;
 mod camera;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod device;
 mod error;
 mod interpolate;
 mod kernel;
@@ -38,6 +39,7 @@ mod triangles;
 
 pub use antialias::antialias;
 pub use camera::{Camera, camera_from_world, rotation_matrix};
+pub use device::cuda_device;
 pub use error::{RenderError, Result};
 pub use interpolate::interpolate;
 pub use raster::{RasterOptions, rasterize};
