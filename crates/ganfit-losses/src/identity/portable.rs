@@ -1,9 +1,10 @@
 //! The network as candle tensor operations, for devices the fused CPU kernels do not run on
 //! (CUDA): the same folded weights, convolutions by candle's `conv2d`, the 3×3/2 max-pool as
-//! the maximum of nine strided views, the residual sums zero-padded as dlib's `add_prev` does.
+//! maxima of strided views, the residual sums zero-padded as dlib's `add_prev` does.
 //! Slower than the fused ops on the CPU, but differentiable with candle's autograd anywhere.
 
-use candle_core::backend::{BackendDevice, BackendStorage};
+use candle_core::backend::BackendStorage;
+use candle_core::op::{Add, Relu};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
 
 use super::ops::FixedConv;
@@ -13,9 +14,15 @@ use super::winograd::Scratch;
 /// A convolution with its affine layer folded in: `conv2d(x, weight) + bias`.
 #[derive(Debug, Clone)]
 struct Conv {
+    /// `[O, I, k, k]`.
     weight: Tensor,
-    /// The bias, carrying the input's gradient (see [`BiasWithInputGradient`]).
-    bias: BiasWithInputGradient,
+    /// `[1, O, 1, 1]`.
+    bias: Tensor,
+    /// `[I, O, k, k]`, flipped in both spatial dims: the input gradient of a stride-1
+    /// convolution is the output gradient convolved with it.
+    flipped: Tensor,
+    stride: usize,
+    padding: usize,
 }
 
 impl Conv {
@@ -30,116 +37,116 @@ impl Conv {
             .index_select(&reversed, 3)?
             .contiguous()?;
         Ok(Self {
-            bias: BiasWithInputGradient {
-                bias,
-                weight: weight.clone(),
-                flipped,
-                stride,
-                padding,
-            },
             weight,
+            bias,
+            flipped,
+            stride,
+            padding,
         })
     }
 
-    /// The convolution of the detached input plus the bias, which carries the input's
-    /// gradient: candle's own backward of `conv2d(x, w) + b` also computes the gradients of the
-    /// weights and the bias (constants here) and takes the input's from a direct transposed
-    /// convolution, and on a GPU, where each small kernel costs its launch, that is most of the
-    /// network's backward pass.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let b = &self.bias;
-        let out = x.detach().conv2d(&self.weight, b.padding, b.stride, 1, 1)?;
-        out + x.apply_op1(b.clone())?
+    /// The convolution plus the bias, through a ReLU if `relu`, as one node of the autograd
+    /// graph whose backward is only the input's gradient: candle's own backward of
+    /// `relu(conv2d(x, w) + b)` also computes the gradients of the weights and the bias
+    /// (constants here), takes the input's from a direct transposed convolution, and sums a
+    /// gradient into each intermediate tensor; on a GPU, where each small kernel costs its
+    /// launch, that was most of the network's backward pass.
+    fn apply(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        let conv = x
+            .detach()
+            .conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        x.apply_op1(ConvOutput {
+            conv,
+            layer: self.clone(),
+            relu,
+        })
+    }
+
+    /// The gradient with respect to the input `x` from that with respect to the convolution's
+    /// output: a convolution with the flipped, transposed weights (a transposed convolution
+    /// for strided ones).
+    fn input_gradient(&self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let k = self.weight.dim(2)?;
+        if self.stride == 1 {
+            return grad.conv2d(&self.flipped, k - 1 - self.padding, 1, 1, 1);
+        }
+        // As candle's own conv2d backward: the rows a strided convolution skipped at the end.
+        let covered = (grad.dim(2)? - 1) * self.stride + k - 2 * self.padding;
+        let output_padding = x.dim(2)? - covered;
+        grad.conv_transpose2d(&self.weight, self.padding, output_padding, self.stride, 1)
     }
 }
 
-/// A convolution's bias broadcast to the convolution's output shape, as a function of its
-/// input whose backward is the convolution's gradient with respect to that input: a
-/// convolution of the output's gradient with the spatially flipped, transposed weights (a
-/// transposed convolution for strided ones).
+/// [`Conv::apply`]'s op: a function of the convolution's input whose value, the already
+/// computed convolution of the detached input plus the bias (and the ReLU), is finished in
+/// the forward pass, and whose backward is [`Conv::input_gradient`].
 #[derive(Debug, Clone)]
-struct BiasWithInputGradient {
-    /// `[1, O, 1, 1]`.
-    bias: Tensor,
-    /// `[O, I, k, k]`.
-    weight: Tensor,
-    /// `[I, O, k, k]`, flipped in both spatial dims.
-    flipped: Tensor,
-    stride: usize,
-    padding: usize,
+struct ConvOutput {
+    /// `conv2d(x, weight)`, without the bias.
+    conv: Tensor,
+    layer: Conv,
+    relu: bool,
 }
 
-impl BiasWithInputGradient {
-    fn output_shape(&self, input: &Layout) -> Result<Shape> {
-        let (b, _, h, w) = input.shape().dims4()?;
-        let (o, _, k, _) = self.weight.dims4()?;
-        let out = |size: usize| (size + 2 * self.padding - k) / self.stride + 1;
-        Ok(Shape::from((b, o, out(h), out(w))))
-    }
-
-    /// The bias copied into a new `shape`-sized storage of `device`.
-    fn broadcast<S: BackendStorage<Device = D>, D: BackendDevice<Storage = S>>(
+impl ConvOutput {
+    /// `conv + bias`, through the ReLU if asked for, into a new storage.
+    fn finish<S: BackendStorage>(
         &self,
+        conv: &S,
+        conv_layout: &Layout,
         bias: &S,
         bias_layout: &Layout,
-        shape: &Shape,
     ) -> Result<S> {
-        // Every element is written by the copy: zeros only to get a storage of the right size.
-        let mut out = bias.device().zeros_impl(shape, bias.dtype())?;
-        bias.copy_strided_src(&mut out, 0, &bias_layout.broadcast_as(shape)?)?;
-        Ok(out)
+        let shape = conv_layout.shape();
+        let biased =
+            conv.binary_impl::<Add>(bias, conv_layout, &bias_layout.broadcast_as(shape)?)?;
+        if self.relu {
+            biased.unary_impl::<Relu>(&Layout::contiguous(shape))
+        } else {
+            Ok(biased)
+        }
     }
 }
 
-impl CustomOp1 for BiasWithInputGradient {
+impl CustomOp1 for ConvOutput {
     fn name(&self) -> &'static str {
-        "dlib-conv-bias-with-input-gradient"
+        "dlib-conv-output"
     }
 
-    fn cpu_fwd(&self, _storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let shape = self.output_shape(layout)?;
-        let (bias, bias_layout) = self.bias.storage_and_layout();
-        let Storage::Cpu(bias) = &*bias else {
-            candle_core::bail!("the convolution's bias is not on the CPU")
+    fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (conv, conv_layout) = self.conv.storage_and_layout();
+        let (bias, bias_layout) = self.layer.bias.storage_and_layout();
+        let (Storage::Cpu(conv), Storage::Cpu(bias)) = (&*conv, &*bias) else {
+            candle_core::bail!("the convolution and its bias are not on the CPU")
         };
-        Ok((self.broadcast(bias, bias_layout, &shape)?, shape))
+        let out = self.finish(conv, conv_layout, bias, bias_layout)?;
+        Ok((out, self.conv.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        _storage: &candle_core::CudaStorage,
-        layout: &Layout,
+        _input: &candle_core::CudaStorage,
+        _layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let shape = self.output_shape(layout)?;
-        let (bias, bias_layout) = self.bias.storage_and_layout();
-        let Storage::Cuda(bias) = &*bias else {
-            candle_core::bail!("the convolution's bias is not on the GPU")
+        let (conv, conv_layout) = self.conv.storage_and_layout();
+        let (bias, bias_layout) = self.layer.bias.storage_and_layout();
+        let (Storage::Cuda(conv), Storage::Cuda(bias)) = (&*conv, &*bias) else {
+            candle_core::bail!("the convolution and its bias are not on the GPU")
         };
-        Ok((self.broadcast(bias, bias_layout, &shape)?, shape))
+        let out = self.finish(conv, conv_layout, bias, bias_layout)?;
+        Ok((out, self.conv.shape().clone()))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let k = self.weight.dim(2)?;
-        if self.stride == 1 {
-            return Ok(Some(grad.conv2d(
-                &self.flipped,
-                k - 1 - self.padding,
-                1,
-                1,
-                1,
-            )?));
-        }
-        // As candle's own conv2d backward: the rows a strided convolution skipped at the end.
-        let covered = (grad.dim(2)? - 1) * self.stride + k - 2 * self.padding;
-        let output_padding = arg.dim(2)? - covered;
-        Ok(Some(grad.conv_transpose2d(
-            &self.weight,
-            self.padding,
-            output_padding,
-            self.stride,
-            1,
-        )?))
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = if self.relu {
+            // The ReLU passes the gradient where its output is positive; that output is never
+            // negative, so its sign is the mask (one kernel instead of a comparison and a cast).
+            (grad * res.sign()?)?
+        } else {
+            grad.clone()
+        };
+        Ok(Some(self.layer.input_gradient(arg, &grad)?))
     }
 }
 
@@ -184,11 +191,11 @@ impl PortableStages {
     /// Stage `i` applied to `x`.
     pub fn apply(&self, i: usize, x: &Tensor) -> Result<Tensor> {
         match &self.0[i] {
-            Layer::Stem(conv) => max_pool_3x3_stride_2(&conv.apply(x)?.relu()?),
+            Layer::Stem(conv) => max_pool_3x3_stride_2(&conv.apply(x, true)?),
             Layer::Residual(blocks) => {
                 let mut x = x.clone();
                 for (conv1, conv2, down) in blocks {
-                    let main = conv2.apply(&conv1.apply(&x)?.relu()?)?;
+                    let main = conv2.apply(&conv1.apply(&x, true)?, false)?;
                     let shortcut = if *down {
                         average_pool_2x2_floor(&x)?
                     } else {
