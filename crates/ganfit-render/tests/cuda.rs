@@ -22,6 +22,34 @@ fn identical(a: &Tensor, b: &Tensor) -> bool {
     bits(a) == bits(b)
 }
 
+/// `f` of `inputs` on the CPU and on the GPU: the outputs within `forward` of each other and
+/// the VJPs with cotangent `cot` within `backward` (relative errors), the inputs' gradients
+/// named by `names` in the messages.
+fn assert_gpu_matches_cpu(
+    what: &str,
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Tensor,
+    cot: &Tensor,
+    names: &[&str],
+    (forward, backward): (f64, f64),
+) {
+    let on_gpu: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.to_device(&gpu()).unwrap())
+        .collect();
+    let error = relative_error(&f(inputs), &f(&on_gpu));
+    assert!(error < forward, "{what} forward: relative error {error:e}");
+    let cpu = vjp(inputs, &f, cot);
+    let gpu_grads = vjp(&on_gpu, &f, &cot.to_device(&gpu()).unwrap());
+    for (name, (a, b)) in names.iter().zip(cpu.iter().zip(&gpu_grads)) {
+        let error = relative_error(a, b);
+        assert!(
+            error < backward,
+            "{what} VJP to the {name}: relative error {error:e}"
+        );
+    }
+}
+
 /// Random triangles with shared edges (and some corners behind the camera), and a closed bumpy
 /// sphere: `[B, V, 4]` clip positions with their triangles.
 fn scenes() -> Vec<(Tensor, Triangles)> {
@@ -92,26 +120,15 @@ fn cuda_camera_matches_cpu() {
             let camera_space = camera_from_world(&t[0], &t[1], &t[2]).unwrap();
             cam.to_clip(&camera_space).unwrap()
         };
-        let inputs = [points, rotation, translation];
-        let on_gpu: Vec<Tensor> = inputs
-            .iter()
-            .map(|t| t.to_device(&gpu()).unwrap())
-            .collect();
-        let error = relative_error(&f(&inputs), &f(&on_gpu));
-        assert!(error < 1e-12, "clip coordinates: relative error {error:e}");
         let cot = rng.tensor(&[2, 500, 4], -1.0, 1.0);
-        let cpu = vjp(&inputs, f, &cot);
-        let gpu_grads = vjp(&on_gpu, f, &cot.to_device(&gpu()).unwrap());
-        for (what, (a, b)) in ["points", "rotation", "translation"]
-            .iter()
-            .zip(cpu.iter().zip(&gpu_grads))
-        {
-            let error = relative_error(a, b);
-            assert!(
-                error < 1e-10,
-                "camera VJP to {what}: relative error {error:e}"
-            );
-        }
+        assert_gpu_matches_cpu(
+            "camera",
+            &[points, rotation, translation],
+            f,
+            &cot,
+            &["points", "rotation", "translation"],
+            (1e-12, 1e-10),
+        );
     }
 }
 
@@ -286,25 +303,14 @@ fn cuda_sh_shading_matches_cpu() {
             rng.tensor(&[batch, channels, 9], -0.5, 0.5),
         ];
         let cot = rng.tensor(&[batch, pixels, channels], -1.0, 1.0);
-        let shade = |t: &[Tensor]| shade_sh(&t[0], &t[1], &t[2]).unwrap();
-        let on_gpu: Vec<Tensor> = inputs
-            .iter()
-            .map(|t| t.to_device(&gpu()).unwrap())
-            .collect();
-        let error = relative_error(&shade(&inputs), &shade(&on_gpu));
-        assert!(error < 1e-12, "SH forward: relative error {error:e}");
-        let cpu = vjp(&inputs, shade, &cot);
-        let gpu_grads = vjp(&on_gpu, shade, &cot.to_device(&gpu()).unwrap());
-        for (what, (a, b)) in ["albedo", "normals", "light"]
-            .iter()
-            .zip(cpu.iter().zip(&gpu_grads))
-        {
-            let error = relative_error(a, b);
-            assert!(
-                error < 1e-10,
-                "SH VJP to the {what} ({batch} x {pixels} x {channels}): relative error {error:e}"
-            );
-        }
+        assert_gpu_matches_cpu(
+            &format!("SH shading ({batch} x {pixels} x {channels})"),
+            &inputs,
+            |t| shade_sh(&t[0], &t[1], &t[2]).unwrap(),
+            &cot,
+            &["albedo", "normals", "light"],
+            (1e-12, 1e-10),
+        );
     }
 }
 
@@ -333,27 +339,19 @@ fn cuda_phong_matches_cpu() {
         };
         shade_phong(&t[0], &t[1], &t[2], &light).unwrap()
     };
-    let on_gpu: Vec<Tensor> = inputs
-        .iter()
-        .map(|t| t.to_device(&gpu()).unwrap())
-        .collect();
-    let error = relative_error(&shade(&inputs), &shade(&on_gpu));
-    assert!(error < 1e-12, "Phong forward: relative error {error:e}");
-    let cpu = vjp(&inputs, shade, &cot);
-    let gpu_grads = vjp(&on_gpu, shade, &cot.to_device(&gpu()).unwrap());
-    let names = [
-        "albedo",
-        "normals",
-        "view",
-        "direction",
-        "colour",
-        "ambient",
-    ];
-    for (what, (a, b)) in names.iter().zip(cpu.iter().zip(&gpu_grads)) {
-        let error = relative_error(a, b);
-        assert!(
-            error < 1e-10,
-            "Phong VJP to the {what}: relative error {error:e}"
-        );
-    }
+    assert_gpu_matches_cpu(
+        "Phong",
+        &inputs,
+        shade,
+        &cot,
+        &[
+            "albedo",
+            "normals",
+            "view",
+            "direction",
+            "colour",
+            "ambient",
+        ],
+        (1e-12, 1e-10),
+    );
 }
