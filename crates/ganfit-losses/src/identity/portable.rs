@@ -106,6 +106,22 @@ impl ConvOutput {
             Ok(biased)
         }
     }
+
+    /// [`ConvOutput::finish`] on the storages of the convolution and the bias that `on_device`
+    /// picks (`None` where they are not on its device, called `device` in the error).
+    fn finish_stored<S: BackendStorage>(
+        &self,
+        on_device: fn(&Storage) -> Option<&S>,
+        device: &str,
+    ) -> Result<(S, Shape)> {
+        let (conv, conv_layout) = self.conv.storage_and_layout();
+        let (bias, bias_layout) = self.layer.bias.storage_and_layout();
+        let (Some(conv), Some(bias)) = (on_device(&conv), on_device(&bias)) else {
+            candle_core::bail!("the convolution and its bias are not on the {device}")
+        };
+        let out = self.finish(conv, conv_layout, bias, bias_layout)?;
+        Ok((out, self.conv.shape().clone()))
+    }
 }
 
 impl CustomOp1 for ConvOutput {
@@ -114,13 +130,13 @@ impl CustomOp1 for ConvOutput {
     }
 
     fn cpu_fwd(&self, _input: &CpuStorage, _layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (conv, conv_layout) = self.conv.storage_and_layout();
-        let (bias, bias_layout) = self.layer.bias.storage_and_layout();
-        let (Storage::Cpu(conv), Storage::Cpu(bias)) = (&*conv, &*bias) else {
-            candle_core::bail!("the convolution and its bias are not on the CPU")
-        };
-        let out = self.finish(conv, conv_layout, bias, bias_layout)?;
-        Ok((out, self.conv.shape().clone()))
+        fn on_cpu(storage: &Storage) -> Option<&CpuStorage> {
+            match storage {
+                Storage::Cpu(storage) => Some(storage),
+                _ => None,
+            }
+        }
+        self.finish_stored(on_cpu, "CPU")
     }
 
     #[cfg(feature = "cuda")]
@@ -129,13 +145,13 @@ impl CustomOp1 for ConvOutput {
         _input: &candle_core::CudaStorage,
         _layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (conv, conv_layout) = self.conv.storage_and_layout();
-        let (bias, bias_layout) = self.layer.bias.storage_and_layout();
-        let (Storage::Cuda(conv), Storage::Cuda(bias)) = (&*conv, &*bias) else {
-            candle_core::bail!("the convolution and its bias are not on the GPU")
-        };
-        let out = self.finish(conv, conv_layout, bias, bias_layout)?;
-        Ok((out, self.conv.shape().clone()))
+        fn on_gpu(storage: &Storage) -> Option<&candle_core::CudaStorage> {
+            match storage {
+                Storage::Cuda(storage) => Some(storage),
+                _ => None,
+            }
+        }
+        self.finish_stored(on_gpu, "GPU")
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
