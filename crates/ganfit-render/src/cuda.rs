@@ -57,28 +57,17 @@ macro_rules! dispatch_gpu_float {
     };
 }
 
-/// Threads per block of the rasterizer's drawing kernel: one thread per triangle walks the
-/// triangle's pixels, so the ~18,000 threads of a face are few for the GPU, and small blocks
-/// spread them over all of its multiprocessors (256-thread blocks left half of an H100's 132
-/// idle).
-const DRAW_BLOCK: u32 = 32;
-
-/// Launches kernel `$name` over `$items` threads in blocks of `$block` ([`BLOCK`] if not
-/// given) with the given arguments (references).
+/// Launches kernel `$name` over `$items` threads with the given arguments (references).
 macro_rules! launch {
-    ($dev:expr, $name:expr, $items:expr, [$($arg:expr),* $(,)?]) => {
-        launch!($dev, $name, $items, BLOCK, [$($arg),*])
-    };
-    ($dev:expr, $name:expr, $items:expr, $block:expr, [$($arg:expr),* $(,)?]) => {{
+    ($dev:expr, $name:expr, $items:expr, [$($arg:expr),* $(,)?]) => {{
         let items: usize = $items;
         if items > 0 {
             let func = $dev.get_or_load_custom_func(&$name, MODULE, PTX)?;
             let mut builder = func.builder();
             $(builder.arg($arg);)*
-            let block: u32 = $block;
             let config = LaunchConfig {
-                grid_dim: ((items as u64).div_ceil(block as u64) as u32, 1, 1),
-                block_dim: (block, 1, 1),
+                grid_dim: ((items as u64).div_ceil(BLOCK as u64) as u32, 1, 1),
+                block_dim: (BLOCK, 1, 1),
                 shared_mem_bytes: 0,
             };
             // Safety: the argument lists match the kernels' signatures in kernels/render.cu,
@@ -202,7 +191,7 @@ pub(crate) fn rasterize(
         launch!(dev, kernel::<T>("raster_setup"), batch * nt,
             [&clip, tris.as_ref(), &b, &nv32, &nt32, &h, &w, &cull, &mut setups, &mut boxes]);
         for mode in [0i32, 1] {
-            launch!(dev, kernel::<T>("raster_draw"), batch * nt, DRAW_BLOCK,
+            launch!(dev, kernel::<T>("raster_draw"), batch * nt,
                 [&setups, &boxes, &b, &nt32, &h, &w, &mode, &mut depth, &mut ids]);
         }
         let mut rast = uninit::<T>(&dev, pixels * 4)?;
