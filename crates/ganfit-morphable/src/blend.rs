@@ -550,6 +550,7 @@ impl Simd for Avx2 {
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};
+    use ganfit_testkit::max_abs_diff;
 
     use super::*;
 
@@ -568,14 +569,6 @@ mod tests {
 
     fn tensor(values: Vec<f32>, shape: &[usize]) -> Tensor {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        assert_eq!(a.dims(), b.dims());
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        (values(a).iter().zip(values(b)))
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max)
     }
 
     /// A basis of 13 identity and 10 expression modes over two and a bit forward tiles, with a

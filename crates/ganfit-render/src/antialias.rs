@@ -686,8 +686,9 @@ impl CustomOp1 for Coverage {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::testing::{gradient, max_abs_diff, random};
+    use crate::kernel::testing::{gradient, random};
     use crate::raster::{RasterOptions, rasterize};
+    use ganfit_testkit::max_abs_diff;
 
     /// The renderer's fused masking ([`blend`] with `mask`) and antialiased [`coverage`] equal
     /// the public [`antialias`] of the premultiplied colour and of the coverage image, on

@@ -567,7 +567,8 @@ impl candle_core::CustomOp2 for RotationMatrixGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::testing::{dot, finite_difference_error, gradient, max_abs_diff, random};
+    use crate::kernel::testing::{dot, finite_difference_error, gradient, random};
+    use ganfit_testkit::max_abs_diff;
 
     /// The CPU op against its tensor-op definition, on outputs and vector-Jacobian products
     /// for every input, with points of their own and shared by the batch; its backward against

@@ -339,8 +339,9 @@ mod tests {
     use candle_core::Tensor;
 
     use super::*;
-    use crate::kernel::testing::{gradient, max_abs_diff, random, triangle_soup};
+    use crate::kernel::testing::{gradient, random, triangle_soup};
     use crate::raster::{RasterOptions, rasterize};
+    use ganfit_testkit::max_abs_diff;
 
     /// Per-image attributes on as many threads as images (or one) are summed one image per
     /// task; otherwise each image's pixels are split between threads. The gradients must agree,

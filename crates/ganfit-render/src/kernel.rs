@@ -256,17 +256,4 @@ pub(crate) mod testing {
             })
             .fold(0.0, f64::max)
     }
-
-    /// Largest absolute difference between two tensors of one shape.
-    pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        assert_eq!(a.dims(), b.dims());
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 }

@@ -797,7 +797,8 @@ mod tests {
     use candle_core::Tensor;
 
     use super::*;
-    use crate::kernel::testing::{gradient, max_abs_diff, random, triangle_soup};
+    use crate::kernel::testing::{gradient, random, triangle_soup};
+    use ganfit_testkit::max_abs_diff;
 
     /// The integer rounding helpers equal `ceil`/`floor` followed by a saturating cast, also at
     /// the ends of the `i32` range, for infinities and NaN.

@@ -400,7 +400,8 @@ pub(crate) fn shade_phong_with_tensor_ops(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::testing::{dot, finite_difference_error, gradient, max_abs_diff, random};
+    use crate::kernel::testing::{dot, finite_difference_error, gradient, random};
+    use ganfit_testkit::max_abs_diff;
 
     /// The fused CPU kernel `fused` against its tensor-op definition `reference`: outputs and
     /// vector-Jacobian products for every input, and the fused backward against central

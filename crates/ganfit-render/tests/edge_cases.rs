@@ -3,8 +3,9 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::{Rng, bumpy_sphere, camera, max_abs_diff};
+use common::{Rng, bumpy_sphere, camera};
 use ganfit_render::{Camera, RasterOptions, Triangles, antialias, interpolate, rasterize};
+use ganfit_testkit::max_abs_diff;
 
 /// Ray through the centre of pixel (x, y) hits triangle `p` (camera space) at depth t with
 /// barycentrics b: returns (b0, b1, t) when the hit is inside (no near/far test).

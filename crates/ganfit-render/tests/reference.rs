@@ -5,11 +5,12 @@
 mod common;
 
 use candle_core::{D, DType, Device, Tensor, Var};
-use common::{Rng, dot, max_abs_diff, random_clip_mesh};
+use common::{Rng, dot, random_clip_mesh};
 use ganfit_render::{
     PhongLight, RasterOptions, Triangles, WrapMode, interpolate, rasterize, sh_irradiance_basis,
     shade_phong, shade_sh, texture,
 };
+use ganfit_testkit::max_abs_diff;
 
 /// Gradients of `dot(f(inputs), cot)` for each input.
 fn vjp(inputs: &[&Tensor], f: impl Fn(&[Tensor]) -> Tensor, cot: &Tensor) -> (Tensor, Vec<Tensor>) {

@@ -5,10 +5,11 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{bumpy_sphere, camera, max_abs_diff};
+use common::{bumpy_sphere, camera};
 use ganfit_render::{
     Appearance, Lighting, PhongLight, RenderOptions, Renderer, Scene, Triangles, WrapMode,
 };
+use ganfit_testkit::max_abs_diff;
 
 fn sphere() -> (Tensor, Triangles) {
     let (verts, tris) = bumpy_sphere(16, 24, 0.8, 0.0);

@@ -86,6 +86,20 @@ pub fn relative_error(expected: &Tensor, got: &Tensor) -> f64 {
         / scale
 }
 
+/// Largest entry-wise absolute difference between two tensors of one shape (any device, any
+/// float dtype).
+///
+/// # Panics
+///
+/// If the shapes differ.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    values(a)
+        .iter()
+        .zip(values(b))
+        .fold(0.0f64, |m, (x, y)| m.max((x - y).abs()))
+}
+
 /// `n` deterministic values in [-1, 1) for `seed` (a 64-bit LCG: tests need reproducible
 /// inputs, not statistics).
 pub fn pseudo_random(n: usize, seed: u64) -> Vec<f64> {

@@ -1153,6 +1153,7 @@ impl CustomOp2 for Dense {
 mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
+    use ganfit_testkit::max_abs_diff;
 
     /// A deterministic, irregular test tensor (no two entries alike, both signs).
     fn pattern(shape: &[usize], salt: f64) -> Tensor {
@@ -1161,21 +1162,6 @@ mod tests {
             .map(|i| ((i as f64 * 0.7548 + salt) * 12.9898).sin() * 1.3)
             .collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     /// Checks autodiff gradients of `energy(inputs)` against central differences (f64) on every

@@ -2,6 +2,7 @@
 //! and error reporting.
 
 use candle_core::{DType, Device, Tensor, Var};
+use ganfit_testkit::max_abs_diff;
 use ganfit_texture::{
     Discriminator, Generator, GeneratorConfig, TextureError, TextureModel, conv2d_same,
 };
@@ -22,21 +23,6 @@ fn pattern(shape: &[usize], salt: f64, dtype: DType) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu)
         .unwrap()
         .to_dtype(dtype)
-        .unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
         .unwrap()
 }
 

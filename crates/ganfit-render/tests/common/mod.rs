@@ -224,17 +224,3 @@ pub fn vjp(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Tensor, cot: &Tensor) -> 
         })
         .collect()
 }
-
-/// The largest absolute difference between two tensors of one shape (read as f64).
-pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
