@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use crate::error::{RenderError, Result};
 use crate::kernel::{
     Real, check_float, check_rast, copy, cpu_tensor, cross, data, dispatch_float, dot, min_tasks,
-    pixel_centre, triangle_at, with_data,
+    pixel_centre, tracked, triangle_at, with_data,
 };
 use crate::raster::{check_vertex_count, corners};
 use crate::triangles::{NO_NEIGHBOUR, Triangles};
@@ -588,7 +588,7 @@ impl CustomOp2 for Blend {
                     num_vertices: self.silhouettes.nv,
                 },
             )?;
-            return Ok((Some(d_color), Some(d_clip)));
+            return Ok((tracked(color, d_color), tracked(clip, d_clip)));
         }
         let c = color.dims4()?.3;
         fn run<T: Real>(
@@ -604,8 +604,8 @@ impl CustomOp2 for Blend {
                     let d_color = s.color_grad(g, c, op.mask);
                     let d_clip = s.position_grad(col, g, c, op.mask);
                     Ok((
-                        Some(cpu_tensor(d_color, color.shape())?),
-                        Some(cpu_tensor(d_clip, clip.shape())?),
+                        tracked(color, cpu_tensor(d_color, color.shape())?),
+                        tracked(clip, cpu_tensor(d_clip, clip.shape())?),
                     ))
                 })
             })

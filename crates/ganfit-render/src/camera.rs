@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::error::{RenderError, Result};
 use crate::kernel::{
-    Real, check_float, constant, cpu_tensor, data, dispatch_float, min_tasks, with_data,
+    Real, check_float, constant, cpu_tensor, data, dispatch_float, min_tasks, tracked, with_data,
 };
 
 /// Intrinsics of a pinhole camera plus the depth range kept by the rasteriser.
@@ -396,7 +396,11 @@ impl CustomOp3 for AffinePoints {
         if points.device().is_cuda() {
             let (gp, gm, go) =
                 crate::cuda::affine_points_grads([points, matrix, offset], grad, d.shared)?;
-            return Ok((Some(gp), Some(gm), Some(go)));
+            return Ok((
+                tracked(points, gp),
+                tracked(matrix, gm),
+                tracked(offset, go),
+            ));
         }
         fn run<T: Real>(
             op: &AffinePoints,
@@ -409,9 +413,9 @@ impl CustomOp3 for AffinePoints {
                     with_data::<T, _>(grad, |g| {
                         let (gp, gm, go) = op.backward([p, m], g, d);
                         Ok((
-                            Some(cpu_tensor(gp, points.shape())?),
-                            Some(cpu_tensor(gm, matrix.shape())?),
-                            Some(cpu_tensor(go, offset.shape())?),
+                            tracked(points, cpu_tensor(gp, points.shape())?),
+                            tracked(matrix, cpu_tensor(gm, matrix.shape())?),
+                            tracked(offset, cpu_tensor(go, offset.shape())?),
                         ))
                     })
                 })

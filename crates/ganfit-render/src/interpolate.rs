@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use crate::error::{RenderError, Result};
 use crate::kernel::{
     PIXEL_CHUNK, Real, add_into, check_rast, cpu_tensor, data, dispatch_float, min_tasks,
-    piece_len, triangle_at, with_data,
+    piece_len, tracked, triangle_at, with_data,
 };
 use crate::triangles::Triangles;
 
@@ -193,7 +193,7 @@ impl CustomOp2 for Interpolate {
         if attr.device().is_cuda() {
             let (g_attr, g_rast) =
                 crate::cuda::interpolate_grads(&self.triangles, attr, rast, grad)?;
-            return Ok((Some(g_attr), Some(g_rast)));
+            return Ok((tracked(attr, g_attr), tracked(rast, g_rast)));
         }
         let d = dims(attr.shape(), rast.shape())?;
         fn run<T: Real>(
@@ -206,8 +206,8 @@ impl CustomOp2 for Interpolate {
                     with_data::<T, _>(grad, |g| {
                         let (g_attr, g_rast) = op.backward(a, r, g, d)?;
                         Ok((
-                            Some(cpu_tensor(g_attr, attr.shape())?),
-                            Some(cpu_tensor(g_rast, rast.shape())?),
+                            tracked(attr, cpu_tensor(g_attr, attr.shape())?),
+                            tracked(rast, cpu_tensor(g_rast, rast.shape())?),
                         ))
                     })
                 })

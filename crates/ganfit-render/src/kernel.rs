@@ -63,6 +63,14 @@ pub(crate) fn constant(values: &[f64], shape: impl Into<Shape>, like: &Tensor) -
     })
 }
 
+/// `grad` as a custom op's gradient for `input`, or none where `input` is a constant (neither
+/// a variable nor computed from one): candle sums every gradient an op returns into a fresh
+/// zero tensor, even one nothing reads (a mesh's fixed UV coordinates, a detached texture, a
+/// camera's projection), which on a GPU is two allocations, a memset and an add per input.
+pub(crate) fn tracked(input: &Tensor, grad: Tensor) -> Option<Tensor> {
+    input.track_op().then_some(grad)
+}
+
 /// Checks that `t` is a float tensor of rank `rank` whose trailing dim is `last` (if given).
 pub(crate) fn check_float(
     t: &Tensor,

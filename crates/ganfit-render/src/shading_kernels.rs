@@ -10,7 +10,7 @@ use num_traits::{One, Zero};
 use rayon::prelude::*;
 
 use crate::kernel::{
-    PIXEL_CHUNK, Real, cpu_tensor, cross, data, dispatch_float, dot, min_tasks, with_data,
+    PIXEL_CHUNK, Real, cpu_tensor, cross, data, dispatch_float, dot, min_tasks, tracked, with_data,
 };
 use crate::triangles::Triangles;
 
@@ -384,7 +384,11 @@ impl CustomOp3 for ShadeSh {
             let inputs = [albedo, normals, coeffs];
             let shading = crate::cuda::Shading::sh(&self.bands);
             let (ga, gn, gc) = crate::cuda::shade_grads(shading, inputs, grad)?;
-            return Ok((Some(ga), Some(gn), Some(gc)));
+            return Ok((
+                tracked(albedo, ga),
+                tracked(normals, gn),
+                tracked(coeffs, gc),
+            ));
         }
         fused_backward(
             self,
@@ -634,7 +638,11 @@ impl CustomOp3 for ShadePhong {
         if albedo.device().is_cuda() {
             let shading = crate::cuda::Shading::phong(self.specular, self.shininess);
             let (ga, gg, gl) = crate::cuda::shade_grads(shading, [albedo, geometry, light], grad)?;
-            return Ok((Some(ga), Some(gg), Some(gl)));
+            return Ok((
+                tracked(albedo, ga),
+                tracked(geometry, gg),
+                tracked(light, gl),
+            ));
         }
         let d = PhongDims::of(albedo.shape(), geometry.shape())?;
         fused_backward(self, [albedo, geometry, light], grad, d)
@@ -695,9 +703,9 @@ fn fused_backward<K: ThreeInputBackward>(
                     with_data::<T, _>(grad, |g| {
                         let (ga, gb, gc) = op.backward([da, db, dc], g, d);
                         Ok((
-                            Some(cpu_tensor(ga, a.shape())?),
-                            Some(cpu_tensor(gb, b.shape())?),
-                            Some(cpu_tensor(gc, c.shape())?),
+                            tracked(a, cpu_tensor(ga, a.shape())?),
+                            tracked(b, cpu_tensor(gb, b.shape())?),
+                            tracked(c, cpu_tensor(gc, c.shape())?),
                         ))
                     })
                 })

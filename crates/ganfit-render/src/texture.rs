@@ -209,16 +209,24 @@ impl CustomOp2 for Texture {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Each gradient is its own pass: none for a constant texture (e.g. a detached copy) or
+        // constant coordinates (e.g. a fixed warp).
         let grad = grad.contiguous()?;
-        let grad_tex = uv.apply_op2_no_bwd(
-            &grad,
-            &TexGrad {
-                wrap: self.wrap,
-                tex_shape: tex.shape().clone(),
-            },
-        )?;
-        let grad_uv = tex.apply_op3_no_bwd(uv, &grad, &UvGrad { wrap: self.wrap })?;
-        Ok((Some(grad_tex), Some(grad_uv)))
+        let grad_tex = tex
+            .track_op()
+            .then(|| {
+                let op = TexGrad {
+                    wrap: self.wrap,
+                    tex_shape: tex.shape().clone(),
+                };
+                uv.apply_op2_no_bwd(&grad, &op)
+            })
+            .transpose()?;
+        let grad_uv = uv
+            .track_op()
+            .then(|| tex.apply_op3_no_bwd(uv, &grad, &UvGrad { wrap: self.wrap }))
+            .transpose()?;
+        Ok((grad_tex, grad_uv))
     }
 }
 

@@ -236,3 +236,83 @@ fn appearances_sharing_one_rasterization_render_and_differentiate_as_separate_re
         );
     }
 }
+
+/// A textured render through every op with several inputs (camera, interpolation, texture,
+/// shading, antialiasing) where some inputs are constants: the constants get no gradient at
+/// all (candle would otherwise sum one into a fresh zero tensor for nothing), and the
+/// variables' gradients are those of a render where every input is a variable.
+#[test]
+fn constants_get_no_gradient_and_leave_the_variables_gradients_unchanged() {
+    let (verts, tris) = sphere();
+    let nv = tris.num_vertices();
+    let pos: Vec<f64> = verts.flatten_all().unwrap().to_vec1().unwrap();
+    let uv: Vec<f64> = pos
+        .chunks(3)
+        .flat_map(|p| [0.5 + 0.4 * p[0], 0.5 + 0.4 * p[1]])
+        .collect();
+    let uv = Tensor::from_vec(uv, (nv, 2), &Device::Cpu).unwrap();
+    let texels: Vec<f64> = (0..8 * 8 * 3)
+        .map(|i| 0.5 + 0.4 * (i as f64 * 0.61).sin())
+        .collect();
+    let texture = Tensor::from_vec(texels, (8, 8, 3), &Device::Cpu).unwrap();
+    let rot = Tensor::new(&[[0.1, 0.2, 0.0]], &Device::Cpu).unwrap();
+    let trans = Tensor::new(&[[0.0, 0.0, 3.0]], &Device::Cpu).unwrap();
+    let sh = Tensor::new(
+        &[[[0.8, 0.1, -0.3, 0.1, 0.0, 0.0, 0.05, 0.0, 0.0]; 3]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let renderer = Renderer::new(tris, camera(24, 20), RenderOptions::default());
+    let inputs = [verts, rot, trans, texture, sh];
+    // The gradients of a fixed loss with the inputs flagged in `variable` as variables.
+    let gradients = |variable: [bool; 5]| -> Vec<Option<Tensor>> {
+        let vars: Vec<candle_core::Var> = inputs
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(t).unwrap())
+            .collect();
+        let pick = |i: usize| {
+            if variable[i] {
+                vars[i].as_tensor().clone()
+            } else {
+                inputs[i].clone()
+            }
+        };
+        let t: Vec<Tensor> = (0..5).map(pick).collect();
+        let out = renderer
+            .render(&Scene {
+                vertices: &t[0],
+                rotation: &t[1],
+                translation: &t[2],
+                appearance: Appearance::Texture {
+                    texture: &t[3],
+                    uv: &uv,
+                    uv_triangles: None,
+                    wrap: WrapMode::Clamp,
+                },
+                lighting: Lighting::SphericalHarmonics(&t[4]),
+            })
+            .unwrap();
+        let loss =
+            (out.image.sqr().unwrap().sum_all().unwrap() + out.mask.sum_all().unwrap()).unwrap();
+        let grads = loss.backward().unwrap();
+        (0..5).map(|i| grads.get(&t[i]).cloned()).collect()
+    };
+    let all = gradients([true; 5]);
+    // The texture and the light constant, then the pose: each op still meets a variable.
+    for variable in [
+        [true, true, true, false, false],
+        [true, false, false, true, true],
+    ] {
+        let some = gradients(variable);
+        for (i, (g, reference)) in some.iter().zip(&all).enumerate() {
+            let reference = reference.as_ref().expect("every variable has a gradient");
+            match g {
+                Some(g) => {
+                    assert!(variable[i], "constant {i} got a gradient");
+                    assert_eq!(max_abs_diff(g, reference), 0.0, "input {i}");
+                }
+                None => assert!(!variable[i], "variable {i} got no gradient"),
+            }
+        }
+    }
+}
