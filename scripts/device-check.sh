@@ -11,9 +11,11 @@
 #   run(command="bash .devbin/device-check.sh run", carry=[".devbin"], timeout_s=480)
 #   which runs timed default fits of the bundled photo, one on the GPU that includes the
 #   driver's JIT of the PTX, then three each on the GPU and the CPU, alternating, a short
-#   texture-GAN training run through the CLI on the GPU, then every packed test binary
-#   (CPU-vs-CUDA parity of outputs and gradients) and the benches (renderer; identity network
-#   on the CPU and the GPU), printing the GPU, the libraries found and the results. With $OUT
+#   texture-GAN training run through the CLI on the GPU, where Nsight Compute works each
+#   kernel's GPU time in an iteration of the renderer bench and of a fit, then every packed
+#   test binary (CPU-vs-CUDA parity of outputs and gradients) and the benches (renderer;
+#   identity network on the CPU and the GPU), printing the GPU, the libraries found and the
+#   results. With $OUT
 #   set (the device tool sets it), the fit's report and renders and the GAN's samples land
 #   there; pipe the output into $OUT too, so a run that overruns still brings its log back.
 set -euo pipefail
@@ -121,8 +123,9 @@ run() {
     fi
   fi
   # Per-launch GPU times of the renderer's forward + backward (512², batch 1), where Nsight
-  # Compute reads the counters (Firecracker machines; gVisor ones refuse it): set beside the
-  # bench's wall time, they tell the kernels' share from the host's.
+  # Compute reads the counters (Firecracker machines; gVisor ones refuse it), summed per
+  # iteration by scripts/ncu_iterations.py: set beside the bench's wall time, they tell the
+  # kernels' share from the host's.
   local ncu_bin
   ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)
   if [ -n "$ncu_bin" ]; then
@@ -133,8 +136,18 @@ run() {
       --launch-skip 3000 --launch-count 600 --metrics gpu__time_duration.sum --csv \
       "$bin/$render_bench" --bench 'cuda/renderer_fwd_bwd/512/b1$' --warm-up-time 1 \
       --measurement-time 1 > /tmp/devbin/ncu.csv) || echo "ncu failed"
-    grep -c gpu__time_duration /tmp/devbin/ncu.csv || true
+    python3 "$root/scripts/ncu_iterations.py" /tmp/devbin/ncu.csv || true
     [ -n "${OUT:-}" ] && cp /tmp/devbin/ncu.csv "$OUT/" || true
+    # The same for an iteration of a fit's full objective (past its first 30,000 launches:
+    # detection, alignment and the objective's first iterations), if the fit ran.
+    if [ -f /tmp/devbin/assets/ict-face-model-light.safetensors ]; then
+      echo "=== per-launch GPU times ($ncu_bin), a fit's full objective"
+      timeout 150 "$ncu_bin" --clock-control none --launch-skip 30000 --launch-count 3500 \
+        --metrics gpu__time_duration.sum --csv "$bin/ganfit" fit "$root/examples/data/astronaut.png" \
+        --device cuda --out /tmp/devbin/fit-ncu --quiet > /tmp/devbin/ncu-fit.csv || echo "ncu failed"
+      python3 "$root/scripts/ncu_iterations.py" /tmp/devbin/ncu-fit.csv || true
+      [ -n "${OUT:-}" ] && xz -9 < /tmp/devbin/ncu-fit.csv > "$OUT/ncu-fit.csv.xz" || true
+    fi
   fi
   while read -r name crate kind; do
     if ldd "$bin/$name" | grep 'not found'; then echo "=== $name: missing libraries"; rc=1; continue; fi
