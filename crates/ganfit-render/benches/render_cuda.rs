@@ -2,8 +2,10 @@
 //! (18,432 triangles): rasterize alone, rasterize + interpolate + texture (a UV-textured face,
 //! as the fit's texture stage draws it), and `Renderer::render` with vertex colours and SH light
 //! (the fit's per-iteration render), forward and forward + backward, at 224² and 512², batch
-//! 1 and 8. Each iteration waits for the GPU to finish. Names are `cuda/<what>/<size>/b<batch>`;
-//! scripts/device-check.sh runs them on the lent GPU.
+//! 1 and 8; for the render also the host's time until its backward returns, and the 512² b1
+//! render on a device with cudarc's event tracking left on. Each iteration waits for the GPU to
+//! finish. Names are `cuda/<what>/<size>/b<batch>`; scripts/device-check.sh runs them on the
+//! lent GPU.
 
 // The allocator the `ganfit` binary ships with, so that timings match what a fit pays.
 #[global_allocator]
