@@ -20,6 +20,23 @@ fn sphere() -> (Tensor, Triangles) {
     )
 }
 
+/// The rotation, translation and SH light the sphere's 24 × 20 renders below are drawn with.
+fn view_and_light() -> [Tensor; 3] {
+    let cpu = &Device::Cpu;
+    [
+        Tensor::new(&[[0.1, 0.2, 0.0]], cpu).unwrap(),
+        Tensor::new(&[[0.0, 0.0, 3.0]], cpu).unwrap(),
+        Tensor::new(&[[[0.8, 0.1, -0.3, 0.1, 0.0, 0.0, 0.05, 0.0, 0.0]; 3]], cpu).unwrap(),
+    ]
+}
+
+/// Texture coordinates `[V, 2]`, `map` of each of the `[V, 3]` vertex positions.
+fn uv_from_positions(verts: &Tensor, map: impl Fn(&[f64]) -> [f64; 2]) -> Tensor {
+    let pos: Vec<f64> = verts.flatten_all().unwrap().to_vec1().unwrap();
+    let uv: Vec<f64> = pos.chunks(3).flat_map(map).collect();
+    Tensor::from_vec(uv, (verts.dim(0).unwrap(), 2), &Device::Cpu).unwrap()
+}
+
 fn at(t: &Tensor, b: usize, y: usize, x: usize) -> Vec<f64> {
     t.get(b)
         .unwrap()
@@ -98,12 +115,7 @@ fn texture_and_vertex_colours_agree_for_a_linear_colouring() {
     let nv = tris.num_vertices();
     // uv = (x, y) mapped into [0, 1], and a texture that is linear in u: bilinear sampling of a
     // linear ramp reproduces it exactly, as does interpolating vertex colours.
-    let pos: Vec<f64> = verts.flatten_all().unwrap().to_vec1().unwrap();
-    let uv: Vec<f64> = pos
-        .chunks(3)
-        .flat_map(|p| [0.25 + 0.5 * (p[0] + 0.8) / 1.6, 0.5])
-        .collect();
-    let uv = Tensor::from_vec(uv, (nv, 2), &Device::Cpu).unwrap();
+    let uv = uv_from_positions(&verts, |p| [0.25 + 0.5 * (p[0] + 0.8) / 1.6, 0.5]);
     let wt = 16;
     let texels: Vec<f64> = (0..4 * wt)
         .flat_map(|i| {
@@ -120,13 +132,7 @@ fn texture_and_vertex_colours_agree_for_a_linear_colouring() {
         .collect();
     let colors = Tensor::from_vec(colors, (nv, 3), &Device::Cpu).unwrap();
     let renderer = Renderer::new(tris, camera(24, 20), RenderOptions::default());
-    let rot = Tensor::new(&[[0.1, 0.2, 0.0]], &Device::Cpu).unwrap();
-    let trans = Tensor::new(&[[0.0, 0.0, 3.0]], &Device::Cpu).unwrap();
-    let sh = Tensor::new(
-        &[[[0.8, 0.1, -0.3, 0.1, 0.0, 0.0, 0.05, 0.0, 0.0]; 3]],
-        &Device::Cpu,
-    )
-    .unwrap();
+    let [rot, trans, sh] = view_and_light();
     let render = |appearance| {
         let scene = Scene {
             vertices: &verts,
@@ -165,13 +171,7 @@ fn appearances_sharing_one_rasterization_render_and_differentiate_as_separate_re
     };
     let (first, second) = (colours(0.0), colours(1.3));
     let vertices = var(verts);
-    let rot = var(Tensor::new(&[[0.1, 0.2, 0.0]], &Device::Cpu).unwrap());
-    let trans = var(Tensor::new(&[[0.0, 0.0, 3.0]], &Device::Cpu).unwrap());
-    let sh = var(Tensor::new(
-        &[[[0.8, 0.1, -0.3, 0.1, 0.0, 0.0, 0.05, 0.0, 0.0]; 3]],
-        &Device::Cpu,
-    )
-    .unwrap());
+    let [rot, trans, sh] = view_and_light().map(var);
     let renderer = Renderer::new(tris, camera(24, 20), RenderOptions::default());
     fn scene<'a>(
         [vertices, rot, trans, sh]: [&'a candle_core::Var; 4],
@@ -244,24 +244,12 @@ fn appearances_sharing_one_rasterization_render_and_differentiate_as_separate_re
 #[test]
 fn constants_get_no_gradient_and_leave_the_variables_gradients_unchanged() {
     let (verts, tris) = sphere();
-    let nv = tris.num_vertices();
-    let pos: Vec<f64> = verts.flatten_all().unwrap().to_vec1().unwrap();
-    let uv: Vec<f64> = pos
-        .chunks(3)
-        .flat_map(|p| [0.5 + 0.4 * p[0], 0.5 + 0.4 * p[1]])
-        .collect();
-    let uv = Tensor::from_vec(uv, (nv, 2), &Device::Cpu).unwrap();
+    let uv = uv_from_positions(&verts, |p| [0.5 + 0.4 * p[0], 0.5 + 0.4 * p[1]]);
     let texels: Vec<f64> = (0..8 * 8 * 3)
         .map(|i| 0.5 + 0.4 * (i as f64 * 0.61).sin())
         .collect();
     let texture = Tensor::from_vec(texels, (8, 8, 3), &Device::Cpu).unwrap();
-    let rot = Tensor::new(&[[0.1, 0.2, 0.0]], &Device::Cpu).unwrap();
-    let trans = Tensor::new(&[[0.0, 0.0, 3.0]], &Device::Cpu).unwrap();
-    let sh = Tensor::new(
-        &[[[0.8, 0.1, -0.3, 0.1, 0.0, 0.0, 0.05, 0.0, 0.0]; 3]],
-        &Device::Cpu,
-    )
-    .unwrap();
+    let [rot, trans, sh] = view_and_light();
     let renderer = Renderer::new(tris, camera(24, 20), RenderOptions::default());
     let inputs = [verts, rot, trans, texture, sh];
     // The gradients of a fixed loss with the inputs flagged in `variable` as variables.
