@@ -15,13 +15,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{Device, Tensor, Var};
 use common::{camera, face_like_mesh};
 use criterion::{Criterion, criterion_group, criterion_main};
 use ganfit_render::{
-    Appearance, Lighting, RasterOptions, RenderOptions, Renderer, Rendering, Scene, WrapMode,
-    antialias, camera_from_world, interpolate, normalize, rasterize, shade_sh, texture,
-    vertex_normals,
+    Appearance, Camera, Lighting, RasterOptions, RenderOptions, Renderer, Rendering, Scene,
+    Triangles, WrapMode, antialias, camera_from_world, interpolate, normalize, rasterize, shade_sh,
+    texture, vertex_normals,
 };
 
 /// The sum of all of `t`'s values (`[B, H, W, C]`), a row at a time and then the rows' sums:
@@ -40,22 +40,6 @@ fn sum(t: &Tensor) -> Tensor {
 /// The mean of all of `t`'s values, summed as [`sum`] does.
 fn mean(t: &Tensor) -> Tensor {
     (sum(t) / t.elem_count() as f64).unwrap()
-}
-
-/// The fit's per-iteration render: vertex colours under SH light.
-fn render_lit(
-    renderer: &Renderer,
-    [world, rotation, translation, albedo, light]: [&Var; 5],
-) -> Rendering {
-    renderer
-        .render(&Scene {
-            vertices: world.as_tensor(),
-            rotation: rotation.as_tensor(),
-            translation: translation.as_tensor(),
-            appearance: Appearance::VertexColors(albedo.as_tensor()),
-            lighting: Lighting::SphericalHarmonics(light.as_tensor()),
-        })
-        .unwrap()
 }
 
 fn benches(c: &mut Criterion) {
@@ -118,10 +102,9 @@ fn benches(c: &mut Criterion) {
                 })
             });
             let lit = LitFace::new(&dev, size, batch);
-            let render_and_backward = || lit.render_and_backward();
             group.bench_function(id("renderer_fwd_bwd"), |b| {
                 b.iter(|| {
-                    let grads = render_and_backward();
+                    let grads = lit.render_and_backward();
                     sync();
                     grads
                 })
@@ -134,7 +117,7 @@ fn benches(c: &mut Criterion) {
                     let mut queuing = Duration::ZERO;
                     for _ in 0..iters {
                         let start = Instant::now();
-                        let grads = render_and_backward();
+                        let grads = lit.render_and_backward();
                         queuing += start.elapsed();
                         sync();
                         drop(grads);
@@ -158,8 +141,11 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-/// The fit's per-iteration render of the benches' face, as variables on one device.
+/// The fit's per-iteration render of the benches' face (vertex colours under SH light), as
+/// variables on one device.
 struct LitFace {
+    triangles: Triangles,
+    camera: Camera,
     renderer: Renderer,
     /// World vertices, rotation, translation, vertex colours, SH light.
     vars: [Var; 5],
@@ -172,7 +158,9 @@ impl LitFace {
         let var = |t: candle_core::Result<Tensor>| Var::from_tensor(&t.unwrap()).unwrap();
         let pose = |v: [f32; 3]| var(Tensor::new(&[v], dev).unwrap().repeat((batch, 1)));
         Self {
-            renderer: Renderer::new(tris, camera(size), RenderOptions::default()),
+            renderer: Renderer::new(tris.clone(), camera(size), RenderOptions::default()),
+            triangles: tris,
+            camera: camera(size),
             vars: [
                 var(Tensor::from_slice(&verts, (1, nv, 3), dev)
                     .and_then(|t| t.repeat((batch, 1, 1)))),
@@ -184,13 +172,22 @@ impl LitFace {
         }
     }
 
+    fn render(&self) -> Rendering {
+        let [world, rotation, translation, albedo, light] = &self.vars;
+        self.renderer
+            .render(&Scene {
+                vertices: world.as_tensor(),
+                rotation: rotation.as_tensor(),
+                translation: translation.as_tensor(),
+                appearance: Appearance::VertexColors(albedo.as_tensor()),
+                lighting: Lighting::SphericalHarmonics(light.as_tensor()),
+            })
+            .unwrap()
+    }
+
     /// Forward and backward of the image's and the mask's means.
     fn render_and_backward(&self) -> candle_core::backprop::GradStore {
-        let [world, rotation, translation, albedo, light] = &self.vars;
-        let out = render_lit(
-            &self.renderer,
-            [world, rotation, translation, albedo, light],
-        );
+        let out = self.render();
         (mean(&out.image) + mean(&out.mask))
             .unwrap()
             .backward()
@@ -203,16 +200,10 @@ impl LitFace {
 /// including the steps before it), and the forward pass alone.
 fn stages(c: &mut Criterion) {
     let dev = ganfit_render::cuda_device(0).expect("the cuda benches need a CUDA device");
-    let (verts, tris) = face_like_mesh();
-    let nv = tris.num_vertices();
     let size = 512;
-    let cam = camera(size);
-    let world = Var::from_tensor(&Tensor::from_slice(&verts, (1, nv, 3), &dev).unwrap()).unwrap();
-    let rotation =
-        Var::from_tensor(&Tensor::new(&[[0.02f32, -0.03, 0.01]], &dev).unwrap()).unwrap();
-    let translation = Var::from_tensor(&Tensor::zeros((1, 3), DType::F32, &dev).unwrap()).unwrap();
-    let albedo = Var::from_tensor(&Tensor::full(0.7f32, (1, nv, 3), &dev).unwrap()).unwrap();
-    let light = Var::from_tensor(&Tensor::rand(0.0f32, 0.3, (1, 3, 9), &dev).unwrap()).unwrap();
+    let lit = LitFace::new(&dev, size, 1);
+    let (tris, cam) = (&lit.triangles, &lit.camera);
+    let [world, rotation, translation, albedo, light] = &lit.vars;
     let pipeline = |steps: usize| -> Tensor {
         let camera_vertices = camera_from_world(
             world.as_tensor(),
@@ -221,16 +212,16 @@ fn stages(c: &mut Criterion) {
         )
         .unwrap();
         let clip = cam.to_clip(&camera_vertices).unwrap();
-        let rast = rasterize(&clip, &tris, size, size, RasterOptions::default()).unwrap();
+        let rast = rasterize(&clip, tris, size, size, RasterOptions::default()).unwrap();
         let mut loss = sum(&rast);
         if steps < 2 {
             return loss;
         }
         let normals = normalize(
             &interpolate(
-                &vertex_normals(&camera_vertices, &tris).unwrap(),
+                &vertex_normals(&camera_vertices, tris).unwrap(),
                 &rast,
-                &tris,
+                tris,
             )
             .unwrap(),
         )
@@ -238,7 +229,7 @@ fn stages(c: &mut Criterion) {
         if steps < 3 {
             return (loss + sum(&normals)).unwrap();
         }
-        let colours = interpolate(albedo.as_tensor(), &rast, &tris).unwrap();
+        let colours = interpolate(albedo.as_tensor(), &rast, tris).unwrap();
         if steps < 4 {
             return (loss + (sum(&colours) + sum(&normals))).unwrap();
         }
@@ -246,7 +237,7 @@ fn stages(c: &mut Criterion) {
         if steps < 5 {
             return (loss + mean(&shaded)).unwrap();
         }
-        let image = antialias(&shaded, &rast, &clip, &tris).unwrap();
+        let image = antialias(&shaded, &rast, &clip, tris).unwrap();
         loss = (loss + mean(&image)).unwrap();
         loss
     };
@@ -274,13 +265,9 @@ fn stages(c: &mut Criterion) {
             loss
         })
     });
-    let renderer = Renderer::new(tris.clone(), cam, RenderOptions::default());
     group.bench_function("renderer_fwd_only", |b| {
         b.iter(|| {
-            let out = render_lit(
-                &renderer,
-                [&world, &rotation, &translation, &albedo, &light],
-            );
+            let out = lit.render();
             sync();
             out.image
         })
