@@ -623,6 +623,7 @@ __device__ __forceinline__ uint32_t* slot_record(uint32_t* buffer, int64_t slots
 __device__ __forceinline__ const uint32_t* slot_record(const uint32_t* buffer, int64_t slots, int64_t k) {
     return buffer + slots + k * CROSSING_WORDS;
 }
+__device__ __forceinline__ double* record_reals(uint32_t* record) { return (double*)(record + 4); }
 __device__ __forceinline__ const double* record_reals(const uint32_t* record) { return (const double*)(record + 4); }
 
 __device__ void silhouette_edges(const uint32_t* neighbours, const unsigned char* facing, int batch,
@@ -707,7 +708,7 @@ __device__ void find_crossing(const T* rast, const T* verts, const uint32_t* tri
     const T denom = (best_near - best_far) * (best_near - best_far);
     *target = (uint32_t)(beyond_half ? far_px : near_px);
     uint32_t* ints = record;
-    double* reals = (double*)(record + 4);
+    double* reals = record_reals(record);
     ints[0] = *target;
     ints[1] = (uint32_t)(beyond_half ? near_px : far_px);
     ints[2] = tris[t * 3 + best_k];
