@@ -584,7 +584,8 @@ impl Fitter {
             &result.params.shape.to_device(model.device())?,
             &expression.to_dtype(DType::F32)?.to_device(model.device())?,
         )?;
-        View::new(model, &texture, result.eye_colours)?.render_frontal(&vertices, size)
+        let layout = HeadLayout::new(model, &model.mean_rows()?)?;
+        View::new(model, layout, &texture, result.eye_colours)?.render_frontal(&vertices, size)
     }
 
     /// Geometry, texture and renders of a fitted photo.
@@ -604,25 +605,37 @@ impl Fitter {
         let vertices = model.instance(&params.shape, &params.expression)?;
         let fitted_landmarks = project_landmarks(landmark_vertices, &vertices, &params)?;
         let mesh = model.mesh(&vertices)?;
-        let mut texture =
-            ganfit_optim::project_photo(model, &vertices, &params, &photo, self.texture_size)?;
-        let background = albedo
-            .as_ref()
-            .map(|albedo| albedo_background(albedo, texture.size));
+        // The steps below are partly serial (image resizing, copies into the render atlas), so
+        // independent ones run side by side.
+        let (texture, background) = rayon::join(
+            || ganfit_optim::project_photo(model, &vertices, &params, &photo, self.texture_size),
+            || {
+                albedo
+                    .as_ref()
+                    .map(|albedo| albedo_background(albedo, self.texture_size))
+            },
+        );
         // Through the photo's camera the unseen texels it shows are grazing ones, which the
         // albedo was fitted to; from elsewhere (the frontal render, the exported mesh) the far
         // side of a turned head is better shown by the seen side's mirror image.
-        let mut in_photo = texture.clone();
-        in_photo.fill_unobserved(background.as_deref());
-        texture.fill_unobserved_mirrored(background.as_deref());
-        let photo_view = View::new(model, &in_photo, eye_colours)?;
-        let render = photo_view.render(&vertices, &params, image.width(), image.height(), false)?;
-        let geometry_render =
-            photo_view.render(&vertices, &params, image.width(), image.height(), true)?;
-        let neutral = model.instance(&params.shape, &params.expression.zeros_like()?)?;
-        let frontal_render = photo_view
-            .with_texture(&texture)?
-            .render_frontal(&neutral, FRONTAL_SIZE)?;
+        let (in_photo, texture) = texture?.filled_both_ways(background.as_deref());
+        let layout = HeadLayout::new(model, &model.mean_rows()?)?;
+        let (photo_renders, frontal_render) = rayon::join(
+            || -> Result<_> {
+                let view = View::new(model, layout.clone(), &in_photo, eye_colours)?;
+                let (width, height) = image.dimensions();
+                Ok((
+                    view.render(&vertices, &params, width, height, false)?,
+                    view.render(&vertices, &params, width, height, true)?,
+                ))
+            },
+            || -> Result<_> {
+                let neutral = model.instance(&params.shape, &params.expression.zeros_like()?)?;
+                View::new(model, layout.clone(), &texture, eye_colours)?
+                    .render_frontal(&neutral, FRONTAL_SIZE)
+            },
+        );
+        let ((render, geometry_render), frontal_render) = (photo_renders?, frontal_render?);
         Ok(FitResult {
             params,
             light: None,
@@ -776,39 +789,28 @@ struct View<'a> {
     model: &'a MorphableModel,
     /// Triangles and atlas coordinates of the whole head, eyes and mouth included.
     layout: HeadLayout,
-    /// The palette's eye colours.
-    eyes: EyeColours,
     /// The UV map beside the palette of eyes, mouth and the head off the UV tile.
     atlas: Tensor,
 }
 
 impl<'a> View<'a> {
-    fn new(model: &'a MorphableModel, texture: &UvTexture, eyes: EyeColours) -> Result<Self> {
-        Ok(View {
-            model,
-            layout: HeadLayout::new(model, &model.mean_rows()?)?,
-            eyes,
-            atlas: Self::atlas(texture, eyes)?,
-        })
-    }
-
-    /// The same mesh with another texture.
-    fn with_texture(&self, texture: &UvTexture) -> Result<Self> {
-        Ok(View {
-            model: self.model,
-            layout: self.layout.clone(),
-            eyes: self.eyes,
-            atlas: Self::atlas(texture, self.eyes)?,
-        })
-    }
-
-    fn atlas(texture: &UvTexture, eyes: EyeColours) -> Result<Tensor> {
-        Ok(HeadLayout::atlas(
+    fn new(
+        model: &'a MorphableModel,
+        layout: HeadLayout,
+        texture: &UvTexture,
+        eyes: EyeColours,
+    ) -> Result<Self> {
+        let atlas = HeadLayout::atlas(
             &texture.rgb,
             texture.size,
             eyes,
             cheek_colour(&texture.rgb, texture.size),
-        )?)
+        )?;
+        Ok(View {
+            model,
+            layout,
+            atlas,
+        })
     }
 }
 

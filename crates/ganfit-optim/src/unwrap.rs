@@ -222,7 +222,9 @@ impl UvTexture {
     /// channel to the photo's brightness where both exist, or with the seen texels' mean
     /// colour when there is no background. Seen texels keep the photo's colour exactly.
     pub fn fill_unobserved(&mut self, background: Option<&[f32]>) {
-        self.fill(background, false);
+        if let Some(fill) = Fill::new(self, background) {
+            fill.apply(self, None);
+        }
     }
 
     /// [`UvTexture::fill_unobserved`], but where only the mirror position (`u → 1 − u`: the
@@ -233,75 +235,25 @@ impl UvTexture {
     /// [`UvTexture::fill_unobserved`], whose background was fitted to the photo's grazing
     /// texels.
     pub fn fill_unobserved_mirrored(&mut self, background: Option<&[f32]>) {
-        self.fill(background, true);
+        if let Some(fill) = Fill::new(self, background) {
+            fill.apply(self, Some(&MirrorFill::new(self)));
+        }
     }
 
-    fn fill(&mut self, background: Option<&[f32]>, mirror_fill: bool) {
-        let texels = self.size * self.size;
-        let seen = self.observed.iter().filter(|&&o| o > 0.0).count();
-        if seen == 0 || background.is_some_and(|b| b.len() != texels * 3) {
-            return;
+    /// This texture filled both ways: `(`[`fill_unobserved`](Self::fill_unobserved)`,`
+    /// [`fill_unobserved_mirrored`](Self::fill_unobserved_mirrored)`)`, the same texels as the
+    /// two calls give, with what they share (the blur of the seen colours, the brightness
+    /// gain) computed once and the two fills run side by side.
+    pub fn filled_both_ways(&self, background: Option<&[f32]>) -> (UvTexture, UvTexture) {
+        let (mut plain, mut mirrored) = (self.clone(), self.clone());
+        let (fill, mirror) = rayon::join(|| Fill::new(self, background), || MirrorFill::new(self));
+        if let Some(fill) = fill {
+            rayon::join(
+                || fill.apply(&mut plain, None),
+                || fill.apply(&mut mirrored, Some(&mirror)),
+            );
         }
-        let mut sums = [[0.0f64; 3]; 2];
-        for texel in (0..texels).filter(|&t| self.observed[t] > 0.0) {
-            for c in 0..3 {
-                sums[0][c] += f64::from(self.rgb[texel * 3 + c]);
-                sums[1][c] += f64::from(background.map_or(1.0, |b| b[texel * 3 + c]));
-            }
-        }
-        // Without a background the fill is the mean colour: a constant 1 times that gain.
-        let gain = [0, 1, 2].map(|c| {
-            if sums[1][c] > 0.0 {
-                (sums[0][c] / sums[1][c]) as f32
-            } else {
-                1.0
-            }
-        });
-
-        let size = self.size;
-        let mirror = |texel: usize| texel - texel % size + (size - 1 - texel % size);
-        let radius = (size / 256).max(1);
-        // Colours seen on the photo, and those seen only at the mirror position, each as a
-        // normalised convolution (so both blend smoothly at their borders).
-        let direct = self.blurred(|t| self.observed[t], |t| t, radius);
-        let mirrored = mirror_fill.then(|| {
-            self.blurred(
-                |t| self.observed[mirror(t)] * (1.0 - self.observed[t]),
-                mirror,
-                radius,
-            )
-        });
-        let mirror_gain = self.mirror_shading_gain(mirror);
-        let observed = &self.observed;
-        let rows = self.rgb.par_chunks_mut(size * 3).enumerate();
-        rows.for_each(|(row, rgb)| {
-            for column in (0..size).filter(|&column| observed[row * size + column] == 0.0) {
-                let texel = row * size + column;
-                // Full trust in an average where at least half its window was seen.
-                let trust = |(density, _): &(Vec<f32>, Vec<f32>)| (2.0 * density[texel]).min(1.0);
-                let average =
-                    |(density, weighted): &(Vec<f32>, Vec<f32>), c: usize, otherwise: f32| {
-                        if density[texel] > 0.0 {
-                            weighted[texel * 3 + c] / density[texel]
-                        } else {
-                            otherwise
-                        }
-                    };
-                let near_trust = trust(&direct);
-                for c in 0..3 {
-                    let mut far = background.map_or(1.0, |b| b[texel * 3 + c]) * gain[c];
-                    if let Some(mirrored) = &mirrored {
-                        let mirror_trust = trust(mirrored);
-                        let seen_opposite =
-                            average(mirrored, c, far / mirror_gain[c]) * mirror_gain[c];
-                        far = mirror_trust * seen_opposite + (1.0 - mirror_trust) * far;
-                    }
-                    let near = average(&direct, c, far);
-                    rgb[column * 3 + c] =
-                        (near_trust * near + (1.0 - near_trust) * far).clamp(0.0, 1.0);
-                }
-            }
-        });
+        (plain, mirrored)
     }
 
     /// Per channel, how much brighter the side of the map that needs mirror filling was seen
@@ -309,12 +261,12 @@ impl UvTexture {
     /// the photo's light falls differently on the two halves of a turned face, so a cheek
     /// copied from the lit side is too bright beside the shaded side's seen texels by this
     /// much. 1 where too few texels were seen on both sides to tell.
-    fn mirror_shading_gain(&self, mirror: impl Fn(usize) -> usize) -> [f32; 3] {
+    fn mirror_shading_gain(&self) -> [f32; 3] {
         let size = self.size;
         let seen = |t: usize| self.observed[t] > 0.0;
         let left = |t: usize| t % size < size / 2;
         let (mut fill_left, mut fill_right) = (0usize, 0usize);
-        for t in (0..size * size).filter(|&t| !seen(t) && seen(mirror(t))) {
+        for t in (0..size * size).filter(|&t| !seen(t) && seen(self.mirror(t))) {
             if left(t) {
                 fill_left += 1;
             } else {
@@ -323,10 +275,10 @@ impl UvTexture {
         }
         let filled_side = |t: usize| left(t) == (fill_left >= fill_right);
         let (mut own, mut opposite, mut count) = ([0.0f64; 3], [0.0f64; 3], 0usize);
-        for t in (0..size * size).filter(|&t| filled_side(t) && seen(t) && seen(mirror(t))) {
+        for t in (0..size * size).filter(|&t| filled_side(t) && seen(t) && seen(self.mirror(t))) {
             for c in 0..3 {
                 own[c] += f64::from(self.rgb[t * 3 + c]);
-                opposite[c] += f64::from(self.rgb[mirror(t) * 3 + c]);
+                opposite[c] += f64::from(self.rgb[self.mirror(t) * 3 + c]);
             }
             count += 1;
         }
@@ -339,39 +291,167 @@ impl UvTexture {
         })
     }
 
-    /// The density `weight(t)` and the weighted colours `weight(t) · rgb[source(t)]`, both
-    /// box-blurred twice: their ratio is a smooth average of the weighted texels.
+    /// The texel at the mirror position of `texel` (`u → 1 − u`).
+    fn mirror(&self, texel: usize) -> usize {
+        let column = texel % self.size;
+        texel - column + (self.size - 1 - column)
+    }
+
+    /// Radius of the fills' blur: a few texels at any resolution.
+    fn blur_radius(&self) -> usize {
+        (self.size / 256).max(1)
+    }
+
+    /// The weighted colours `weight(t) · rgb[source(t)]` and the density `weight(t)`, as four
+    /// channels per texel, box-blurred twice: the ratio of the first three to the fourth is a
+    /// smooth average of the weighted texels.
     fn blurred(
         &self,
         weight: impl Fn(usize) -> f32 + Sync,
         source: impl Fn(usize) -> usize + Sync,
-        radius: usize,
-    ) -> (Vec<f32>, Vec<f32>) {
-        let texels = self.size * self.size;
-        let mut density: Vec<f32> = (0..texels).into_par_iter().map(&weight).collect();
-        let mut weighted: Vec<f32> = (0..texels * 3)
-            .into_par_iter()
-            .map(|i| self.rgb[source(i / 3) * 3 + i % 3] * density[i / 3])
-            .collect();
+    ) -> BlurredColours {
+        let mut values = vec![0.0f32; self.size * self.size * 4];
+        values
+            .par_chunks_exact_mut(4)
+            .enumerate()
+            .for_each(|(texel, out)| {
+                let density = weight(texel);
+                let colour = &self.rgb[source(texel) * 3..][..3];
+                out.copy_from_slice(&[
+                    colour[0] * density,
+                    colour[1] * density,
+                    colour[2] * density,
+                    density,
+                ]);
+            });
+        let mut scratch = vec![0.0f32; values.len()];
         for _ in 0..2 {
-            box_blur(&mut density, self.size, 1, radius);
-            box_blur(&mut weighted, self.size, 3, radius);
+            box_blur(&mut values, &mut scratch, self.size, 4, self.blur_radius());
         }
-        (density, weighted)
+        BlurredColours(values)
+    }
+}
+
+/// Colours blurred with their density ([`UvTexture::blurred`]).
+struct BlurredColours(Vec<f32>);
+
+impl BlurredColours {
+    /// Full trust in the average at `texel` where at least half its window was weighted.
+    fn trust(&self, texel: usize) -> f32 {
+        (2.0 * self.0[texel * 4 + 3]).min(1.0)
+    }
+
+    /// The average of channel `c` at `texel`, `otherwise` where nothing was weighted near.
+    fn average(&self, texel: usize, c: usize, otherwise: f32) -> f32 {
+        let density = self.0[texel * 4 + 3];
+        if density > 0.0 {
+            self.0[texel * 4 + c] / density
+        } else {
+            otherwise
+        }
+    }
+}
+
+/// What a fill of the unseen texels needs from the seen ones.
+struct Fill<'a> {
+    background: Option<&'a [f32]>,
+    /// Per channel, the seen texels' colour over the background's there.
+    gain: [f32; 3],
+    /// The seen colours, blurred.
+    direct: BlurredColours,
+}
+
+/// What a mirror fill needs besides: the colours seen only at the mirror position, blurred,
+/// and their shading gain ([`UvTexture::mirror_shading_gain`]).
+struct MirrorFill {
+    mirrored: BlurredColours,
+    gain: [f32; 3],
+}
+
+impl MirrorFill {
+    fn new(texture: &UvTexture) -> Self {
+        let observed = &texture.observed;
+        MirrorFill {
+            mirrored: texture.blurred(
+                |t| observed[texture.mirror(t)] * (1.0 - observed[t]),
+                |t| texture.mirror(t),
+            ),
+            gain: texture.mirror_shading_gain(),
+        }
+    }
+}
+
+impl<'a> Fill<'a> {
+    /// `None` where nothing was seen or `background` does not cover the map: nothing to fill
+    /// from.
+    fn new(texture: &UvTexture, background: Option<&'a [f32]>) -> Option<Self> {
+        let texels = texture.size * texture.size;
+        let seen = texture.observed.iter().filter(|&&o| o > 0.0).count();
+        if seen == 0 || background.is_some_and(|b| b.len() != texels * 3) {
+            return None;
+        }
+        let mut sums = [[0.0f64; 3]; 2];
+        for texel in (0..texels).filter(|&t| texture.observed[t] > 0.0) {
+            for c in 0..3 {
+                sums[0][c] += f64::from(texture.rgb[texel * 3 + c]);
+                sums[1][c] += f64::from(background.map_or(1.0, |b| b[texel * 3 + c]));
+            }
+        }
+        // Without a background the fill is the mean colour: a constant 1 times that gain.
+        let gain = [0, 1, 2].map(|c| {
+            if sums[1][c] > 0.0 {
+                (sums[0][c] / sums[1][c]) as f32
+            } else {
+                1.0
+            }
+        });
+        // Colours seen on the photo (and, in a mirror fill, those seen only at the mirror
+        // position) each as a normalised convolution, so both blend smoothly at their borders.
+        let direct = texture.blurred(|t| texture.observed[t], |t| t);
+        Some(Fill {
+            background,
+            gain,
+            direct,
+        })
+    }
+
+    /// Fills `texture`'s unseen texels (`texture` is the one this fill was measured on, or a
+    /// copy).
+    fn apply(&self, texture: &mut UvTexture, mirror: Option<&MirrorFill>) {
+        let size = texture.size;
+        let observed = &texture.observed;
+        let rows = texture.rgb.par_chunks_mut(size * 3).enumerate();
+        rows.for_each(|(row, rgb)| {
+            for column in (0..size).filter(|&column| observed[row * size + column] == 0.0) {
+                let texel = row * size + column;
+                let near_trust = self.direct.trust(texel);
+                for c in 0..3 {
+                    let mut far = self.background.map_or(1.0, |b| b[texel * 3 + c]) * self.gain[c];
+                    if let Some(MirrorFill { mirrored, gain }) = mirror {
+                        let mirror_trust = mirrored.trust(texel);
+                        let seen_opposite = mirrored.average(texel, c, far / gain[c]) * gain[c];
+                        far = mirror_trust * seen_opposite + (1.0 - mirror_trust) * far;
+                    }
+                    let near = self.direct.average(texel, c, far);
+                    rgb[column * 3 + c] =
+                        (near_trust * near + (1.0 - near_trust) * far).clamp(0.0, 1.0);
+                }
+            }
+        });
     }
 }
 
 /// Replaces each value of a `size × size × channels` image by the mean over a
-/// `(2·radius + 1)²` window (shrunk at the borders), as a running-sum pass along the rows and
-/// one down the columns. The column pass keeps one running sum per column and walks whole rows,
-/// so every read is sequential (a map is megabytes; a walk down each column missed the cache
-/// at every step).
-fn box_blur(values: &mut [f32], size: usize, channels: usize, radius: usize) {
+/// `(2·radius + 1)²` window (shrunk at the borders), as a running-sum pass along the rows into
+/// `scratch` (as long as `values`) and one down the columns back. The column pass keeps one
+/// running sum per column and walks whole rows, so every read is sequential (a map is
+/// megabytes; a walk down each column missed the cache at every step).
+fn box_blur(values: &mut [f32], scratch: &mut [f32], size: usize, channels: usize, radius: usize) {
     let row_length = size * channels;
     let window = |inner: usize| (inner.saturating_sub(radius), (inner + radius + 1).min(size));
-    values.par_chunks_exact_mut(row_length).for_each_init(
-        || vec![0.0f32; row_length],
-        |line, row| {
+    let rows = values.par_chunks_exact(row_length);
+    rows.zip(scratch.par_chunks_exact_mut(row_length))
+        .for_each(|(row, line)| {
             for c in 0..channels {
                 let mut sum = 0.0f64;
                 let mut span = (0, 0);
@@ -388,12 +468,10 @@ fn box_blur(values: &mut [f32], size: usize, channels: usize, radius: usize) {
                     line[inner * channels + c] = (sum / (hi - lo) as f64) as f32;
                 }
             }
-            row.copy_from_slice(line);
-        },
-    );
+        });
     // Bands of rows in parallel, each starting its running sums afresh.
     const BAND_ROWS: usize = 32;
-    let rows = values.to_vec();
+    let rows: &[f32] = scratch;
     let row_at = |r: usize| &rows[r * row_length..][..row_length];
     let bands = values.par_chunks_mut(BAND_ROWS * row_length).enumerate();
     bands.for_each(|(band, out)| {
@@ -549,6 +627,34 @@ mod tests {
     }
 
     #[test]
+    fn filling_both_ways_gives_each_fills_texels() {
+        // The far side needs the mirror; a speck on the seen side only the plain fill.
+        let mut t = texture(PATTERN_SIZE, |row, column| {
+            column < 40 && (row, column) != (20, 10)
+        });
+        for (texel, rgb) in t.rgb.chunks_mut(3).enumerate() {
+            if t.observed[texel] > 0.0 {
+                rgb.copy_from_slice(&pattern(texel / PATTERN_SIZE, texel % PATTERN_SIZE));
+            }
+        }
+        let background: Vec<f32> = (0..PATTERN_SIZE * PATTERN_SIZE * 3)
+            .map(|i| 0.1 + (i % 7) as f32 / 20.0)
+            .collect();
+        let (plain, mirrored) = t.filled_both_ways(Some(&background));
+        let mut want_plain = t.clone();
+        want_plain.fill_unobserved(Some(&background));
+        let mut want_mirrored = t.clone();
+        want_mirrored.fill_unobserved_mirrored(Some(&background));
+        assert_eq!(plain, want_plain);
+        assert_eq!(mirrored, want_mirrored);
+        assert_ne!(plain, mirrored, "the two fills differ on the far side");
+        // Nothing seen: nothing to fill from, both stay as they were.
+        let unseen = texture(8, |_, _| false);
+        let (plain, mirrored) = unseen.filled_both_ways(None);
+        assert_eq!((&plain, &mirrored), (&unseen, &unseen));
+    }
+
+    #[test]
     fn box_blur_is_the_mean_over_each_window_clipped_to_the_map() {
         let channels = 3;
         // 70 rows span several of the column pass's bands.
@@ -557,7 +663,13 @@ mod tests {
                 .map(|i| ((i * 7919 % 1000) as f32) / 1000.0)
                 .collect();
             let mut blurred = original.clone();
-            box_blur(&mut blurred, size, channels, radius);
+            box_blur(
+                &mut blurred,
+                &mut vec![0.0; size * size * channels],
+                size,
+                channels,
+                radius,
+            );
             for row in 0..size {
                 for column in 0..size {
                     let rows = row.saturating_sub(radius)..(row + radius + 1).min(size);
@@ -585,12 +697,12 @@ mod tests {
     #[test]
     fn box_blur_keeps_a_constant_and_averages_a_step() {
         let mut constant = vec![0.3f32; 10 * 10];
-        box_blur(&mut constant, 10, 1, 2);
+        box_blur(&mut constant, &mut [0.0; 100], 10, 1, 2);
         assert!(constant.iter().all(|v| (v - 0.3).abs() < 1e-6));
         let mut step: Vec<f32> = (0..100)
             .map(|i| if i % 10 < 5 { 0.0 } else { 1.0 })
             .collect();
-        box_blur(&mut step, 10, 1, 1);
+        box_blur(&mut step, &mut [0.0; 100], 10, 1, 1);
         // Column 4 sees columns 3, 4, 5: one of three is 1.
         assert!((step[4] - 1.0 / 3.0).abs() < 1e-6, "{}", step[4]);
     }
