@@ -272,7 +272,9 @@ impl ModelData {
                 header.format
             )));
         }
-        let read = |name: &str, dtype: Dtype| -> Result<Vec<[u8; 4]>> {
+        // The tensor's little-endian 4-byte words, converted straight into the result (the
+        // bases are tens of megabytes: no intermediate copy).
+        let words = |name: &str, dtype: Dtype| -> Result<std::slice::ChunksExact<'_, u8>> {
             let view = st
                 .tensor(name)
                 .map_err(|e| invalid(format!("tensor `{name}`: {e}")))?;
@@ -282,22 +284,17 @@ impl ModelData {
                     view.dtype()
                 )));
             }
-            Ok(view
-                .data()
-                .chunks_exact(4)
-                .map(|c| [c[0], c[1], c[2], c[3]])
-                .collect())
+            Ok(view.data().chunks_exact(4))
         };
+        let word = |c: &[u8]| [c[0], c[1], c[2], c[3]];
         let f32s = |name: &str| -> Result<Vec<f32>> {
-            Ok(read(name, Dtype::F32)?
-                .into_iter()
-                .map(f32::from_le_bytes)
+            Ok(words(name, Dtype::F32)?
+                .map(|c| f32::from_le_bytes(word(c)))
                 .collect())
         };
         let u32s = |name: &str| -> Result<Vec<u32>> {
-            Ok(read(name, Dtype::U32)?
-                .into_iter()
-                .map(u32::from_le_bytes)
+            Ok(words(name, Dtype::U32)?
+                .map(|c| u32::from_le_bytes(word(c)))
                 .collect())
         };
         let triples = |v: Vec<u32>| v.chunks_exact(3).map(|c| [c[0], c[1], c[2]]).collect();

@@ -80,7 +80,8 @@ impl MorphableModel {
             })?;
         let n = data.info.n_vertices;
         let k = data.info.shape_modes + data.expression_modes();
-        let mut basis = data.shape_basis;
+        let mut basis = Vec::with_capacity(data.shape_basis.len() + data.expression_basis.len());
+        basis.extend_from_slice(&data.shape_basis);
         basis.extend_from_slice(&data.expression_basis);
         let flat: Vec<u32> = data.triangles.iter().flatten().copied().collect();
         Ok(MorphableModel {
