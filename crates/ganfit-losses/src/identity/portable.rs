@@ -1,6 +1,6 @@
 //! The network as candle tensor operations, for devices the fused CPU kernels do not run on
 //! (CUDA): the same folded weights, convolutions by candle's `conv2d`, the 3×3/2 max-pool as
-//! maxima of strided views, the residual sums zero-padded as dlib's `add_prev` does.
+//! a gather of each window's largest element, the residual sums zero-padded as dlib's `add_prev` does.
 //! Slower than the fused ops on the CPU, but differentiable with candle's autograd anywhere.
 
 use candle_core::backend::BackendStorage;
@@ -225,37 +225,38 @@ impl PortableStages {
     }
 }
 
-/// Every second entry of dim `dim` from `offset` on, `count` of them: a strided view built
-/// from a narrow (padded by one zero where the last pair would run past the end), a reshape
-/// that pairs neighbours and a narrow to the first of each pair.
-fn every_second(t: &Tensor, dim: usize, offset: usize, count: usize) -> Result<Tensor> {
-    let picked = if offset + 2 * count <= t.dim(dim)? {
-        t.narrow(dim, offset, 2 * count)?
-    } else {
-        t.narrow(dim, offset, 2 * count - 1)?
-            .pad_with_zeros(dim, 0, 1)?
-    };
-    let mut dims = picked.dims().to_vec();
-    dims[dim] = count;
-    dims.insert(dim + 1, 2);
-    picked
-        .reshape(dims)?
-        .narrow(dim + 1, 0, 1)?
-        .squeeze(dim + 1)
-}
-
 /// dlib's 3×3/2 max-pool without padding (candle's own pooling has no gradient when the window
-/// is larger than the stride): the maximum of three strided views down the rows, then of three
-/// across the columns. The 3×3 maximum is separable, so that is 4 maxima and 6 views instead of
-/// 8 and 12, each a few kernels forward and more backward on a GPU.
+/// is larger than the stride), as a gather of each window's largest element, so that the
+/// backward pass is one scatter of the output's gradient. The element is found on the detached
+/// input: the nine taps of every window as the channels of a convolution with one-hot kernels
+/// (exact: each output is one input times one, plus zeros), their arg-max, and the tap's offset
+/// from the window's corner. On a GPU that is a handful of kernels where the maxima of strided
+/// views, and their gradients, took about a hundred.
 fn max_pool_3x3_stride_2(x: &Tensor) -> Result<Tensor> {
-    let max_of_three = |t: &Tensor, dim: usize| -> Result<Tensor> {
-        let count = (t.dim(dim)? - 3) / 2 + 1;
-        every_second(t, dim, 0, count)?
-            .maximum(&every_second(t, dim, 1, count)?)?
-            .maximum(&every_second(t, dim, 2, count)?)
-    };
-    max_of_three(&max_of_three(x, 2)?, 3)
+    let (batch, channels, h, w) = x.dims4()?;
+    let (oh, ow) = ((h - 3) / 2 + 1, (w - 3) / 2 + 1);
+    let device = x.device();
+    // Built on the host: one upload instead of the kernels `Tensor::eye` launches.
+    let one_hot: Vec<f32> = (0..81).map(|i| f32::from(i / 9 == i % 9)).collect();
+    let one_hot = Tensor::from_vec(one_hot, (9, 1, 3, 3), device)?.to_dtype(x.dtype())?;
+    let planes = batch * channels;
+    let taps = x
+        .detach()
+        .reshape((planes, 1, h, w))?
+        .conv2d(&one_hot, 0, 2, 1, 1)?;
+    let tap_offsets: Vec<u32> = (0..9).map(|tap| (tap / 3 * w + tap % 3) as u32).collect();
+    let corners: Vec<u32> = (0..planes * oh * ow)
+        .map(|i| {
+            let (plane, row, column) = (i / (oh * ow), i / ow % oh, i % ow);
+            (plane * h * w + 2 * row * w + 2 * column) as u32
+        })
+        .collect();
+    let largest = Tensor::from_vec(tap_offsets, 9, device)?
+        .index_select(&taps.argmax(1)?.flatten_all()?, 0)?;
+    let index = (Tensor::from_vec(corners, planes * oh * ow, device)? + largest)?;
+    x.flatten_all()?
+        .gather(&index, 0)?
+        .reshape((batch, channels, oh, ow))
 }
 
 /// 2×2/2 average pooling that drops an odd last row/column, as dlib does.
