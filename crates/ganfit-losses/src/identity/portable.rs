@@ -5,7 +5,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::{Add, Relu};
-use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor,
+};
 
 use super::ops::FixedConv;
 use super::stages::Stage;
@@ -97,14 +99,8 @@ impl ConvOutput {
         bias: &S,
         bias_layout: &Layout,
     ) -> Result<S> {
-        let shape = conv_layout.shape();
-        let biased =
-            conv.binary_impl::<Add>(bias, conv_layout, &bias_layout.broadcast_as(shape)?)?;
-        if self.relu {
-            biased.unary_impl::<Relu>(&Layout::contiguous(shape))
-        } else {
-            Ok(biased)
-        }
+        let bias_layout = bias_layout.broadcast_as(conv_layout.shape())?;
+        sum_of_storages(conv, conv_layout, bias, &bias_layout, self.relu)
     }
 
     /// [`ConvOutput::finish`] on the storages of the convolution and the bias that `on_device`
@@ -166,6 +162,69 @@ impl CustomOp1 for ConvOutput {
     }
 }
 
+/// `a + b` (`b` laid out to `a`'s shape), through a ReLU if `relu`, into a new storage.
+fn sum_of_storages<S: BackendStorage>(
+    a: &S,
+    a_layout: &Layout,
+    b: &S,
+    b_layout: &Layout,
+    relu: bool,
+) -> Result<S> {
+    let sum = a.binary_impl::<Add>(b, a_layout, b_layout)?;
+    if relu {
+        sum.unary_impl::<Relu>(&Layout::contiguous(a_layout.shape()))
+    } else {
+        Ok(sum)
+    }
+}
+
+/// A residual block's output, `relu(main + shortcut)` for two tensors of one shape, as one node
+/// of the autograd graph: candle's own add and ReLU are two, whose backward compares, casts and
+/// multiplies for the ReLU and sums a gradient into each of the three tensors.
+#[derive(Debug, Clone, Copy)]
+struct ResidualSum;
+
+impl CustomOp2 for ResidualSum {
+    fn name(&self) -> &'static str {
+        "dlib-residual-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        main: &CpuStorage,
+        main_layout: &Layout,
+        shortcut: &CpuStorage,
+        shortcut_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let sum = sum_of_storages(main, main_layout, shortcut, shortcut_layout, true)?;
+        Ok((sum, main_layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        main: &candle_core::CudaStorage,
+        main_layout: &Layout,
+        shortcut: &candle_core::CudaStorage,
+        shortcut_layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let sum = sum_of_storages(main, main_layout, shortcut, shortcut_layout, true)?;
+        Ok((sum, main_layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _main: &Tensor,
+        _shortcut: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // As in `ConvOutput::bwd`: the output's sign is the ReLU's mask.
+        let grad = (grad * res.sign()?)?;
+        Ok((Some(grad.clone()), Some(grad)))
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Layer {
     /// Convolution, ReLU, 3×3/2 max-pool.
@@ -217,7 +276,11 @@ impl PortableStages {
                     } else {
                         x.clone()
                     };
-                    x = (pad_to(&main, &shortcut)? + pad_to(&shortcut, &main)?)?.relu()?;
+                    x = if main.shape() == shortcut.shape() {
+                        main.apply_op2(&shortcut, ResidualSum)?
+                    } else {
+                        (pad_to(&main, &shortcut)? + pad_to(&shortcut, &main)?)?.relu()?
+                    };
                 }
                 Ok(x)
             }
