@@ -8,6 +8,7 @@
 //! itself ([`align_to_landmarks`]), and the projection of the photo onto the fitted mesh's UV
 //! layout ([`unwrap_photo`]).
 
+mod adam;
 mod align;
 mod pose;
 mod refine;

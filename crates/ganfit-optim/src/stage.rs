@@ -2,8 +2,8 @@
 //! plateau and a guard that recovers from divergence.
 
 use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 
+use crate::adam::{self, Adam};
 use crate::{OptimError, Schedule};
 
 /// Parameters optimised together with one base learning rate, e.g. "shape" or "camera".
@@ -163,7 +163,7 @@ pub fn run_stage(
             config.name
         )));
     }
-    let mut optimisers = new_optimisers(groups)?;
+    let mut adam = Adam::new(groups)?;
     let mut best = Snapshot::of(groups)?;
     let mut best_loss = f64::INFINITY;
     let mut since_improvement = 0usize;
@@ -199,13 +199,13 @@ pub fn run_stage(
         let diverged = !total.is_finite()
             || (best_loss.is_finite()
                 && total > config.guard.jump_factor * best_loss.abs().max(jump_floor));
-        let grads = if diverged {
+        let gradient = if diverged {
             None
         } else {
-            let grads = loss.total.backward()?;
-            finite_gradients(groups, &grads)?.then_some(grads)
+            let gradient = adam.gradient(&loss.total.backward()?)?;
+            adam::is_finite(&gradient)?.then_some(gradient)
         };
-        let Some(grads) = grads else {
+        let Some(gradient) = gradient else {
             report.recoveries += 1;
             if report.recoveries > config.guard.max_recoveries {
                 best.restore(groups)?;
@@ -218,7 +218,7 @@ pub fn run_stage(
             best.restore(groups)?;
             recovery_factor *= 0.5;
             // Adam's moments carry the divergent gradients: start them afresh.
-            optimisers = new_optimisers(groups)?;
+            adam = Adam::new(groups)?;
             continue;
         };
 
@@ -243,55 +243,11 @@ pub fn run_stage(
                 break;
             }
         }
-        for (group, optimiser) in groups.iter().zip(optimisers.iter_mut()) {
-            optimiser.set_learning_rate(group.learning_rate * lr_factor);
-            optimiser.step(&grads)?;
-        }
+        adam.step(&gradient, lr_factor)?;
     }
     best.restore(groups)?;
     report.best_loss = best_loss;
     Ok(report)
-}
-
-fn new_optimisers(groups: &[ParamGroup]) -> Result<Vec<AdamW>, OptimError> {
-    groups
-        .iter()
-        .map(|g| {
-            AdamW::new(
-                g.vars.clone(),
-                ParamsAdamW {
-                    lr: g.learning_rate,
-                    weight_decay: 0.0,
-                    ..ParamsAdamW::default()
-                },
-            )
-            .map_err(OptimError::from)
-        })
-        .collect()
-}
-
-fn finite_gradients(
-    groups: &[ParamGroup],
-    grads: &candle_core::backprop::GradStore,
-) -> Result<bool, OptimError> {
-    let sums = groups
-        .iter()
-        .flat_map(|g| &g.vars)
-        .filter_map(|var| grads.get(var))
-        .map(|grad| {
-            grad.abs()?
-                .sum_all()?
-                .to_dtype(candle_core::DType::F64)?
-                .reshape(1)
-        })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    if sums.is_empty() {
-        return Ok(true);
-    }
-    // A NaN or infinity anywhere makes the sum of the (f64) magnitudes non-finite; one
-    // read-back instead of one per variable, each of which waits for a GPU to drain its queue.
-    let total = Tensor::cat(&sums, 0)?.sum_all()?.to_scalar::<f64>()?;
-    Ok(total.is_finite())
 }
 
 /// Copies of every variable's value, to return to.
