@@ -175,8 +175,12 @@ pub(crate) struct HeadLayout {
     pub uv_triangles: Triangles,
     /// The same, but the neck below the chin in the palette's skin colour too: for views of
     /// a fitted face from elsewhere than the photo's camera, where the neck's texels would
-    /// show the photo's collar and tie more often than skin.
+    /// show the photo's collar and tie more often than skin. Drawn with a
+    /// [`HeadLayout::bare_neck_atlas`].
     pub uv_triangles_bare_neck: Triangles,
+    /// The textured triangles of the band where the neck fades into the palette's skin (UV
+    /// triangles), and each UV vertex's share of skin `[1, UV vertices, 1]`.
+    neck_band: (Vec<[u32; 3]>, Tensor),
     /// The skin triangles inside the UV map's tile (no eyes, teeth, mouth interior, nor the
     /// head and neck beyond the tile) and their atlas triangles: for renders laid onto the
     /// photo, which shows its own eyes, teeth and hair through the gaps. (Flat palette colour
@@ -200,10 +204,12 @@ impl HeadLayout {
         let skin: std::collections::HashSet<[u32; 3]> =
             ganfit_optim::skin_triangles(model).0.into_iter().collect();
         let uv_count = model.uvs().len() as u32;
-        let neck = below_chin(model, mean);
+        let neck = neck_skin_share(model, mean);
         let (mut triangles, mut uv_triangles) = (Vec::new(), Vec::new());
         let mut uv_triangles_bare_neck = Vec::new();
         let (mut skin_triangles, mut skin_uv_triangles) = (Vec::new(), Vec::new());
+        let mut band_uv_triangles = Vec::new();
+        let mut band_share = vec![0.0f32; uv_count as usize];
         for (tri, uv_tri) in model.triangles().iter().zip(model.uv_triangles()) {
             if tri.iter().any(|v| hidden.contains(v)) {
                 continue;
@@ -215,11 +221,14 @@ impl HeadLayout {
             let textured = skin.contains(tri) && in_first_tile;
             let palette = tri.map(|v| uv_count + v);
             uv_triangles.push(if textured { *uv_tri } else { palette });
-            uv_triangles_bare_neck.push(if textured && !tri.iter().all(|&v| neck[v as usize]) {
-                *uv_tri
-            } else {
-                palette
-            });
+            let bare = tri.iter().all(|&v| neck[v as usize] >= 1.0);
+            uv_triangles_bare_neck.push(if textured && !bare { *uv_tri } else { palette });
+            if textured && tri.iter().any(|&v| neck[v as usize] > 0.0) {
+                band_uv_triangles.push(*uv_tri);
+                for (&v, &t) in tri.iter().zip(uv_tri) {
+                    band_share[t as usize] = neck[v as usize];
+                }
+            }
             if textured {
                 skin_triangles.push(*tri);
                 skin_uv_triangles.push(*uv_tri);
@@ -238,12 +247,44 @@ impl HeadLayout {
             triangles: Triangles::new(triangles, n)?,
             uv_triangles: Triangles::new(uv_triangles, atlas_vertices)?,
             uv_triangles_bare_neck: Triangles::new(uv_triangles_bare_neck, atlas_vertices)?,
+            neck_band: (
+                band_uv_triangles,
+                Tensor::from_vec(band_share, (1, uv_count as usize, 1), &Device::Cpu)?,
+            ),
             textured_skin: (
                 Triangles::new(skin_triangles, n)?,
                 Triangles::new(skin_uv_triangles, atlas_vertices)?,
             ),
             uv: Tensor::from_vec(uv, (atlas_vertices, 2), &Device::Cpu)?,
         })
+    }
+
+    /// [`HeadLayout::atlas`] for the [bare neck](HeadLayout::uv_triangles_bare_neck): the UV
+    /// map's texels fade into `skin` over the band between the textured chin and the neck drawn
+    /// in the palette's colour (an edge along the mesh's triangles there was a jagged seam).
+    /// `model` is the one the layout was made for.
+    pub fn bare_neck_atlas(
+        &self,
+        model: &MorphableModel,
+        rgb: &[f32],
+        side: usize,
+        eyes: EyeColours,
+        skin: [f32; 3],
+    ) -> Result<Tensor, crate::Error> {
+        let (band, share) = &self.neck_band;
+        let mut faded = rgb.to_vec();
+        if !band.is_empty() {
+            let rast = ganfit_optim::rasterize_uv_layout(model.uvs(), band.clone(), side)?;
+            let band = Triangles::new(band.clone(), model.uvs().len())?;
+            let shares = ganfit_render::interpolate(share, &rast, &band)?.flatten_all()?;
+            let shares: Vec<f32> = shares.to_vec1()?;
+            for (texel, &share) in faded.chunks_exact_mut(3).zip(&shares) {
+                for (value, skin) in texel.iter_mut().zip(skin) {
+                    *value += share * (skin - *value);
+                }
+            }
+        }
+        Ok(Self::atlas(&faded, side, eyes, skin)?)
     }
 
     /// The atlas `[S, 2S, 3]` for a UV map `rgb` (`S × S × 3` in `[0, 1]`, image orientation)
@@ -296,9 +337,12 @@ impl HeadLayout {
 /// jaw's underside and the neck, which portraits show covered by collars as often as not.
 const NECK_BELOW_CHIN_MM: f32 = 5.0;
 
-/// Whether each vertex lies on the neck, below the chin (all `false` for a model without a
-/// chin landmark, iBUG 8).
-fn below_chin(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<bool> {
+/// Over how many millimetres further down the neck's texels fade into the palette's skin.
+const NECK_FADE_MM: f32 = 10.0;
+
+/// How much of each vertex a bare neck draws in the palette's skin colour: 0 above the neck's
+/// start, 1 from [`NECK_FADE_MM`] below it (all 0 for a model without a chin landmark, iBUG 8).
+fn neck_skin_share(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<f32> {
     let chin = model
         .landmark_vertex_ids()
         .get(8)
@@ -306,7 +350,11 @@ fn below_chin(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<bool> {
         .flatten()
         .map(|v| mean[v as usize][1]);
     mean.iter()
-        .map(|p| chin.is_some_and(|chin| p[1] < chin - NECK_BELOW_CHIN_MM))
+        .map(|p| {
+            chin.map_or(0.0, |chin| {
+                ((chin - NECK_BELOW_CHIN_MM - p[1]) / NECK_FADE_MM).clamp(0.0, 1.0)
+            })
+        })
         .collect()
 }
 
@@ -390,6 +438,41 @@ fn vertex_parts(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<Part> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A red UV map, blue skin: the bare neck's atlas mixes the two only below the chin, fully
+    /// blue at the bottom of the band and red from the jaw up, with texels in between.
+    #[test]
+    fn a_bare_necks_texels_fade_into_skin_below_the_chin() {
+        let fitter = crate::Fitter::builder().iterations(0).build().unwrap();
+        let model = fitter.model();
+        let layout = HeadLayout::new(model, &model.mean_rows().unwrap()).unwrap();
+        let side = 256;
+        let red = [1.0f32, 0.0, 0.0].repeat(side * side);
+        let atlas = layout
+            .bare_neck_atlas(model, &red, side, EyeColours::DEFAULT, [0.0, 0.0, 1.0])
+            .unwrap();
+        let rows: Vec<Vec<Vec<f32>>> = atlas.narrow(1, 0, side).unwrap().to_vec3().unwrap();
+        let (mut faded, mut between) = (0, 0);
+        for (row, texels) in rows.iter().enumerate() {
+            for texel in texels {
+                let share = texel[2];
+                assert!(
+                    (texel[0] + share - 1.0).abs() < 1e-6 && texel[1] == 0.0,
+                    "{texel:?}"
+                );
+                if share > 0.0 {
+                    // ICT's UV map has the face above 70 % of its height, the neck below.
+                    assert!(row > side * 7 / 10, "skin fades in on the face, row {row}");
+                }
+                faded += usize::from(share > 0.99);
+                between += usize::from(share > 0.01 && share < 0.99);
+            }
+        }
+        assert!(
+            faded > 100 && between > 100,
+            "{faded} faded, {between} in the band"
+        );
+    }
 
     /// A skin-coloured photo with two open eyes: white almonds around a blue iris with a black
     /// pupil, outlined by iBUG points 36–47 (the other landmarks at the origin).

@@ -585,7 +585,8 @@ impl Fitter {
             &expression.to_dtype(DType::F32)?.to_device(model.device())?,
         )?;
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
-        View::new(model, layout, &texture, result.eye_colours)?.render_frontal(&vertices, size)
+        View::from_front(model, layout, &texture, result.eye_colours)?
+            .render_frontal(&vertices, size)
     }
 
     /// Geometry, texture and renders of a fitted photo.
@@ -622,7 +623,7 @@ impl Fitter {
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
         let (photo_renders, frontal_render) = rayon::join(
             || -> Result<_> {
-                let view = View::new(model, layout.clone(), &in_photo, eye_colours)?;
+                let view = View::in_photo(model, layout.clone(), &in_photo, eye_colours)?;
                 let (width, height) = image.dimensions();
                 Ok((
                     view.render(&vertices, &params, width, height, false)?,
@@ -631,7 +632,7 @@ impl Fitter {
             },
             || -> Result<_> {
                 let neutral = model.instance(&params.shape, &params.expression.zeros_like()?)?;
-                View::new(model, layout.clone(), &texture, eye_colours)?
+                View::from_front(model, layout.clone(), &texture, eye_colours)?
                     .render_frontal(&neutral, FRONTAL_SIZE)
             },
         );
@@ -794,18 +795,31 @@ struct View<'a> {
 }
 
 impl<'a> View<'a> {
-    fn new(
+    /// For [`View::render`]: the skin's texels as they are.
+    fn in_photo(
         model: &'a MorphableModel,
         layout: HeadLayout,
         texture: &UvTexture,
         eyes: EyeColours,
     ) -> Result<Self> {
-        let atlas = HeadLayout::atlas(
-            &texture.rgb,
-            texture.size,
-            eyes,
-            cheek_colour(&texture.rgb, texture.size),
-        )?;
+        let skin = cheek_colour(&texture.rgb, texture.size);
+        let atlas = HeadLayout::atlas(&texture.rgb, texture.size, eyes, skin)?;
+        Ok(View {
+            model,
+            layout,
+            atlas,
+        })
+    }
+
+    /// For [`View::render_frontal`]: the neck fading into bare skin.
+    fn from_front(
+        model: &'a MorphableModel,
+        layout: HeadLayout,
+        texture: &UvTexture,
+        eyes: EyeColours,
+    ) -> Result<Self> {
+        let skin = cheek_colour(&texture.rgb, texture.size);
+        let atlas = layout.bare_neck_atlas(model, &texture.rgb, texture.size, eyes, skin)?;
         Ok(View {
             model,
             layout,

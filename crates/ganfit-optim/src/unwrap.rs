@@ -100,21 +100,7 @@ pub fn project_photo(
         &params.translation.to_device(&cpu)?.unsqueeze(0)?,
     )?;
 
-    // Rasterise the UV layout: one "pixel" per texel, the UV triangles as geometry.
-    let uvs = model.uvs();
-    let uv_clip: Vec<f32> = uvs
-        .iter()
-        .flat_map(|&[u, v]| [2.0 * u - 1.0, 2.0 * (1.0 - v) - 1.0, 0.0, 1.0])
-        .collect();
-    let uv_clip = Tensor::from_vec(uv_clip, (1, uvs.len(), 4), &cpu)?;
-    let uv_triangles = Triangles::new(skin_uv, uvs.len())?;
-    let uv_rast = rasterize(
-        &uv_clip,
-        &uv_triangles,
-        size,
-        size,
-        RasterOptions::default(),
-    )?;
+    let uv_rast = rasterize_uv_layout(model.uvs(), skin_uv, size)?;
     // The UV triangles are parallel to the mesh triangles, so each texel's barycentrics
     // interpolate the mesh's camera-space positions and normals too.
     let surface = interpolate(&camera_vertices, &uv_rast, &triangles)?;
@@ -187,6 +173,30 @@ pub fn project_photo(
         rgb,
         observed,
     })
+}
+
+/// The rasterizer's output `[1, size, size, 4]` (see `ganfit_render::rasterize`) for the UV
+/// layout: one pixel per texel of a `size × size` UV map in image orientation (row 0 at
+/// `v = 1`), `uv_triangles` (into `uvs`) as the geometry. Interpolating with the parallel
+/// mesh triangles gives each texel's surface point.
+pub fn rasterize_uv_layout(
+    uvs: &[[f32; 2]],
+    uv_triangles: Vec<[u32; 3]>,
+    size: usize,
+) -> Result<Tensor, OptimError> {
+    let uv_clip: Vec<f32> = uvs
+        .iter()
+        .flat_map(|&[u, v]| [2.0 * u - 1.0, 2.0 * (1.0 - v) - 1.0, 0.0, 1.0])
+        .collect();
+    let uv_clip = Tensor::from_vec(uv_clip, (1, uvs.len(), 4), &Device::Cpu)?;
+    let uv_triangles = Triangles::new(uv_triangles, uvs.len())?;
+    Ok(rasterize(
+        &uv_clip,
+        &uv_triangles,
+        size,
+        size,
+        RasterOptions::default(),
+    )?)
 }
 
 /// The elements of a contiguous f32 CPU tensor's storage, borrowed: the maps read here are
