@@ -728,10 +728,10 @@ impl Problem<'_> {
             None => albedo.detach(),
         };
 
-        let mut terms: Vec<(&str, Tensor)> = Vec::new();
+        let mut terms: Vec<(&str, f64, Tensor)> = Vec::new();
         let mut add = |name: &'static str, weight: f64, value: Tensor| -> Result<(), OptimError> {
             if weight != 0.0 {
-                terms.push((name, (value * weight)?));
+                terms.push((name, weight, value));
             }
             Ok(())
         };
@@ -872,14 +872,18 @@ impl Problem<'_> {
         }
         let values = terms
             .iter()
-            .map(|(_, value)| value.to_dtype(DType::F32)?.reshape(1))
+            .map(|(.., value)| value.to_dtype(DType::F32)?.reshape(1))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let values = Tensor::cat(&values, 0)?;
+        // The λ's applied as one product: on a GPU a multiplication per term is a kernel
+        // forward and another with a gradient sum backward.
+        let weights: Vec<f32> = terms.iter().map(|&(_, weight, _)| weight as f32).collect();
+        let weights = Tensor::from_vec(weights, terms.len(), device)?;
+        let values = (Tensor::cat(&values, 0)? * weights)?;
         // One read-back for all the terms: on a GPU each read waits for the queue to drain.
         let reported = terms
             .iter()
             .zip(values.to_vec1::<f32>()?)
-            .map(|((name, _), value)| (name.to_string(), f64::from(value)))
+            .map(|((name, ..), value)| (name.to_string(), f64::from(value)))
             .collect();
         Ok(Loss {
             total: values.sum_all()?,
