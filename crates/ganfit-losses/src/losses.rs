@@ -87,14 +87,14 @@ pub fn pixel_loss(render: &Tensor, photo: &Tensor, mask: &Tensor) -> Result<Tens
 /// by the squared diagonal of the targets' bounding box so that it does not depend on the
 /// photo's scale.
 ///
-/// `projected` is `[B, L, 2]` (pixels), `targets` `[B or 1, L, 2]`, `weights` optional `[L]`
-/// non-negative per-landmark weights (0 drops a landmark, also from the bounding box). Returns
-/// `[B]`: `Σ_l w_l ‖p_l − t_l‖² / Σ_l w_l / diag²`, with diag² floored at 1 px². Gradients flow
-/// to `projected` and `targets`.
+/// `projected` is `[B, L, 2]` (pixels), `targets` `[B or 1, L, 2]`, `weights` optional
+/// per-landmark weights (0 drops a landmark, also from the bounding box). Returns `[B]`:
+/// `Σ_l w_l ‖p_l − t_l‖² / Σ_l w_l / diag²`, with diag² floored at 1 px². Gradients flow to
+/// `projected` and `targets`.
 pub fn landmark_loss(
     projected: &Tensor,
     targets: &Tensor,
-    weights: Option<&Tensor>,
+    weights: Option<&LandmarkWeights>,
 ) -> Result<Tensor> {
     let p = projected.dims();
     if p.len() != 3 || p[2] != 2 || p[1] == 0 {
@@ -109,18 +109,19 @@ pub fn landmark_loss(
     let (error, kept) = match weights {
         None => (squared.mean(1)?, targets.clone()),
         Some(w) => {
-            let values = landmark_weights(w, p[1])?;
-            let kept: Vec<u32> = (0..p[1] as u32)
-                .filter(|&l| values[l as usize] > 0.0)
-                .collect();
-            if kept.is_empty() {
+            if w.count != p[1] {
+                return Err(LossError::InputShape {
+                    what: "landmark weights",
+                    expected: format!("[{}], one per landmark", p[1]),
+                    actual: vec![w.count],
+                });
+            }
+            if w.total == 0.0 {
                 return Ok(projected.zeros_like()?.sum((1, 2))?);
             }
-            let total: f64 = values.iter().sum();
-            let w = w.to_dtype(projected.dtype())?.unsqueeze(0)?;
-            let error = (squared.broadcast_mul(&w)?.sum(1)? / total)?;
-            let index = Tensor::new(kept.as_slice(), targets.device())?;
-            (error, targets.index_select(&index, 1)?)
+            let weights = w.weights.to_dtype(projected.dtype())?;
+            let error = (squared.broadcast_mul(&weights)?.sum(1)? / w.total)?;
+            (error, targets.index_select(&w.kept, 1)?)
         }
     };
     let extent = (kept.max(1)? - kept.min(1)?)?;
@@ -140,25 +141,47 @@ pub fn gaussian_prior(coefficients: &Tensor) -> Result<Tensor> {
     Ok(coefficients.sqr()?.sum(1)?)
 }
 
-/// Reads `[L]` landmark weights, checking their shape and sign.
-fn landmark_weights(weights: &Tensor, landmarks: usize) -> Result<Vec<f64>> {
-    if weights.dims() != [landmarks] {
-        return Err(LossError::InputShape {
-            what: "landmark weights",
-            expected: format!("[{landmarks}], one per landmark"),
-            actual: weights.dims().to_vec(),
-        });
+/// Per-landmark weights of [`landmark_loss`], checked once (they are constant over a fit, and
+/// checking reads them back from their device, which on a GPU waits for its queue to drain).
+#[derive(Debug, Clone)]
+pub struct LandmarkWeights {
+    /// `[1, L]`.
+    weights: Tensor,
+    /// Indices of the positive weights.
+    kept: Tensor,
+    total: f64,
+    count: usize,
+}
+
+impl LandmarkWeights {
+    /// `weights`, `[L]`, finite and non-negative (0 drops a landmark).
+    pub fn new(weights: &Tensor) -> Result<Self> {
+        let &[count] = weights.dims() else {
+            return Err(LossError::InputShape {
+                what: "landmark weights",
+                expected: "[L], one per landmark".into(),
+                actual: weights.dims().to_vec(),
+            });
+        };
+        let values = weights
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        if let Some(bad) = values.iter().find(|w| !(**w >= 0.0 && w.is_finite())) {
+            return Err(LossError::InputValue {
+                what: "landmark weights",
+                reason: format!("must be finite and >= 0 (use 0 to drop a landmark), got {bad}"),
+            });
+        }
+        let kept: Vec<u32> = (0..count as u32)
+            .filter(|&l| values[l as usize] > 0.0)
+            .collect();
+        Ok(LandmarkWeights {
+            weights: weights.unsqueeze(0)?,
+            kept: Tensor::new(kept.as_slice(), weights.device())?,
+            total: values.iter().sum(),
+            count,
+        })
     }
-    let values = weights
-        .to_dtype(candle_core::DType::F64)?
-        .to_vec1::<f64>()?;
-    if let Some(bad) = values.iter().find(|w| !(**w >= 0.0 && w.is_finite())) {
-        return Err(LossError::InputValue {
-            what: "landmark weights",
-            reason: format!("must be finite and >= 0 (use 0 to drop a landmark), got {bad}"),
-        });
-    }
-    Ok(values)
 }
 
 /// Checks that `photo` and `render` have `rank` dims, equal except for a photo batch of 1.
@@ -341,13 +364,16 @@ mod tests {
         let outlier = tensor(&[0., 0., 3., 0., 0., 4., 90., 90.], &[1, 4, 2])?;
         let moved = tensor(&[2., 0., 3., 0., 0., 4., 0., 0.], &[1, 4, 2])?;
         let weights = tensor(&[2., 1., 1., 0.], &[4])?;
-        let loss: Vec<f64> = landmark_loss(&moved, &outlier, Some(&weights))?.to_vec1()?;
+        let checked = LandmarkWeights::new(&weights)?;
+        let loss: Vec<f64> = landmark_loss(&moved, &outlier, Some(&checked))?.to_vec1()?;
         assert!((loss[0] - 2.0 * 4.0 / 4.0 / 25.0).abs() < 1e-12, "{loss:?}");
         let [m, o, w] = [&moved, &outlier, &weights].map(|t| t.to_dtype(DType::F32));
-        let single: Vec<f32> = landmark_loss(&m?, &o?, Some(&w?))?.to_vec1()?;
+        let single = landmark_loss(&m?, &o?, Some(&LandmarkWeights::new(&w?)?))?;
+        let single: Vec<f32> = single.to_vec1()?;
         assert!((single[0] - 0.08).abs() < 1e-6, "{single:?}");
 
-        let none = landmark_loss(&moved, &outlier, Some(&weights.zeros_like()?))?;
+        let zero = LandmarkWeights::new(&weights.zeros_like()?)?;
+        let none = landmark_loss(&moved, &outlier, Some(&zero))?;
         assert_eq!(none.to_vec1::<f64>()?, [0.0]);
         Ok(())
     }
@@ -356,7 +382,7 @@ mod tests {
     fn landmark_loss_gradient_matches_finite_differences() -> Result<()> {
         let projected = (seeded_tensor(&[2, 5, 2], 13)? * 50.0)?;
         let targets = (seeded_tensor(&[1, 5, 2], 14)? * 50.0)?;
-        let weights = tensor(&[1.0, 0.5, 0.0, 2.0, 1.0], &[5])?;
+        let weights = LandmarkWeights::new(&tensor(&[1.0, 0.5, 0.0, 2.0, 1.0], &[5])?)?;
         let wrap = candle_core::Error::wrap;
         check_input_gradient(
             &projected,
@@ -411,15 +437,19 @@ mod tests {
             None
         )));
         assert!(shape_error(landmark_loss(&render, &render, None)));
-        assert!(shape_error(landmark_loss(
-            &points,
-            &points,
-            Some(&seeded_tensor(&[4], 5)?)
-        )));
-        let negative = tensor(&[1., 1., -1., 1., 1.], &[5])?;
-        let err = landmark_loss(&points, &points, Some(&negative)).unwrap_err();
-        assert!(matches!(err, LossError::InputValue { .. }), "{err}");
-        assert!(err.to_string().contains(">= 0"), "{err}");
+        let four = LandmarkWeights::new(&seeded_tensor(&[4], 5)?.abs()?)?;
+        assert!(shape_error(landmark_loss(&points, &points, Some(&four))));
+        let matrix = seeded_tensor(&[5, 1], 5)?.abs()?;
+        assert!(matches!(
+            LandmarkWeights::new(&matrix),
+            Err(LossError::InputShape { .. })
+        ));
+        for bad in [-1.0, f64::NAN] {
+            let weights = tensor(&[1., 1., bad, 1., 1.], &[5])?;
+            let err = LandmarkWeights::new(&weights).unwrap_err();
+            assert!(matches!(err, LossError::InputValue { .. }), "{err}");
+            assert!(err.to_string().contains(">= 0"), "{err}");
+        }
 
         assert!(shape_error(gaussian_prior(&points)));
         Ok(())

@@ -6,7 +6,7 @@
 //! renderer) start from this result.
 
 use candle_core::{DType, Device, Tensor, Var};
-use ganfit_losses::losses::landmark_loss;
+use ganfit_losses::losses::{LandmarkWeights, landmark_loss};
 use ganfit_morphable::MorphableModel;
 use nalgebra::{Vector2, Vector3};
 
@@ -266,8 +266,8 @@ struct Problem {
     vertex_ids: Tensor,
     /// Their detected pixels, `[1, L, 2]`.
     targets: Tensor,
-    /// Their weights, `[L]`.
-    weights: Tensor,
+    /// Their weights.
+    weights: LandmarkWeights,
     /// Principal point `[2]`.
     centre: Tensor,
     /// `[1, fy / fx]`: the fitted focal length is `fx`.
@@ -472,7 +472,7 @@ impl Problem {
             contour,
             fixed_ids: ids,
             targets: Tensor::from_vec(flat, (1, pairs.len(), 2), device)?,
-            weights: Tensor::from_vec(weights, pairs.len(), device)?,
+            weights: LandmarkWeights::new(&Tensor::from_vec(weights, pairs.len(), device)?)?,
             centre: Tensor::new(&[intrinsics.cx, intrinsics.cy], device)?,
             aspect: Tensor::new(&[1.0, intrinsics.fy / intrinsics.fx], device)?,
         })

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use ganfit_losses::align::{ChipWarp, SimilarityTransform};
 use ganfit_losses::identity::{FaceFeatures, FaceRecognitionNet};
 use ganfit_losses::losses::{
-    content_loss, gaussian_prior, identity_loss, landmark_loss, pixel_loss,
+    LandmarkWeights, content_loss, gaussian_prior, identity_loss, landmark_loss, pixel_loss,
 };
 use ganfit_morphable::MorphableModel;
 use ganfit_render::{
@@ -395,8 +395,8 @@ struct ViewTarget {
     landmark_vertices: Tensor,
     /// Their detected pixels `[1, L, 2]`.
     landmarks: Tensor,
-    /// Their weights `[L]`.
-    landmark_weights: Tensor,
+    /// Their weights.
+    landmark_weights: LandmarkWeights,
 }
 
 impl ViewTarget {
@@ -504,7 +504,7 @@ impl ViewTarget {
             features,
             landmark_vertices: Tensor::from_vec(ids, count, device)?,
             landmarks: Tensor::from_vec(targets, (1, count, 2), device)?,
-            landmark_weights: Tensor::from_vec(weights, count, device)?,
+            landmark_weights: LandmarkWeights::new(&Tensor::from_vec(weights, count, device)?)?,
         })
     }
 }
