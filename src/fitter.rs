@@ -585,7 +585,7 @@ impl Fitter {
             &expression.to_dtype(DType::F32)?.to_device(model.device())?,
         )?;
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
-        View::from_front(model, layout, &texture, result.eye_colours)?
+        View::new(model, layout, &texture, result.eye_colours, Seen::FromFront)?
             .render_frontal(&vertices, size)
     }
 
@@ -623,7 +623,7 @@ impl Fitter {
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
         let (photo_renders, frontal_render) = rayon::join(
             || -> Result<_> {
-                let view = View::in_photo(model, layout.clone(), &in_photo, eye_colours)?;
+                let view = View::new(model, layout.clone(), &in_photo, eye_colours, Seen::InPhoto)?;
                 let (width, height) = image.dimensions();
                 Ok((
                     view.render(&vertices, &params, width, height, false)?,
@@ -632,8 +632,14 @@ impl Fitter {
             },
             || -> Result<_> {
                 let neutral = model.instance(&params.shape, &params.expression.zeros_like()?)?;
-                View::from_front(model, layout.clone(), &texture, eye_colours)?
-                    .render_frontal(&neutral, FRONTAL_SIZE)
+                View::new(
+                    model,
+                    layout.clone(),
+                    &texture,
+                    eye_colours,
+                    Seen::FromFront,
+                )?
+                .render_frontal(&neutral, FRONTAL_SIZE)
             },
         );
         let ((render, geometry_render), frontal_render) = (photo_renders?, frontal_render?);
@@ -794,32 +800,29 @@ struct View<'a> {
     atlas: Tensor,
 }
 
-impl<'a> View<'a> {
-    /// For [`View::render`]: the skin's texels as they are.
-    fn in_photo(
-        model: &'a MorphableModel,
-        layout: HeadLayout,
-        texture: &UvTexture,
-        eyes: EyeColours,
-    ) -> Result<Self> {
-        let skin = cheek_colour(&texture.rgb, texture.size);
-        let atlas = HeadLayout::atlas(&texture.rgb, texture.size, eyes, skin)?;
-        Ok(View {
-            model,
-            layout,
-            atlas,
-        })
-    }
+/// Where a [`View`] is drawn from.
+#[derive(Debug, Clone, Copy)]
+enum Seen {
+    /// Through the photo's camera ([`View::render`]): the skin's texels as they are.
+    InPhoto,
+    /// From the front ([`View::render_frontal`]): the neck fading into bare skin.
+    FromFront,
+}
 
-    /// For [`View::render_frontal`]: the neck fading into bare skin.
-    fn from_front(
+impl<'a> View<'a> {
+    fn new(
         model: &'a MorphableModel,
         layout: HeadLayout,
         texture: &UvTexture,
         eyes: EyeColours,
+        seen: Seen,
     ) -> Result<Self> {
-        let skin = cheek_colour(&texture.rgb, texture.size);
-        let atlas = layout.bare_neck_atlas(model, &texture.rgb, texture.size, eyes, skin)?;
+        let (rgb, side) = (&texture.rgb, texture.size);
+        let skin = cheek_colour(rgb, side);
+        let atlas = match seen {
+            Seen::InPhoto => HeadLayout::atlas(rgb, side, eyes, skin)?,
+            Seen::FromFront => layout.bare_neck_atlas(model, rgb, side, eyes, skin)?,
+        };
         Ok(View {
             model,
             layout,
