@@ -39,6 +39,19 @@ impl Adam {
                 "Adam needs at least one variable".to_string(),
             ));
         };
+        // The moments and steps are one vector: every variable must fit into it.
+        if let Some((other, _)) = vars.iter().find(|(var, _)| {
+            var.dtype() != first.dtype() || !var.device().same_device(first.device())
+        }) {
+            return Err(OptimError::InvalidInput(format!(
+                "a stage's variables must share one dtype and device; found {:?} on {:?} and \
+                 {:?} on {:?}: convert them before fitting",
+                first.dtype(),
+                first.device().location(),
+                other.dtype(),
+                other.device().location()
+            )));
+        }
         let elements = vars.iter().map(|(var, _)| var.elem_count()).sum::<usize>();
         let zeros = Tensor::zeros(elements, first.dtype(), first.device())?;
         Ok(Adam {
@@ -166,6 +179,19 @@ mod tests {
             }
         }
         assert_eq!(unused.flatten_all()?.to_vec1::<f32>()?, [7.0]);
+        Ok(())
+    }
+
+    #[test]
+    fn variables_of_two_dtypes_are_a_typed_error() -> Result<(), OptimError> {
+        let var = |dtype| Var::zeros(3, dtype, &Device::Cpu);
+        let groups = [
+            ParamGroup::new("single", vec![var(DType::F32)?], 0.1),
+            ParamGroup::new("double", vec![var(DType::F64)?], 0.1),
+        ];
+        let err = Adam::new(&groups).err().expect("mixed dtypes are refused");
+        assert!(matches!(err, OptimError::InvalidInput(_)), "{err}");
+        assert!(err.to_string().contains("share one dtype"), "{err}");
         Ok(())
     }
 
