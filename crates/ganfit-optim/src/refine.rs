@@ -242,6 +242,10 @@ pub fn refine(
             .collect::<Vec<_>>(),
         0,
     )?;
+    // What each network input is compared with: its photo, and for the frontal render (the
+    // last input) the photos' mean descriptor.
+    let identity_targets =
+        Tensor::cat(&[&photo_embeddings, &photo_embeddings.mean_keepdim(0)?], 0)?;
 
     // Each photo's alignment estimated the identity on its own; start from their mean.
     let shapes = photos
@@ -277,7 +281,7 @@ pub fn refine(
         scene: &scene,
         views: &views,
         frontal: &frontal,
-        photo_embeddings: &photo_embeddings,
+        identity_targets: &identity_targets,
         weights: &config.weights,
     };
     let objective = |_: usize| problem.loss(&shape, &per_photo, &texture_vars);
@@ -705,8 +709,9 @@ struct Problem<'a> {
     scene: &'a SceneData,
     views: &'a [ViewTarget],
     frontal: &'a FrontalTarget,
-    /// The photos' descriptors `[P, 128]`, in the order of `views`.
-    photo_embeddings: &'a Tensor,
+    /// The descriptors the identity terms compare the network's inputs with, `[P + 1, 128]`:
+    /// the photos' in the order of `views`, then their mean for the frontal render.
+    identity_targets: &'a Tensor,
     weights: &'a LossWeights,
 }
 
@@ -811,8 +816,8 @@ impl Problem<'_> {
 
         let features = self.net.forward(&Tensor::cat(&chips, 0)?)?;
         let n = self.views.len();
-        let render_embeddings = features.embedding.narrow(0, 0, n)?;
-        let frontal_embedding = features.embedding.narrow(0, n, 1)?;
+        // Both identity terms in one call (on a GPU each call is a few dozen kernels).
+        let identity = identity_loss(self.identity_targets, &features.embedding)?;
         let per_view = |values: Vec<Tensor>| -> Result<Tensor, OptimError> {
             Ok(Tensor::cat(&values, 0)?.mean_all()?)
         };
@@ -830,13 +835,12 @@ impl Problem<'_> {
         add(
             "identity",
             w.identity,
-            identity_loss(self.photo_embeddings, &render_embeddings)?.mean_all()?,
+            identity.narrow(0, 0, n)?.mean_all()?,
         )?;
         add(
             "frontal identity",
             w.frontal_identity,
-            identity_loss(&self.photo_embeddings.mean_keepdim(0)?, &frontal_embedding)?
-                .mean_all()?,
+            identity.narrow(0, n, 1)?.mean_all()?,
         )?;
         add("content", w.content, per_view(content)?)?;
         add("pixel", w.pixel, per_view(pixel)?)?;
