@@ -180,7 +180,7 @@ pub(crate) struct HeadLayout {
     pub uv_triangles_bare_neck: Triangles,
     /// The textured triangles of the band where the neck fades into the palette's skin (UV
     /// triangles), and each UV vertex's share of skin `[1, UV vertices, 1]`.
-    neck_band: (Vec<[u32; 3]>, Tensor),
+    neck_band: (Triangles, Tensor),
     /// The skin triangles inside the UV map's tile (no eyes, teeth, mouth interior, nor the
     /// head and neck beyond the tile) and their atlas triangles: for renders laid onto the
     /// photo, which shows its own eyes, teeth and hair through the gaps. (Flat palette colour
@@ -248,7 +248,7 @@ impl HeadLayout {
             uv_triangles: Triangles::new(uv_triangles, atlas_vertices)?,
             uv_triangles_bare_neck: Triangles::new(uv_triangles_bare_neck, atlas_vertices)?,
             neck_band: (
-                band_uv_triangles,
+                Triangles::new(band_uv_triangles, uv_count as usize)?,
                 Tensor::from_vec(band_share, (1, uv_count as usize, 1), &Device::Cpu)?,
             ),
             textured_skin: (
@@ -274,9 +274,8 @@ impl HeadLayout {
         let (band, share) = &self.neck_band;
         let mut faded = rgb.to_vec();
         if !band.is_empty() {
-            let rast = ganfit_optim::rasterize_uv_layout(model.uvs(), band.clone(), side)?;
-            let band = Triangles::new(band.clone(), model.uvs().len())?;
-            let shares = ganfit_render::interpolate(share, &rast, &band)?.flatten_all()?;
+            let rast = ganfit_optim::rasterize_uv_layout(model.uvs(), band, side)?;
+            let shares = ganfit_render::interpolate(share, &rast, band)?.flatten_all()?;
             let shares: Vec<f32> = shares.to_vec1()?;
             for (texel, &share) in faded.chunks_exact_mut(3).zip(&shares) {
                 for (value, skin) in texel.iter_mut().zip(skin) {

@@ -100,7 +100,8 @@ pub fn project_photo(
         &params.translation.to_device(&cpu)?.unsqueeze(0)?,
     )?;
 
-    let uv_rast = rasterize_uv_layout(model.uvs(), skin_uv, size)?;
+    let skin_uv = Triangles::new(skin_uv, model.uvs().len())?;
+    let uv_rast = rasterize_uv_layout(model.uvs(), &skin_uv, size)?;
     // The UV triangles are parallel to the mesh triangles, so each texel's barycentrics
     // interpolate the mesh's camera-space positions and normals too.
     let surface = interpolate(&camera_vertices, &uv_rast, &triangles)?;
@@ -181,7 +182,7 @@ pub fn project_photo(
 /// mesh triangles gives each texel's surface point.
 pub fn rasterize_uv_layout(
     uvs: &[[f32; 2]],
-    uv_triangles: Vec<[u32; 3]>,
+    uv_triangles: &Triangles,
     size: usize,
 ) -> Result<Tensor, OptimError> {
     let uv_clip: Vec<f32> = uvs
@@ -189,10 +190,9 @@ pub fn rasterize_uv_layout(
         .flat_map(|&[u, v]| [2.0 * u - 1.0, 2.0 * (1.0 - v) - 1.0, 0.0, 1.0])
         .collect();
     let uv_clip = Tensor::from_vec(uv_clip, (1, uvs.len(), 4), &Device::Cpu)?;
-    let uv_triangles = Triangles::new(uv_triangles, uvs.len())?;
     Ok(rasterize(
         &uv_clip,
-        &uv_triangles,
+        uv_triangles,
         size,
         size,
         RasterOptions::default(),
