@@ -21,9 +21,11 @@ enum Part {
     Gums,
     Teeth,
     Skin,
+    /// The head above the eyes beyond the UV map's tile: the hair's place.
+    Scalp,
 }
 
-const PARTS: usize = 8;
+const PARTS: usize = 9;
 
 /// Mesh parts that are transparent overlays in the ICT model (shadows, tear film, eyelashes):
 /// drawn opaque they would hide the eyes.
@@ -128,9 +130,12 @@ impl EyeColours {
         }
         pixels.sort_by(|a, b| a.0.total_cmp(&b.0));
         let n = pixels.len();
+        let colours = |pixels: &[(f32, [f32; 3])]| -> Vec<[f32; 3]> {
+            pixels.iter().map(|&(_, rgb)| rgb).collect()
+        };
         EyeColours {
-            iris: channel_medians(&pixels[..n * 2 / 5]),
-            sclera: channel_medians(&pixels[n * 4 / 5..]),
+            iris: channel_medians(&colours(&pixels[..n * 2 / 5])),
+            sclera: channel_medians(&colours(&pixels[n * 4 / 5..])),
         }
     }
 }
@@ -157,10 +162,10 @@ fn inside(outline: &[[f32; 2]], point: [f32; 2]) -> bool {
     crossings
 }
 
-/// The per-channel median of `pixels`' colours.
-fn channel_medians(pixels: &[(f32, [f32; 3])]) -> [f32; 3] {
+/// The per-channel median of `colours`.
+fn channel_medians(colours: &[[f32; 3]]) -> [f32; 3] {
     [0, 1, 2].map(|c| {
-        let mut values: Vec<f32> = pixels.iter().map(|p| p.1[c]).collect();
+        let mut values: Vec<f32> = colours.iter().map(|p| p[c]).collect();
         let middle = values.len() / 2;
         *values.select_nth_unstable_by(middle, f32::total_cmp).1
     })
@@ -270,6 +275,7 @@ impl HeadLayout {
         side: usize,
         eyes: EyeColours,
         skin: [f32; 3],
+        hair: [f32; 3],
     ) -> Result<Tensor, crate::Error> {
         let (band, share) = &self.neck_band;
         let mut faded = rgb.to_vec();
@@ -283,16 +289,18 @@ impl HeadLayout {
                 }
             }
         }
-        Ok(Self::atlas(&faded, side, eyes, skin)?)
+        Ok(Self::atlas(&faded, side, eyes, skin, hair)?)
     }
 
     /// The atlas `[S, 2S, 3]` for a UV map `rgb` (`S × S × 3` in `[0, 1]`, image orientation)
-    /// with the given eye colours; the rest of the head takes the colour `skin`.
+    /// with the given eye colours; the rest of the head takes the colour `skin`, but for the
+    /// scalp (above the eyes), which takes `hair`.
     pub fn atlas(
         rgb: &[f32],
         side: usize,
         eyes: EyeColours,
         skin: [f32; 3],
+        hair: [f32; 3],
     ) -> Result<Tensor, RenderError> {
         // A black-and-white or faded photo's skin has little colour; the mouth, eye corners
         // and default eyes drawn beside it should have as little.
@@ -318,6 +326,7 @@ impl HeadLayout {
             like_skin([0.7, 0.36, 0.36]),
             like_skin([0.9, 0.87, 0.78]),
             skin,
+            hair,
         ];
         let mut atlas = vec![0.0f32; side * 2 * side * 3];
         for (row, chunk) in atlas.chunks_mut(2 * side * 3).enumerate() {
@@ -330,6 +339,75 @@ impl HeadLayout {
         }
         Ok(Tensor::from_vec(atlas, (side, 2 * side, 3), &Device::Cpu)?)
     }
+}
+
+/// The band of the photo above the fitted head's top in which [`hair_colour`] looks for hair:
+/// its gap from the head's outline and its height, as fractions of the head's width there.
+const HAIR_BAND_GAP: f32 = 0.02;
+const HAIR_BAND_HEIGHT: f32 = 0.12;
+
+/// A colour this close (RGB distance in `[0, 1]`) to the photo's background is the background
+/// showing above a bald or close-cropped head, not hair.
+const MIN_HAIR_BACKGROUND_DISTANCE: f32 = 0.1;
+
+/// The colour of the hair above the fitted head in the photo: the mesh ends at about the
+/// hairline, and the hair's volume lies outside it. The per-channel median of a band above the
+/// outline of `pixels` (the head's vertices projected into `photo`) over the middle half of its
+/// width; `None` where the band is off the photo or shows the background (the median of the
+/// photo's top corners).
+pub(crate) fn hair_colour(photo: &RgbImage, pixels: &[[f32; 2]]) -> Option<[f32; 3]> {
+    let (left, right) = pixels
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, r), p| {
+            (l.min(p[0]), r.max(p[0]))
+        });
+    let width = right - left;
+    if width.is_nan() || width <= 4.0 {
+        return None;
+    }
+    // The outline's top per column of the head's middle half.
+    let (start, end) = (left + width / 4.0, right - width / 4.0);
+    let columns = (end - start).ceil() as usize;
+    let mut top = vec![f32::INFINITY; columns.max(1)];
+    for p in pixels.iter().filter(|p| (start..end).contains(&p[0])) {
+        let column = ((p[0] - start) as usize).min(columns - 1);
+        top[column] = top[column].min(p[1]);
+    }
+    let colour = |x: u32, y: u32| photo.get_pixel(x, y).0.map(|v| f32::from(v) / 255.0);
+    let (gap, height) = (HAIR_BAND_GAP * width, HAIR_BAND_HEIGHT * width);
+    let mut band = Vec::new();
+    for (column, &y) in top.iter().enumerate().filter(|(_, y)| y.is_finite()) {
+        let x = (start + column as f32).round();
+        if x < 0.0 || x >= photo.width() as f32 {
+            continue;
+        }
+        let (upper, lower) = (
+            (y - gap - height).max(0.0),
+            (y - gap).min(photo.height() as f32),
+        );
+        for row in upper as u32..lower.max(0.0) as u32 {
+            band.push(colour(x as u32, row));
+        }
+    }
+    if band.len() < MIN_EYE_PIXELS {
+        return None;
+    }
+    let hair = channel_medians(&band);
+    let corner = (photo.width().min(photo.height()) / 20).max(1);
+    let corners: Vec<[f32; 3]> = (0..corner)
+        .flat_map(|y| {
+            (0..corner)
+                .chain(photo.width() - corner..photo.width())
+                .map(move |x| (x, y))
+        })
+        .map(|(x, y)| colour(x, y))
+        .collect();
+    let background = channel_medians(&corners);
+    let distance = (0..3)
+        .map(|c| (hair[c] - background[c]).powi(2))
+        .sum::<f32>()
+        .sqrt();
+    (distance >= MIN_HAIR_BACKGROUND_DISTANCE).then_some(hair)
 }
 
 /// How far below the chin landmark (on the mean face) the neck starts, millimetres: the
@@ -412,6 +490,19 @@ fn vertex_parts(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<Part> {
     ] {
         assign(name, part);
     }
+    let eye_corners: Vec<f32> = [36, 39, 42, 45]
+        .iter()
+        .filter_map(|&l| model.landmark_vertex_ids().get(l).copied().flatten())
+        .map(|v| mean[v as usize][1])
+        .collect();
+    if eye_corners.len() == 4 {
+        let eyes = eye_corners.iter().sum::<f32>() / 4.0;
+        for (part, p) in parts.iter_mut().zip(mean) {
+            if *part == Part::Skin && p[1] > eyes {
+                *part = Part::Scalp;
+            }
+        }
+    }
     for name in ["eyeball_left", "eyeball_right"] {
         let ids = model.vertex_set(name).unwrap_or(&[]);
         if ids.is_empty() {
@@ -447,8 +538,9 @@ mod tests {
         let layout = HeadLayout::new(model, &model.mean_rows().unwrap()).unwrap();
         let side = 256;
         let red = [1.0f32, 0.0, 0.0].repeat(side * side);
+        let blue = [0.0, 0.0, 1.0];
         let atlas = layout
-            .bare_neck_atlas(model, &red, side, EyeColours::DEFAULT, [0.0, 0.0, 1.0])
+            .bare_neck_atlas(model, &red, side, EyeColours::DEFAULT, blue, blue)
             .unwrap();
         let rows: Vec<Vec<Vec<f32>>> = atlas.narrow(1, 0, side).unwrap().to_vec3().unwrap();
         let (mut faded, mut between) = (0, 0);
@@ -517,12 +609,18 @@ mod tests {
         let side = PARTS; // one atlas row per palette entry
         let uv_map = vec![0.5f32; side * side * 3];
         let palette = |skin: [f32; 3]| -> Vec<Vec<f32>> {
-            let atlas = HeadLayout::atlas(&uv_map, side, EyeColours::DEFAULT, skin).unwrap();
+            let atlas = HeadLayout::atlas(&uv_map, side, EyeColours::DEFAULT, skin, skin).unwrap();
             let atlas: Vec<Vec<Vec<f32>>> = atlas.to_vec3().unwrap();
             atlas.iter().map(|row| row[side].clone()).collect()
         };
         let colour = palette([0.8, 0.6, 0.5]);
         assert_eq!(colour[Part::Iris as usize], EyeColours::DEFAULT.iris);
+        assert_eq!(colour[Part::Scalp as usize], [0.8, 0.6, 0.5]);
+        let hair = [0.2, 0.1, 0.05];
+        let atlas = HeadLayout::atlas(&uv_map, side, EyeColours::DEFAULT, [0.8, 0.6, 0.5], hair);
+        let atlas: Vec<Vec<Vec<f32>>> = atlas.unwrap().to_vec3().unwrap();
+        assert_eq!(atlas[Part::Scalp as usize][side], hair);
+        assert_eq!(atlas[Part::Skin as usize][side], [0.8, 0.6, 0.5]);
         assert_eq!(colour[Part::EyeSocket as usize], [0.55, 0.32, 0.3]);
         let grey = palette([0.4, 0.4, 0.4]);
         for (part, entry) in grey.iter().enumerate() {
@@ -590,5 +688,48 @@ mod tests {
             (mean[0] - skin[0]).abs() > 0.05,
             "the mean {mean:?} mixes in hair and collar"
         );
+    }
+
+    /// A blue backdrop, a round head of skin-coloured pixels centred at (100, 120) with radius
+    /// 50, and above it, if `hair`, a brown band 30 pixels high.
+    fn head_photo(hair: bool) -> (RgbImage, Vec<[f32; 2]>) {
+        let (centre, radius) = ([100.0f32, 120.0], 50.0);
+        let photo = RgbImage::from_fn(200, 200, |x, y| {
+            let (dx, dy) = (x as f32 - centre[0], y as f32 - centre[1]);
+            if dx.hypot(dy) <= radius {
+                image::Rgb([200, 150, 120])
+            } else if hair && dx.abs() < radius && dy < 0.0 && dx.hypot(dy) <= radius + 30.0 {
+                image::Rgb([90, 60, 30])
+            } else {
+                image::Rgb([60, 90, 160])
+            }
+        });
+        let head = (0..=100)
+            .flat_map(|i| (0..=100).map(move |j| [50.0 + i as f32, 70.0 + j as f32]))
+            .filter(|p| (p[0] - centre[0]).hypot(p[1] - centre[1]) <= radius)
+            .collect();
+        (photo, head)
+    }
+
+    #[test]
+    fn the_hair_is_the_colour_above_the_heads_outline() {
+        let (photo, head) = head_photo(true);
+        let hair = hair_colour(&photo, &head).expect("hair above the head");
+        for (measured, expected) in hair.iter().zip([90u8, 60, 30]) {
+            assert!(
+                (measured - f32::from(expected) / 255.0).abs() < 0.02,
+                "{hair:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_backdrop_above_a_bald_head_or_a_head_at_the_photos_top_is_no_hair() {
+        let (photo, head) = head_photo(false);
+        assert_eq!(hair_colour(&photo, &head), None);
+        let (photo, head) = head_photo(true);
+        let raised: Vec<[f32; 2]> = head.iter().map(|p| [p[0], p[1] - 70.0]).collect();
+        assert_eq!(hair_colour(&photo, &raised), None);
+        assert_eq!(hair_colour(&photo, &[]), None);
     }
 }

@@ -15,7 +15,7 @@ use ganfit_render::{Appearance, Lighting, PhongLight, RenderOptions, Renderer, S
 use ganfit_texture::TextureModel;
 use image::{RgbImage, RgbaImage};
 
-use crate::atlas::{EyeColours, HeadLayout, cheek_colour};
+use crate::atlas::{EyeColours, HeadLayout, cheek_colour, hair_colour};
 use crate::correspondence::MeshCorrespondence;
 
 /// Everything that can go wrong while building a [`Fitter`] or fitting a photo.
@@ -333,6 +333,10 @@ pub struct FitResult {
     /// The eye colours of the renders that show the eyeballs (the frontal render), measured in
     /// the photo ([`EyeColours::measure`]).
     pub eye_colours: EyeColours,
+    /// The colour of the frontal render's scalp: the photo's above the fitted head (the mesh
+    /// ends at about the hairline; the hair's volume lies beyond it), `None` where that was the
+    /// background (a bald or close-cropped head), which leaves the scalp the skin's colour.
+    pub hair_colour: Option<[f32; 3]>,
     /// The 68 iBUG landmarks detected on the photo, pixels.
     pub detected_landmarks: Vec<[f32; 2]>,
     /// The 68 landmarks projected with the fitted camera, pixels: the vertices the detected
@@ -585,8 +589,15 @@ impl Fitter {
             &expression.to_dtype(DType::F32)?.to_device(model.device())?,
         )?;
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
-        View::new(model, layout, &texture, result.eye_colours, Seen::FromFront)?
-            .render_frontal(&vertices, size)
+        View::new(
+            model,
+            layout,
+            &texture,
+            result.eye_colours,
+            result.hair_colour,
+            Seen::FromFront,
+        )?
+        .render_frontal(&vertices, size)
     }
 
     /// Geometry, texture and renders of a fitted photo.
@@ -621,9 +632,25 @@ impl Fitter {
         // side of a turned head is better shown by the seen side's mirror image.
         let (in_photo, texture) = texture?.filled_both_ways(background.as_deref());
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
+        let head: Vec<Option<u32>> = match model.vertex_set("skin") {
+            Ok(skin) => skin.iter().map(|&v| Some(v)).collect(),
+            Err(_) => (0..model.n_vertices() as u32).map(Some).collect(),
+        };
+        let head_pixels: Vec<[f32; 2]> = project_landmarks(&head, &vertices, &params)?
+            .into_iter()
+            .flatten()
+            .collect();
+        let hair = hair_colour(image, &head_pixels);
         let (photo_renders, frontal_render) = rayon::join(
             || -> Result<_> {
-                let view = View::new(model, layout.clone(), &in_photo, eye_colours, Seen::InPhoto)?;
+                let view = View::new(
+                    model,
+                    layout.clone(),
+                    &in_photo,
+                    eye_colours,
+                    None,
+                    Seen::InPhoto,
+                )?;
                 let (width, height) = image.dimensions();
                 Ok((
                     view.render(&vertices, &params, width, height, false)?,
@@ -637,6 +664,7 @@ impl Fitter {
                     layout.clone(),
                     &texture,
                     eye_colours,
+                    hair,
                     Seen::FromFront,
                 )?
                 .render_frontal(&neutral, FRONTAL_SIZE)
@@ -663,6 +691,7 @@ impl Fitter {
             geometry_render,
             frontal_render,
             eye_colours,
+            hair_colour: hair,
             detected_landmarks: Vec::new(),
             fitted_landmarks,
             landmark_vertices: landmark_vertices.to_vec(),
@@ -815,13 +844,15 @@ impl<'a> View<'a> {
         layout: HeadLayout,
         texture: &UvTexture,
         eyes: EyeColours,
+        hair: Option<[f32; 3]>,
         seen: Seen,
     ) -> Result<Self> {
         let (rgb, side) = (&texture.rgb, texture.size);
         let skin = cheek_colour(rgb, side);
+        let hair = hair.unwrap_or(skin);
         let atlas = match seen {
-            Seen::InPhoto => HeadLayout::atlas(rgb, side, eyes, skin)?,
-            Seen::FromFront => layout.bare_neck_atlas(model, rgb, side, eyes, skin)?,
+            Seen::InPhoto => HeadLayout::atlas(rgb, side, eyes, skin, hair)?,
+            Seen::FromFront => layout.bare_neck_atlas(model, rgb, side, eyes, skin, hair)?,
         };
         Ok(View {
             model,

@@ -671,6 +671,7 @@ impl<'a> SyntheticGenerator<'a> {
                 ..EyeColours::DEFAULT
             },
             skin,
+            skin,
         )?)
     }
 }

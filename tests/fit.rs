@@ -202,6 +202,26 @@ fn the_same_photo_gives_bit_identical_fits() {
     assert_eq!(a.uv_texture, b.uv_texture);
 }
 
+/// The frontal render's scalp (the mesh ends at about the hairline) takes the colour of the
+/// hair above the head in the photo: here a planted one, through `Fitter::render_frontal`.
+#[test]
+fn the_frontal_scalp_takes_the_hair_colour() {
+    let mut fit = fitter().fit(&astronaut()).unwrap();
+    assert!(
+        fit.hair_colour.is_some(),
+        "the astronaut's hair lies above her fitted head"
+    );
+    fit.hair_colour = Some([0.0, 1.0, 0.0]);
+    let neutral = fit.params.expression.zeros_like().unwrap();
+    let frontal = fitter().render_frontal(&fit, &neutral, 256).unwrap();
+    let x = 128;
+    let top = (0..256)
+        .find(|&y| frontal.get_pixel(x, y)[3] == 255)
+        .expect("the head is drawn");
+    let p = frontal.get_pixel(x, top + 2).0;
+    assert!(p[1] > 200 && p[0] < 60 && p[2] < 60, "the crown is {p:?}");
+}
+
 /// A head turned about 45° away, in a wing collar and bow tie (an 1890s portrait): the
 /// texture completes the hidden cheek with the seen one's mirror image (shaded like the hidden
 /// side's seen texels), and the frontal render
