@@ -615,7 +615,11 @@ impl Fitter {
         // The photo's tensor as the full objective used it: no copy on the CPU.
         let photo = photo.to_device(model.device())?;
         let vertices = model.instance(&params.shape, &params.expression)?;
-        let fitted_landmarks = project_landmarks(landmark_vertices, &vertices, &params)?;
+        let pixels = vertex_pixels(&vertices, &params)?;
+        let fitted_landmarks = landmark_vertices
+            .iter()
+            .map(|id| id.map(|id| pixels[id as usize]))
+            .collect();
         let mesh = model.mesh(&vertices)?;
         // The steps below are partly serial (image resizing, copies into the render atlas), so
         // independent ones run side by side.
@@ -632,14 +636,10 @@ impl Fitter {
         // side of a turned head is better shown by the seen side's mirror image.
         let (in_photo, texture) = texture?.filled_both_ways(background.as_deref());
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
-        let head: Vec<Option<u32>> = match model.vertex_set("skin") {
-            Ok(skin) => skin.iter().map(|&v| Some(v)).collect(),
-            Err(_) => (0..model.n_vertices() as u32).map(Some).collect(),
+        let head_pixels: Vec<[f32; 2]> = match model.vertex_set("skin") {
+            Ok(skin) => skin.iter().map(|&v| pixels[v as usize]).collect(),
+            Err(_) => pixels,
         };
-        let head_pixels: Vec<[f32; 2]> = project_landmarks(&head, &vertices, &params)?
-            .into_iter()
-            .flatten()
-            .collect();
         let hair = hair_colour(image, &head_pixels);
         let (photo_renders, frontal_render) = rayon::join(
             || -> Result<_> {
@@ -724,12 +724,8 @@ fn albedo_background(albedo: &RgbImage, size: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Pixels of the landmark vertices under the fitted camera.
-fn project_landmarks(
-    landmark_vertices: &[Option<u32>],
-    vertices: &Tensor,
-    params: &FitParams,
-) -> Result<Vec<Option<[f32; 2]>>> {
+/// Pixels of every vertex under the fitted camera.
+fn vertex_pixels(vertices: &Tensor, params: &FitParams) -> Result<Vec<[f32; 2]>> {
     let camera_space = ganfit_render::camera_from_world(
         &vertices.to_dtype(DType::F32)?,
         &params.rotation.unsqueeze(0)?,
@@ -738,16 +734,13 @@ fn project_landmarks(
     .squeeze(0)?
     .to_vec2::<f32>()?;
     let k = &params.intrinsics;
-    Ok(landmark_vertices
+    Ok(camera_space
         .iter()
-        .map(|id| {
-            id.map(|id| {
-                let p = &camera_space[id as usize];
-                [
-                    (k.fx * f64::from(p[0] / p[2]) + k.cx) as f32,
-                    (k.fy * f64::from(p[1] / p[2]) + k.cy) as f32,
-                ]
-            })
+        .map(|p| {
+            [
+                (k.fx * f64::from(p[0] / p[2]) + k.cx) as f32,
+                (k.fy * f64::from(p[1] / p[2]) + k.cy) as f32,
+            ]
         })
         .collect())
 }
@@ -761,7 +754,6 @@ fn projected_bounds(
     width: u32,
     height: u32,
 ) -> Result<(u32, u32, u32, u32)> {
-    let ids: Vec<Option<u32>> = (0..vertices.dim(0)? as u32).map(Some).collect();
     let (near, _) = ganfit_optim::DEPTH_RANGE_MM;
     let camera_depth = ganfit_render::camera_from_world(
         &vertices.to_dtype(DType::F32)?,
@@ -776,10 +768,7 @@ fn projected_bounds(
         return Ok((0, 0, width, height));
     }
     let (mut lo, mut hi) = ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]);
-    for p in project_landmarks(&ids, vertices, params)?
-        .into_iter()
-        .flatten()
-    {
+    for p in vertex_pixels(vertices, params)? {
         for axis in 0..2 {
             lo[axis] = lo[axis].min(p[axis]);
             hi[axis] = hi[axis].max(p[axis]);
