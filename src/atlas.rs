@@ -346,15 +346,19 @@ impl HeadLayout {
 const HAIR_BAND_GAP: f32 = 0.02;
 const HAIR_BAND_HEIGHT: f32 = 0.12;
 
-/// A colour this close (RGB distance in `[0, 1]`) to the photo's background is the background
+/// A colour this close (RGB distance in `[0, 1]`) to the photo's backdrop is the backdrop
 /// showing above a bald or close-cropped head, not hair.
 const MIN_HAIR_BACKGROUND_DISTANCE: f32 = 0.1;
+
+/// How far beside the fitted head, as a fraction of its width, [`hair_colour`] samples the
+/// backdrop (in a strip 15 % of the width wide): beyond most hair that stands out sideways.
+const HAIR_BACKDROP_MARGIN: f32 = 0.3;
 
 /// The colour of the hair above the fitted head in the photo: the mesh ends at about the
 /// hairline, and the hair's volume lies outside it. The per-channel median of a band above the
 /// outline of `pixels` (the head's vertices projected into `photo`) over the middle half of its
-/// width; `None` where the band is off the photo or shows the background (the median of the
-/// photo's top corners).
+/// width; `None` where the band is off the photo or shows the backdrop (measured beside the
+/// band, which a backdrop's gradient from top to bottom does not fool).
 pub(crate) fn hair_colour(photo: &RgbImage, pixels: &[[f32; 2]]) -> Option<[f32; 3]> {
     let (left, right) = pixels
         .iter()
@@ -376,35 +380,49 @@ pub(crate) fn hair_colour(photo: &RgbImage, pixels: &[[f32; 2]]) -> Option<[f32;
     let colour = |x: u32, y: u32| photo.get_pixel(x, y).0.map(|v| f32::from(v) / 255.0);
     let (gap, height) = (HAIR_BAND_GAP * width, HAIR_BAND_HEIGHT * width);
     let mut band = Vec::new();
+    let (mut first_row, mut end_row) = (u32::MAX, 0);
     for (column, &y) in top.iter().enumerate().filter(|(_, y)| y.is_finite()) {
         let x = (start + column as f32).round();
         if x < 0.0 || x >= photo.width() as f32 {
             continue;
         }
-        let (upper, lower) = (
-            (y - gap - height).max(0.0),
-            (y - gap).min(photo.height() as f32),
-        );
-        for row in upper as u32..lower.max(0.0) as u32 {
-            band.push(colour(x as u32, row));
-        }
+        let upper = (y - gap - height).max(0.0) as u32;
+        let lower = (y - gap).clamp(0.0, photo.height() as f32) as u32;
+        (first_row, end_row) = (first_row.min(upper), end_row.max(lower));
+        band.extend((upper..lower).map(|row| colour(x as u32, row)));
     }
     if band.len() < MIN_EYE_PIXELS {
         return None;
     }
     let hair = channel_medians(&band);
-    let corner = (photo.width().min(photo.height()) / 20).max(1);
-    let corners: Vec<[f32; 3]> = (0..corner)
-        .flat_map(|y| {
-            (0..corner)
-                .chain(photo.width() - corner..photo.width())
-                .map(move |x| (x, y))
-        })
+    // The backdrop beside the band, in its rows, clear of hair that stands out sideways; the
+    // photo's top corners where the head leaves no room beside it.
+    let beside = |from: f32, to: f32| {
+        let columns = from.max(0.0) as u32..to.clamp(0.0, photo.width() as f32) as u32;
+        (first_row..end_row).flat_map(move |y| columns.clone().map(move |x| (x, y)))
+    };
+    let (near, far) = (
+        HAIR_BACKDROP_MARGIN * width,
+        (HAIR_BACKDROP_MARGIN + 0.15) * width,
+    );
+    let mut backdrop: Vec<[f32; 3]> = beside(left - far, left - near)
+        .chain(beside(right + near, right + far))
         .map(|(x, y)| colour(x, y))
         .collect();
-    let background = channel_medians(&corners);
+    if backdrop.len() < MIN_EYE_PIXELS {
+        let corner = (photo.width().min(photo.height()) / 20).max(1);
+        backdrop = (0..corner)
+            .flat_map(|y| {
+                (0..corner)
+                    .chain(photo.width() - corner..photo.width())
+                    .map(move |x| (x, y))
+            })
+            .map(|(x, y)| colour(x, y))
+            .collect();
+    }
+    let backdrop = channel_medians(&backdrop);
     let distance = (0..3)
-        .map(|c| (hair[c] - background[c]).powi(2))
+        .map(|c| (hair[c] - backdrop[c]).powi(2))
         .sum::<f32>()
         .sqrt();
     (distance >= MIN_HAIR_BACKGROUND_DISTANCE).then_some(hair)
@@ -693,6 +711,14 @@ mod tests {
     /// A blue backdrop, a round head of skin-coloured pixels centred at (100, 120) with radius
     /// 50, and above it, if `hair`, a brown band 30 pixels high.
     fn head_photo(hair: bool) -> (RgbImage, Vec<[f32; 2]>) {
+        head_photo_on(hair, |_| image::Rgb([60, 90, 160]))
+    }
+
+    /// [`head_photo`] with the backdrop's colour given per row.
+    fn head_photo_on(
+        hair: bool,
+        backdrop: impl Fn(u32) -> image::Rgb<u8>,
+    ) -> (RgbImage, Vec<[f32; 2]>) {
         let (centre, radius) = ([100.0f32, 120.0], 50.0);
         let photo = RgbImage::from_fn(200, 200, |x, y| {
             let (dx, dy) = (x as f32 - centre[0], y as f32 - centre[1]);
@@ -701,7 +727,7 @@ mod tests {
             } else if hair && dx.abs() < radius && dy < 0.0 && dx.hypot(dy) <= radius + 30.0 {
                 image::Rgb([90, 60, 30])
             } else {
-                image::Rgb([60, 90, 160])
+                backdrop(y)
             }
         });
         let head = (0..=100)
@@ -731,5 +757,12 @@ mod tests {
         let raised: Vec<[f32; 2]> = head.iter().map(|p| [p[0], p[1] - 70.0]).collect();
         assert_eq!(hair_colour(&photo, &raised), None);
         assert_eq!(hair_colour(&photo, &[]), None);
+        // A backdrop darkening towards the top: the corners are far from the band's colour,
+        // the backdrop beside the band is not.
+        let gradient = |y: u32| image::Rgb([40 + y as u8, 40 + y as u8, 90 + y as u8 / 2]);
+        let (photo, head) = head_photo_on(false, gradient);
+        assert_eq!(hair_colour(&photo, &head), None);
+        let (photo, head) = head_photo_on(true, gradient);
+        assert!(hair_colour(&photo, &head).is_some());
     }
 }
