@@ -724,24 +724,31 @@ fn albedo_background(albedo: &RgbImage, size: usize) -> Vec<f32> {
         .collect()
 }
 
-/// Pixels of every vertex under the fitted camera.
-fn vertex_pixels(vertices: &Tensor, params: &FitParams) -> Result<Vec<[f32; 2]>> {
-    let camera_space = ganfit_render::camera_from_world(
+/// Every vertex in the fitted camera's coordinates, millimetres.
+fn camera_space(vertices: &Tensor, params: &FitParams) -> Result<Vec<Vec<f32>>> {
+    Ok(ganfit_render::camera_from_world(
         &vertices.to_dtype(DType::F32)?,
         &params.rotation.unsqueeze(0)?,
         &params.translation.unsqueeze(0)?,
     )?
     .squeeze(0)?
-    .to_vec2::<f32>()?;
+    .to_vec2::<f32>()?)
+}
+
+/// The pixel a camera-space point projects to.
+fn pixel_of(p: &[f32], k: &Intrinsics) -> [f32; 2] {
+    [
+        (k.fx * f64::from(p[0] / p[2]) + k.cx) as f32,
+        (k.fy * f64::from(p[1] / p[2]) + k.cy) as f32,
+    ]
+}
+
+/// Pixels of every vertex under the fitted camera.
+fn vertex_pixels(vertices: &Tensor, params: &FitParams) -> Result<Vec<[f32; 2]>> {
     let k = &params.intrinsics;
-    Ok(camera_space
+    Ok(camera_space(vertices, params)?
         .iter()
-        .map(|p| {
-            [
-                (k.fx * f64::from(p[0] / p[2]) + k.cx) as f32,
-                (k.fy * f64::from(p[1] / p[2]) + k.cy) as f32,
-            ]
-        })
+        .map(|p| pixel_of(p, k))
         .collect())
 }
 
@@ -755,20 +762,15 @@ fn projected_bounds(
     height: u32,
 ) -> Result<(u32, u32, u32, u32)> {
     let (near, _) = ganfit_optim::DEPTH_RANGE_MM;
-    let camera_depth = ganfit_render::camera_from_world(
-        &vertices.to_dtype(DType::F32)?,
-        &params.rotation.unsqueeze(0)?,
-        &params.translation.unsqueeze(0)?,
-    )?
-    .squeeze(0)?
-    .narrow(1, 2, 1)?
-    .min_all()?
-    .to_scalar::<f32>()?;
-    if camera_depth.is_nan() || f64::from(camera_depth) <= near {
+    let points = camera_space(vertices, params)?;
+    if points
+        .iter()
+        .any(|p| p[2].is_nan() || f64::from(p[2]) <= near)
+    {
         return Ok((0, 0, width, height));
     }
     let (mut lo, mut hi) = ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]);
-    for p in vertex_pixels(vertices, params)? {
+    for p in points.iter().map(|p| pixel_of(p, &params.intrinsics)) {
         for axis in 0..2 {
             lo[axis] = lo[axis].min(p[axis]);
             hi[axis] = hi[axis].max(p[axis]);
