@@ -74,6 +74,9 @@ pub struct AccuracyArgs {
     /// Iterations of the full objective (default: the fitter's own); fewer run faster.
     #[arg(long)]
     iterations: Option<usize>,
+    /// A texture model file (see `ganfit fit --texture-model`) for the full fits.
+    #[arg(long)]
+    texture_model: Option<PathBuf>,
     /// Leave out the eos peer.
     #[arg(long)]
     no_peer: bool,
@@ -155,9 +158,20 @@ fn accuracy(args: &AccuracyArgs) -> anyhow::Result<()> {
     let shared = shared_dir()?;
     say("loading models".to_string());
     let started = Instant::now();
-    let with_iterations = |builder: FitterBuilder| match args.iterations {
-        Some(n) => builder.iterations(n),
-        None => builder,
+    let texture_model = args
+        .texture_model
+        .as_ref()
+        .map(|path| ganfit::texture::load_texture_model(path, &Device::Cpu))
+        .transpose()?;
+    let with_iterations = |builder: FitterBuilder| {
+        let builder = match &texture_model {
+            Some(model) => builder.texture_model(model.clone()),
+            None => builder,
+        };
+        match args.iterations {
+            Some(n) => builder.iterations(n),
+            None => builder,
+        }
     };
     let full = with_iterations(Fitter::builder()).build()?;
     let landmarks_only = Fitter::builder().iterations(0).build()?;

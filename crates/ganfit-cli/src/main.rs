@@ -58,6 +58,10 @@ enum Command {
         /// (otherwise each photo is fitted on its own).
         #[arg(long)]
         same_person: bool,
+        /// A texture model file (a PCA model from `ganfit texture pca`, or a texture GAN) whose
+        /// latent the full objective optimises instead of a free UV map.
+        #[arg(long)]
+        texture_model: Option<PathBuf>,
         /// Print nothing but errors.
         #[arg(long)]
         quiet: bool,
@@ -85,6 +89,36 @@ enum TextureCommand {
     /// channel marks valid texels), writing checkpoints, sample grids, a loss log and the
     /// final generator to --out.
     Train(TrainArgs),
+    /// Gather the UV textures of fits (`ganfit fit` output folders: `texture.png` and
+    /// `texture_observed.png`) into a folder of training maps for `texture pca` and `texture
+    /// train`: one RGBA PNG per fit, downsampled, with the seen texels opaque.
+    Collect {
+        /// Output folders of `ganfit fit`.
+        #[arg(required = true)]
+        fits: Vec<PathBuf>,
+        /// Side of the written maps in texels (a power of two).
+        #[arg(long, default_value_t = 128)]
+        size: u32,
+        /// Folder the maps are written to.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fit a weighted-PCA texture model to a folder of UV maps (PNG/JPEG, all one square
+    /// size; an alpha channel marks the observed texels, e.g. the `texture.png` of fits with
+    /// `texture_observed.png` as alpha).
+    Pca {
+        /// Folder of UV texture maps.
+        data: PathBuf,
+        /// Number of principal components (the latent size).
+        #[arg(long, default_value_t = 64)]
+        components: usize,
+        /// Most EM iterations.
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        /// Output model file (.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Convert official ProGAN (TensorFlow) generator weights, dumped to .npz by
     /// tools/texture/progan_to_npz.py, into a generator .safetensors file.
     ImportProgan {
@@ -153,11 +187,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             device,
             seed,
             same_person,
+            texture_model,
             quiet,
         } => {
-            let mut builder = Fitter::builder().device(parse_device(&device)?).seed(seed);
+            let device = parse_device(&device)?;
+            let mut builder = Fitter::builder().device(device.clone()).seed(seed);
             if let Some(iterations) = iterations {
                 builder = builder.iterations(iterations);
+            }
+            if let Some(path) = texture_model {
+                builder =
+                    builder.texture_model(ganfit::texture::load_texture_model(&path, &device)?);
             }
             fit(builder, &photos, &out, same_person, quiet)
         }
@@ -166,6 +206,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Texture {
             command: TextureCommand::Train(args),
         } => train_texture(&args),
+        Command::Texture {
+            command: TextureCommand::Collect { fits, size, out },
+        } => collect_textures(&fits, size, &out),
+        Command::Texture {
+            command:
+                TextureCommand::Pca {
+                    data,
+                    components,
+                    iterations,
+                    out,
+                },
+        } => {
+            use ganfit::texture::{PcaFitOptions, PcaTextureModel, TextureDataset};
+            let dataset = TextureDataset::from_dir(&data, &Device::Cpu)?;
+            let options = PcaFitOptions {
+                components,
+                iterations,
+                ..PcaFitOptions::default()
+            };
+            let model = PcaTextureModel::fit(&dataset, &options)?;
+            model.save(&out)?;
+            println!(
+                "wrote {}: {components} components from {} maps",
+                out.display(),
+                dataset.len()
+            );
+            Ok(())
+        }
         Command::Texture {
             command: TextureCommand::ImportProgan { npz, out },
         } => {
@@ -386,6 +454,62 @@ fn params_json(fitter: &Fitter, result: &FitResult) -> anyhow::Result<serde_json
             "iterations": s.history.len(),
         })).collect::<Vec<_>>(),
     }))
+}
+
+/// Writes `out/<fit folder name>.png` for every fit folder: its texture averaged down to
+/// `size`², opaque where at least half the averaged texels were seen in the photo.
+fn collect_textures(fits: &[PathBuf], size: u32, out: &Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        size.is_power_of_two() && size >= 4,
+        "--size must be a power of two of at least 4, got {size}"
+    );
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    for fit in fits {
+        let read = |name: &str| {
+            image::open(fit.join(name)).with_context(|| {
+                format!(
+                    "{} holds no readable {name}: pass output folders of `ganfit fit`",
+                    fit.display()
+                )
+            })
+        };
+        let texture = read("texture.png")?.to_rgb8();
+        let observed = read("texture_observed.png")?.to_luma8();
+        let (width, height) = texture.dimensions();
+        anyhow::ensure!(
+            observed.dimensions() == (width, height) && width == height && width % size == 0,
+            "{}: texture.png and texture_observed.png must be square, of one size, and a \
+             multiple of --size {size}",
+            fit.display()
+        );
+        let block = width / size;
+        let collected = image::RgbaImage::from_fn(size, size, |bx, by| {
+            let mut sum = [0u32; 4];
+            for y in by * block..(by + 1) * block {
+                for x in bx * block..(bx + 1) * block {
+                    let (c, o) = (texture.get_pixel(x, y).0, observed.get_pixel(x, y).0);
+                    for (total, value) in sum.iter_mut().zip([c[0], c[1], c[2], o[0]]) {
+                        *total += u32::from(value);
+                    }
+                }
+            }
+            let count = block * block;
+            let mean = sum.map(|total| ((total + count / 2) / count) as u8);
+            let seen = if 2 * sum[3] >= 255 * count { 255 } else { 0 };
+            image::Rgba([mean[0], mean[1], mean[2], seen])
+        });
+        let name = fit.file_name().unwrap_or(fit.as_os_str()).to_string_lossy();
+        let path = out.join(format!("{name}.png"));
+        collected
+            .save(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!(
+        "wrote {} maps of {size}x{size} texels to {}",
+        fits.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 fn train_texture(args: &TrainArgs) -> anyhow::Result<()> {

@@ -287,3 +287,104 @@ fn the_accuracy_bench_writes_its_tables() {
     let mean = json["synthetic"]["summary"]["full"]["mean_mm"].as_f64();
     assert!(mean.is_some_and(|mm| mm > 0.0 && mm < 10.0), "{json}");
 }
+
+/// Runs `ganfit` with `args`, asserting success; returns stdout.
+fn run_ok(args: &[&str]) -> String {
+    let out = ganfit().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn collects_fitted_textures_into_a_pca_model_that_a_fit_then_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let photo = astronaut().to_str().unwrap().to_owned();
+    let first = path("first");
+    run_ok(&[
+        "fit",
+        "--quiet",
+        "--iterations",
+        "0",
+        "--out",
+        &first,
+        &photo,
+    ]);
+    // Two more "fits": the same unwrap darkened and tinted, so the maps span two directions.
+    for (name, gain) in [("second", [0.6f32, 0.7, 0.8]), ("third", [1.0, 0.8, 0.6])] {
+        let fit = dir.path().join(name);
+        std::fs::create_dir_all(&fit).unwrap();
+        let seen = Path::new(&first).join("texture_observed.png");
+        std::fs::copy(seen, fit.join("texture_observed.png")).unwrap();
+        let mut texture = image::open(Path::new(&first).join("texture.png"))
+            .unwrap()
+            .to_rgb8();
+        for pixel in texture.pixels_mut() {
+            for (value, gain) in pixel.0.iter_mut().zip(gain) {
+                *value = (f32::from(*value) * gain) as u8;
+            }
+        }
+        texture.save(fit.join("texture.png")).unwrap();
+    }
+    let maps = path("maps");
+    let (second, third) = (path("second"), path("third"));
+    run_ok(&[
+        "texture", "collect", "--size", "64", "--out", &maps, &first, &second, &third,
+    ]);
+    let map = image::open(Path::new(&maps).join("second.png"))
+        .unwrap()
+        .to_rgba8();
+    assert_eq!(map.dimensions(), (64, 64));
+    let seen = map.pixels().filter(|p| p.0[3] == 255).count();
+    assert!(
+        seen > 200 && seen < 64 * 64 - 200 && map.pixels().all(|p| p.0[3] % 255 == 0),
+        "{seen} texels seen"
+    );
+
+    let model = path("pca.safetensors");
+    let said = run_ok(&[
+        "texture",
+        "pca",
+        &maps,
+        "--components",
+        "2",
+        "--out",
+        &model,
+    ]);
+    assert!(said.contains("2 components from 3 maps"), "{said}");
+    let fitted = path("fitted");
+    run_ok(&[
+        "fit",
+        "--quiet",
+        "--iterations",
+        "2",
+        "--texture-model",
+        &model,
+        "--out",
+        &fitted,
+        &photo,
+    ]);
+    let albedo = image::open(Path::new(&fitted).join("albedo.png")).unwrap();
+    assert_eq!(
+        (albedo.width(), albedo.height()),
+        (64, 64),
+        "the albedo is the model's"
+    );
+
+    // Not a model, and a folder that is not a fit: one line each.
+    let root = dir.path().to_str().unwrap();
+    for args in [
+        ["fit", "--quiet", "--texture-model", &photo, &photo],
+        ["texture", "collect", "--out", &maps, root],
+    ] {
+        let out = ganfit().args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

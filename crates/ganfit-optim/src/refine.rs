@@ -95,8 +95,10 @@ pub struct RefineConfig {
     pub translation_lr: f64,
     /// Learning rate of the spherical-harmonic light coefficients.
     pub light_lr: f64,
-    /// Learning rate of the texture (texel values of a free UV map, or a model's latent).
+    /// Learning rate of a free UV map's texel values.
     pub texture_lr: f64,
+    /// Learning rate of a texture model's latent (whitened: a unit is one standard deviation).
+    pub latent_lr: f64,
     /// Seed of the texture model's starting latent, drawn from its prior.
     pub seed: u64,
     /// Weight of the dense correspondences in the landmark term (see
@@ -121,6 +123,7 @@ impl Default for RefineConfig {
             translation_lr: 0.3,
             light_lr: 0.003,
             texture_lr: 0.002,
+            latent_lr: 0.05,
             seed: 0,
             dense_weight: 1.0,
         }
@@ -272,7 +275,14 @@ pub fn refine(
         per_photo_group("rotation", |p| &p.rotation, config.rotation_lr),
         per_photo_group("translation", |p| &p.translation, config.translation_lr),
         per_photo_group("light", |p| &p.light, config.light_lr),
-        ParamGroup::new("texture", vec![texture_vars.var.clone()], config.texture_lr),
+        ParamGroup::new(
+            "texture",
+            vec![texture_vars.var.clone()],
+            match texture_vars.model {
+                Some(_) => config.latent_lr,
+                None => config.texture_lr,
+            },
+        ),
     ];
 
     let problem = Problem {
@@ -641,30 +651,46 @@ impl<'a> TextureVars<'a> {
         config: &RefineConfig,
         device: &Device,
     ) -> Result<Self, OptimError> {
-        let size = config.texture_size;
+        // The unwrap's `[1, C, height, width]` map of `values` (`size² × C`, channels last).
+        let resampled = |values: &[f32], channels: usize, height: usize, width: usize| {
+            let full = Tensor::from_slice(values, (initial.size, initial.size, channels), device)?
+                .permute((2, 0, 1))?
+                .unsqueeze(0)?;
+            if height == width && initial.size.is_multiple_of(height) {
+                // Block averages: nearest sampling of a finer map would alias.
+                full.avg_pool2d(initial.size / height)
+            } else {
+                full.interpolate2d(height, width)
+            }
+        };
         Ok(match source {
             TextureSource::FreeUv => {
-                let full =
-                    Tensor::from_slice(&initial.rgb, (initial.size, initial.size, 3), device)?
-                        .permute((2, 0, 1))?
-                        .unsqueeze(0)?;
-                let resized = if initial.size.is_multiple_of(size) {
-                    // Block averages: nearest sampling of a finer map would alias.
-                    full.avg_pool2d(initial.size / size)?
-                } else {
-                    full.interpolate2d(size, size)?
-                };
+                let size = config.texture_size;
+                let map = resampled(&initial.rgb, 3, size, size)?;
                 TextureVars {
-                    var: Var::from_tensor(&resized.squeeze(0)?.permute((1, 2, 0))?.contiguous()?)?,
+                    var: Var::from_tensor(&map.squeeze(0)?.permute((1, 2, 0))?.contiguous()?)?,
                     model: None,
                 }
             }
-            TextureSource::Model(model) => TextureVars {
-                // A draw from the prior, not its mean: a latent prior like a Gaussian shell has
-                // no gradient direction at zero.
-                var: Var::from_tensor(&model.sample_latent(1, None, config.seed)?)?,
-                model: Some(model),
-            },
+            TextureSource::Model(model) => {
+                let (height, width) = model.resolution();
+                let texture = resampled(&initial.rgb, 3, height, width)?;
+                let seen = resampled(&initial.observed, 1, height, width)?;
+                // The photo's unwrap encoded where the model can, else a draw from the prior,
+                // not its mean: a latent prior like a Gaussian shell has no gradient direction
+                // at zero.
+                let latent = match model.encode(
+                    &texture.to_device(model.device())?,
+                    &seen.to_device(model.device())?,
+                )? {
+                    Some(latent) => latent,
+                    None => model.sample_latent(1, None, config.seed)?,
+                };
+                TextureVars {
+                    var: Var::from_tensor(&latent.to_device(device)?)?,
+                    model: Some(model),
+                }
+            }
         })
     }
 

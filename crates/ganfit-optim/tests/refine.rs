@@ -353,3 +353,66 @@ fn a_texture_model_has_its_latent_fitted() {
     );
     assert!(result.report.best_loss < history[0].total);
 }
+
+#[test]
+fn a_pca_model_starts_from_the_photos_unwrap_encoded() {
+    use ganfit_texture::{PcaFitOptions, PcaTextureModel, TextureDataset};
+    let model = ict();
+    let net = FaceRecognitionNet::load(&Device::Cpu).unwrap();
+    let photo = photo(&model);
+    // Flat 8×8 maps whose colours span a plane: (0.3 + 0.5t, 0.2 + 0.3t, 0.1 + 0.3s).
+    let colour = |t: f32, s: f32| [0.3 + 0.5 * t, 0.2 + 0.3 * t, 0.1 + 0.3 * s];
+    let maps: Vec<f32> = [
+        (0.1, 0.9),
+        (0.5, 0.2),
+        (0.9, 0.6),
+        (0.3, 0.4),
+        (0.7, 0.1),
+        (0.2, 0.3),
+    ]
+    .into_iter()
+    .flat_map(|(t, s)| colour(t, s).into_iter().flat_map(|c| [c; 64]))
+    .collect();
+    let maps = Tensor::from_vec(maps, (6, 3, 8, 8), &Device::Cpu).unwrap();
+    let data = TextureDataset::new(maps, None).unwrap();
+    let options = PcaFitOptions {
+        components: 2,
+        iterations: 100,
+        ..PcaFitOptions::default()
+    };
+    let pca = PcaTextureModel::fit(&data, &options).unwrap();
+    // The unwrap, twice the model's resolution, shows a colour of the plane.
+    let target = colour(0.8, 0.7);
+    let initial = UvTexture {
+        size: 16,
+        rgb: target.repeat(256),
+        observed: vec![1.0; 256],
+    };
+    let view = PhotoView {
+        image: &photo.image,
+        landmarks: &photo.landmarks,
+        params: &photo.truth,
+    };
+    let config = RefineConfig {
+        iterations: 1,
+        latent_lr: 0.0,
+        ..config()
+    };
+    let result = refine(
+        &model,
+        &net,
+        &[view],
+        &initial,
+        TextureSource::Model(&pca),
+        &config,
+        |_| {},
+    )
+    .unwrap();
+    let albedo: Vec<f32> = result.albedo.mean((0, 1)).unwrap().to_vec1().unwrap();
+    for (got, want) in albedo.iter().zip(target) {
+        assert!(
+            (got - want).abs() < 0.02,
+            "albedo {albedo:?}, unwrap {target:?}"
+        );
+    }
+}

@@ -94,3 +94,18 @@ pub use params::ParamMap;
 pub use pca::{PcaFitOptions, PcaTextureModel};
 pub use progan_import::import_progan_npz;
 pub use train::{GanLoss, Progress, StepStats, TextureDataset, TrainConfig, Trainer};
+
+/// Loads a texture model file written by ganfit-texture: a [`Generator`] when the file holds
+/// the generator's configuration ([`CONFIG_METADATA_KEY`]), otherwise a [`PcaTextureModel`].
+pub fn load_texture_model(
+    path: impl AsRef<std::path::Path>,
+    device: &candle_core::Device,
+) -> Result<std::sync::Arc<dyn TextureModel>> {
+    let path = path.as_ref();
+    let (_, metadata) = params::load_safetensors(path, device)?;
+    Ok(if metadata.contains_key(CONFIG_METADATA_KEY) {
+        std::sync::Arc::new(Generator::load(path, device)?)
+    } else {
+        std::sync::Arc::new(PcaTextureModel::load(path, device)?)
+    })
+}

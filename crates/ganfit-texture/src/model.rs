@@ -30,6 +30,15 @@ pub trait TextureModel: std::fmt::Debug + Send + Sync {
     /// Per-sample prior penalty `[B]` for latents `[B, latent_dim]`, differentiable.
     fn latent_prior(&self, latent: &Tensor) -> Result<Tensor>;
 
+    /// The latent whose texture best matches `texture` `[1, 3, H, W]` where `weight`
+    /// `[1, 1, H, W]` (e.g. 1 on texels seen in a photo, 0 elsewhere) says it counts, under
+    /// the latent prior; `None` for models without a closed-form or cheap encoder (the GAN),
+    /// whose latent then starts from a draw of the prior.
+    fn encode(&self, texture: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+        let _ = (texture, weight);
+        Ok(None)
+    }
+
     /// `n` latents drawn from the model's prior (standard normal), deterministic in `seed`.
     ///
     /// `truncation = Some(t)` redraws every component whose magnitude exceeds `t` (the

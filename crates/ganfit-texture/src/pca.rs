@@ -9,6 +9,11 @@ use nalgebra::{DMatrix, SymmetricEigen};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+/// Standard deviation of a texel's difference from the model, in `[0, 1]` colour units, that
+/// [`PcaTextureModel`]'s [`TextureModel::encode`] assumes: what a few dozen components leave of a photo's
+/// unwrapped face (pores, stubble, specular spots).
+const ENCODE_NOISE: f64 = 0.05;
+
 /// Settings of [`PcaTextureModel::fit`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct PcaFitOptions {
@@ -73,7 +78,8 @@ fn orthonormal_rows(m: &Tensor) -> Result<Tensor> {
 }
 
 impl PcaTextureModel {
-    /// Fits the model to `data`, weighting every texel by its mask.
+    /// Fits the model to `data`, weighting every texel by its mask; a texel that no mask
+    /// covers takes its values from the maps as they are.
     ///
     /// This is EM for weighted low-rank approximation (Srebro & Jaakkola, 2003): unobserved
     /// texels are filled with the current reconstruction, `x <- w*x + (1-w)*(mean + A B)`, and a
@@ -92,16 +98,24 @@ impl PcaTextureModel {
             )));
         }
         let x = images.reshape((n, dim))?;
-        let weight = masks
+        let observed_weight = masks
             .broadcast_as((n, c, h, w))?
             .reshape((n, dim))?
             .contiguous()?;
-        let coverage = weight.sum(0)?;
-        if coverage.min(0)?.to_scalar::<f32>()? <= 0.0 {
+        if observed_weight.max_all()?.to_scalar::<f32>()? <= 0.0 {
             return Err(TextureError::Data(
-                "some texels are unobserved in every texture; the PCA cannot estimate them (use a smaller UV region or more data)".into(),
+                "no texel is observed in any texture: every mask is empty".into(),
             ));
         }
+        // Texels that no texture observes (a UV layout's parts that photos never show) are
+        // modelled from the values the maps hold there, e.g. their fills, rather than left
+        // undetermined.
+        let never_observed = observed_weight
+            .sum_keepdim(0)?
+            .le(0.0)?
+            .to_dtype(DType::F32)?;
+        let weight = observed_weight.broadcast_maximum(&never_observed)?;
+        let coverage = weight.sum(0)?;
         let mut mean = ((&x * &weight)?.sum(0)? / &coverage)?;
         let missing = weight.affine(-1.0, 1.0)?;
         let observed = (&x * &weight)?;
@@ -252,5 +266,50 @@ impl TextureModel for PcaTextureModel {
     fn latent_prior(&self, latent: &Tensor) -> Result<Tensor> {
         check_latent(latent, self.latent_dim(), DType::F32)?;
         Ok((latent.sqr()?.sum(1)? * 0.5)?)
+    }
+
+    /// The MAP latent for Gaussian texel noise of σ = 0.05: the ridge solution of
+    /// `(BᵀWB + σ²I) z = BᵀW (x − mean)` with `B` the components scaled by their deviations.
+    fn encode(&self, texture: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+        let (c, h, w) = (3, self.height, self.width);
+        if texture.dims() != [1, c, h, w] || weight.dims() != [1, 1, h, w] {
+            return Err(TextureError::Data(format!(
+                "encode needs a [1, 3, {h}, {w}] texture and a [1, 1, {h}, {w}] weight, got {:?} and {:?}",
+                texture.dims(),
+                weight.dims()
+            )));
+        }
+        let k = self.latent_dim();
+        let basis = self
+            .components
+            .reshape((k, ()))?
+            .broadcast_mul(&self.stddev.unsqueeze(1)?)?;
+        let weight = weight
+            .to_dtype(DType::F32)?
+            .broadcast_as((1, c, h, w))?
+            .reshape((1, ()))?;
+        let residual =
+            (texture.to_dtype(DType::F32)?.reshape((1, ()))? - self.mean.reshape((1, ()))?)?;
+        let weighted = basis.broadcast_mul(&weight)?;
+        let gram: Vec<f64> = weighted
+            .matmul(&basis.t()?)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        let rhs: Vec<f64> = weighted
+            .matmul(&residual.t()?)?
+            .to_dtype(DType::F64)?
+            .flatten_all()?
+            .to_vec1()?;
+        let noise = ENCODE_NOISE * ENCODE_NOISE;
+        let system = DMatrix::from_row_slice(k, k, &gram) + DMatrix::identity(k, k) * noise;
+        let latent = system
+            .cholesky()
+            .ok_or_else(|| {
+                TextureError::Data("the encoding system is not positive definite".into())
+            })?
+            .solve(&nalgebra::DVector::from_vec(rhs));
+        let latent: Vec<f32> = latent.iter().map(|&v| v as f32).collect();
+        Ok(Some(Tensor::from_vec(latent, (1, k), self.mean.device())?))
     }
 }

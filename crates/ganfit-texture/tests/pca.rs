@@ -212,6 +212,18 @@ fn generates_whitened_textures_and_round_trips_through_a_file() {
     model.save(&path).unwrap();
     let loaded = PcaTextureModel::load(&path, &Device::Cpu).unwrap();
     let again = loaded.generate(&z).unwrap();
+    let through_loader = ganfit_texture::load_texture_model(&path, &Device::Cpu)
+        .unwrap()
+        .generate(&z)
+        .unwrap();
+    assert_eq!(
+        through_loader
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        again.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
     let diff: f32 = (again - textures)
         .unwrap()
         .abs()
@@ -278,4 +290,107 @@ fn bad_requests_give_typed_errors() {
     .unwrap();
     let err = PcaTextureModel::load(&generator_file, &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
+    // The loader tells a generator file from a PCA file by the generator's configuration.
+    let generator = ganfit_texture::load_texture_model(&generator_file, &Device::Cpu).unwrap();
+    assert_eq!(generator.latent_dim(), 2);
+    assert!(
+        generator
+            .encode(
+                &model.mean().unsqueeze(0).unwrap(),
+                &Tensor::ones((1, 1, R, R), candle_core::DType::F32, &Device::Cpu).unwrap()
+            )
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// The largest `|a - b|` between two tensors.
+fn abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+#[test]
+fn encodes_a_texture_from_its_seen_texels_alone() {
+    let mut rng = Lcg(11);
+    let basis = true_basis(&mut rng);
+    let (data, _) = low_rank_data(300, &mut rng, &basis);
+    let options = PcaFitOptions {
+        components: 3,
+        iterations: 300,
+        ..Default::default()
+    };
+    let model = PcaTextureModel::fit(&data, &options).unwrap();
+    let latent = Tensor::new(&[[1.0f32, -0.5, 0.8]], &Device::Cpu).unwrap();
+    let texture = model.generate(&latent).unwrap();
+    // Half the texels hidden and overwritten with garbage, which the encoding must ignore.
+    let seen: Vec<f32> = (0..R * R).map(|i| ((i / 3) % 2) as f32).collect();
+    let seen = Tensor::from_vec(seen, (1, 1, R, R), &Device::Cpu).unwrap();
+    let hidden = seen
+        .affine(-1.0, 1.0)
+        .unwrap()
+        .broadcast_as(texture.shape())
+        .unwrap();
+    let spoiled = (texture.broadcast_mul(&seen).unwrap() + (hidden * 9.0).unwrap()).unwrap();
+    let encoded = model.encode(&spoiled, &seen).unwrap().unwrap();
+    // The prior shrinks each coordinate by σ² / (σ² + s_k² |u_k|²_seen), at most a few percent
+    // for these deviations (2, 1, 0.5) over half the texels.
+    let error = abs_diff(&encoded, &latent);
+    assert!(error < 0.05, "encoded {encoded} for {latent}");
+    let regenerated = model.generate(&encoded).unwrap();
+    assert!(abs_diff(&regenerated, &texture) < 0.05);
+
+    let wrong = Tensor::ones((1, 1, R, R + 1), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(
+        model.encode(&texture, &wrong),
+        Err(TextureError::Data(_))
+    ));
+}
+
+#[test]
+fn texels_no_map_observes_are_modelled_from_the_maps_values() {
+    let mut rng = Lcg(5);
+    let basis = true_basis(&mut rng);
+    let (data, _) = low_rank_data(40, &mut rng, &basis);
+    let (images, masks) = data.tensors();
+    // The first row of texels is hidden in every map and holds 0.25 there.
+    let row_hidden: Vec<f32> = (0..R * R).map(|i| if i < R { 0.0 } else { 1.0 }).collect();
+    let row_hidden = Tensor::from_vec(row_hidden, (1, 1, R, R), &Device::Cpu).unwrap();
+    let masks = masks.broadcast_mul(&row_hidden).unwrap();
+    let first_row = row_hidden.affine(-1.0, 1.0).unwrap();
+    let images = (images.broadcast_mul(&row_hidden).unwrap()
+        + first_row
+            .affine(0.25, 0.0)
+            .unwrap()
+            .broadcast_as(images.shape())
+            .unwrap())
+    .unwrap();
+    let data = TextureDataset::new(images, Some(masks)).unwrap();
+    let model = PcaTextureModel::fit(
+        &data,
+        &PcaFitOptions {
+            components: 2,
+            iterations: 50,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mean_first_row: Vec<f32> = model
+        .mean()
+        .narrow(1, 0, 1)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(
+        mean_first_row.iter().all(|v| (v - 0.25).abs() < 1e-4),
+        "{mean_first_row:?}"
+    );
 }
