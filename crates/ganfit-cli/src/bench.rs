@@ -77,6 +77,12 @@ pub struct AccuracyArgs {
     /// A texture model file (see `ganfit fit --texture-model`) for the full fits.
     #[arg(long)]
     texture_model: Option<PathBuf>,
+    /// Also write, per real photo, 224×224 face chips aligned to ArcFace's five-point
+    /// template (the photo, the render composited on it, the frontal render on grey) and
+    /// `chips.json` into this folder, for a second face recogniser
+    /// (`tools/bench/second-recogniser`).
+    #[arg(long)]
+    chips: Option<PathBuf>,
     /// Leave out the eos peer.
     #[arg(long)]
     no_peer: bool,
@@ -329,7 +335,14 @@ fn accuracy(args: &AccuracyArgs) -> anyhow::Result<()> {
         Vec::new()
     } else {
         say(format!("real photos: fitting {}", photos.len()));
-        real_photos(&shared, &photos, &full, &landmarks_only, &say)?
+        real_photos(
+            &shared,
+            &photos,
+            &full,
+            &landmarks_only,
+            args.chips.as_deref(),
+            &say,
+        )?
     };
 
     let notes = RunNotes {
@@ -570,8 +583,13 @@ fn real_photos(
     photos: &[PathBuf],
     full: &Fitter,
     landmarks_only: &Fitter,
+    chips: Option<&Path>,
     say: &dyn Fn(String),
 ) -> anyhow::Result<Vec<Value>> {
+    if let Some(dir) = chips {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut chip_index = Vec::new();
     let device = Device::Cpu;
     let resolver = ganfit::assets::Resolver::new();
     let net = FaceRecognitionNet::from_resolver(&resolver, &device)?;
@@ -594,6 +612,9 @@ fn real_photos(
         let row = match (fit, landmark_fit) {
             (Ok(fit), Ok(landmark_fit)) => {
                 let identity = identity_distances(&net, &detector, &landmarker, &image, &fit);
+                if let (Some(dir), Ok((_, _, views))) = (chips, &identity) {
+                    chip_index.push(write_chips(dir, chip_index.len(), &name, views)?);
+                }
                 json!({
                     "photo": name,
                     "size": [image.width(), image.height()],
@@ -612,7 +633,81 @@ fn real_photos(
         say(format!("photo {name}: {}", compact(&row)));
         rows.push(row);
     }
+    if let Some(dir) = chips {
+        let index = dir.join("chips.json");
+        std::fs::write(&index, serde_json::to_string_pretty(&chip_index)?)
+            .with_context(|| format!("cannot write {}", index.display()))?;
+    }
     Ok(rows)
+}
+
+/// ArcFace's five reference points in its 112×112 chip: the eyes' centres, the nose tip and
+/// the mouth corners, left to right as the image shows them (insightface's `arcface_dst`).
+/// [`arcface_chip`] scales them to its own size.
+const ARCFACE_TEMPLATE: [[f64; 2]; 5] = [
+    [38.2946, 51.6963],
+    [73.5318, 51.5014],
+    [56.0252, 71.7366],
+    [41.5493, 92.3655],
+    [70.7299, 92.2041],
+];
+
+/// Side of the chips `--chips` writes: [`ARCFACE_TEMPLATE`]'s framing at the second
+/// recogniser's input size.
+const CHIP_SIZE: usize = 224;
+
+/// A [`CHIP_SIZE`]² chip of `image` aligned to [`ARCFACE_TEMPLATE`] through iBUG-68
+/// `landmarks`.
+fn arcface_chip(image: &RgbImage, landmarks: &[[f32; 2]]) -> anyhow::Result<RgbImage> {
+    let mean = |range: std::ops::Range<usize>| {
+        let n = range.len() as f64;
+        range.fold([0.0, 0.0], |acc, i| {
+            [
+                acc[0] + f64::from(landmarks[i][0]) / n,
+                acc[1] + f64::from(landmarks[i][1]) / n,
+            ]
+        })
+    };
+    anyhow::ensure!(landmarks.len() == 68, "expected 68 landmarks");
+    let point = |i: usize| [f64::from(landmarks[i][0]), f64::from(landmarks[i][1])];
+    let five = [mean(36..42), mean(42..48), point(30), point(48), point(54)];
+    let scale = CHIP_SIZE as f64 / 112.0;
+    let template = ARCFACE_TEMPLATE.map(|[x, y]| [x * scale, y * scale]);
+    let transform = ganfit::losses::align::SimilarityTransform::fit(&template, &five)?;
+    let (w, h) = (image.width() as usize, image.height() as usize);
+    let device = Device::Cpu;
+    let warp =
+        ganfit::losses::align::ChipWarp::new(&transform, h, w, CHIP_SIZE, DType::F32, &device)?;
+    let pixels: Vec<f32> = image.as_raw().iter().map(|&v| f32::from(v)).collect();
+    let chip = warp.apply_channels_last(&Tensor::from_vec(pixels, (1, h, w, 3), &device)?)?;
+    let values: Vec<u8> = chip
+        .squeeze(0)?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|v| v.round().clamp(0.0, 255.0) as u8)
+        .collect();
+    RgbImage::from_raw(CHIP_SIZE as u32, CHIP_SIZE as u32, values).context("chip size")
+}
+
+/// Writes the chips of one photo's views as `NNN_<view>.png`; returns its `chips.json` entry.
+fn write_chips(
+    dir: &Path,
+    index: usize,
+    photo: &str,
+    views: &[(&'static str, RgbImage, Vec<[f32; 2]>)],
+) -> anyhow::Result<Value> {
+    let mut chips = serde_json::Map::new();
+    for (view, image, landmarks) in views {
+        let file = format!("{index:03}_{view}.png");
+        let path = dir.join(&file);
+        arcface_chip(image, landmarks)?
+            .save(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        chips.insert(view.to_string(), json!(file));
+    }
+    Ok(json!({ "photo": photo, "chips": chips }))
 }
 
 fn compact(row: &Value) -> String {
@@ -628,28 +723,40 @@ fn compact(row: &Value) -> String {
     }
 }
 
+/// The images a recogniser compares, with the landmarks that align each.
+type IdentityViews = Vec<(&'static str, RgbImage, Vec<[f32; 2]>)>;
+
 /// dlib descriptor distance between the photo and (a) the render composited on the photo,
-/// (b) the frontal render on grey (when a face is found in it).
+/// (b) the frontal render on grey (when a face is found in it); and those images, named
+/// `photo`, `render` and `frontal`, with their landmarks.
 fn identity_distances(
     net: &FaceRecognitionNet,
     detector: &FaceDetector,
     landmarker: &FaceLandmarker,
     photo: &RgbImage,
     fit: &FitResult,
-) -> anyhow::Result<(f64, Option<f64>)> {
+) -> anyhow::Result<(f64, Option<f64>, IdentityViews)> {
     let photo_landmarks = &fit.detected_landmarks;
     let reference = descriptor(net, photo, photo_landmarks)?;
     let composite = composite(&fit.render, |x, y| photo.get_pixel(x, y).0);
     let render = descriptor(net, &composite, photo_landmarks)?;
     let frontal = composite_on_grey(&fit.frontal_render);
-    let frontal_distance = detector
+    let frontal_landmarks = detector
         .detect_face(&frontal, FaceChoice::Largest)
         .and_then(|face| landmarker.landmarks(&frontal, &face))
         .ok()
-        .map(|points| descriptor(net, &frontal, &points.to_ibug68()))
+        .map(|points| points.to_ibug68().to_vec());
+    let frontal_distance = frontal_landmarks
+        .as_ref()
+        .map(|points| descriptor(net, &frontal, points))
         .transpose()?
         .map(|d| euclidean(&reference, &d));
-    Ok((euclidean(&reference, &render), frontal_distance))
+    let mut views = vec![
+        ("photo", photo.clone(), photo_landmarks.clone()),
+        ("render", composite, photo_landmarks.clone()),
+    ];
+    views.extend(frontal_landmarks.map(|points| ("frontal", frontal, points)));
+    Ok((euclidean(&reference, &render), frontal_distance, views))
 }
 
 fn composite_on_grey(render: &image::RgbaImage) -> RgbImage {
@@ -853,4 +960,52 @@ fn report_markdown(
         notes.wall_minutes
     ));
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chip_puts_the_five_points_where_arcface_expects_them() {
+        // Landmarks that are the template scaled by 2.5 and shifted: the fit is exact.
+        let to_photo = |[x, y]: [f64; 2]| [(2.5 * x + 20.0) as f32, (2.5 * y + 10.0) as f32];
+        let mut landmarks = vec![[200.0f32, 200.0]; 68];
+        let [left_eye, right_eye, nose, mouth_left, mouth_right] = ARCFACE_TEMPLATE.map(to_photo);
+        landmarks[36..42].fill(left_eye);
+        landmarks[42..48].fill(right_eye);
+        landmarks[30] = nose;
+        landmarks[48] = mouth_left;
+        landmarks[54] = mouth_right;
+        // Grey, with a white square on the left eye and a black one on the right mouth corner.
+        let photo = RgbImage::from_fn(400, 350, |x, y| {
+            let near =
+                |p: [f32; 2]| (x as f32 - p[0]).abs() <= 3.0 && (y as f32 - p[1]).abs() <= 3.0;
+            image::Rgb(if near(left_eye) {
+                [255; 3]
+            } else if near(mouth_right) {
+                [0; 3]
+            } else {
+                [128; 3]
+            })
+        });
+        let chip = arcface_chip(&photo, &landmarks).unwrap();
+        assert_eq!(chip.dimensions(), (CHIP_SIZE as u32, CHIP_SIZE as u32));
+        let scale = CHIP_SIZE as f64 / 112.0;
+        let at = |[x, y]: [f64; 2]| {
+            chip.get_pixel((x * scale).round() as u32, (y * scale).round() as u32)
+                .0[0]
+        };
+        assert!(
+            at(ARCFACE_TEMPLATE[0]) > 240,
+            "left eye {}",
+            at(ARCFACE_TEMPLATE[0])
+        );
+        assert!(
+            at(ARCFACE_TEMPLATE[4]) < 15,
+            "mouth corner {}",
+            at(ARCFACE_TEMPLATE[4])
+        );
+        assert_eq!(at(ARCFACE_TEMPLATE[2]), 128, "nose");
+    }
 }

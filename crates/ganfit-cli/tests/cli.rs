@@ -272,6 +272,8 @@ fn the_accuracy_bench_writes_its_tables() {
             "--out",
         ])
         .arg(out.path())
+        .arg("--chips")
+        .arg(out.path().join("chips"))
         .output()
         .unwrap();
     assert!(
@@ -286,6 +288,17 @@ fn the_accuracy_bench_writes_its_tables() {
             .unwrap();
     let mean = json["synthetic"]["summary"]["full"]["mean_mm"].as_f64();
     assert!(mean.is_some_and(|mm| mm > 0.0 && mm < 10.0), "{json}");
+
+    let chips_dir = out.path().join("chips");
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(chips_dir.join("chips.json")).unwrap())
+            .unwrap();
+    let chips = index[0]["chips"].as_object().expect("one photo's chips");
+    for view in ["photo", "render", "frontal"] {
+        let file = chips[view].as_str().unwrap();
+        let chip = image::open(chips_dir.join(file)).unwrap();
+        assert_eq!((chip.width(), chip.height()), (224, 224), "{view}");
+    }
 }
 
 /// Runs `ganfit` with `args`, asserting success; returns stdout.
