@@ -289,11 +289,36 @@ fn bad_input_is_a_typed_error() {
     assert!(err.to_string().contains("68"), "{err}");
 }
 
+/// The full objective on `photo` from its true parameters, the texture from `texture_model`.
+fn refine_with_model(
+    model: &MorphableModel,
+    photo: &Photo,
+    initial: &UvTexture,
+    texture_model: &dyn ganfit_texture::TextureModel,
+    config: &RefineConfig,
+) -> ganfit_optim::Refinement {
+    let net = FaceRecognitionNet::load(&Device::Cpu).unwrap();
+    let view = PhotoView {
+        image: &photo.image,
+        landmarks: &photo.landmarks,
+        params: &photo.truth,
+    };
+    refine(
+        model,
+        &net,
+        &[view],
+        initial,
+        TextureSource::Model(texture_model),
+        config,
+        |_| {},
+    )
+    .unwrap()
+}
+
 #[test]
 fn a_texture_model_has_its_latent_fitted() {
     use ganfit_texture::{Generator, GeneratorConfig, TextureModel};
     let model = ict();
-    let net = FaceRecognitionNet::load(&Device::Cpu).unwrap();
     let photo = photo(&model);
     let generator = Generator::new_random(
         GeneratorConfig::progan(32, 16, 256, 32).unwrap(),
@@ -306,26 +331,12 @@ fn a_texture_model_has_its_latent_fitted() {
         rgb: vec![0.5; 8 * 8 * 3],
         observed: vec![1.0; 64],
     };
-    let view = PhotoView {
-        image: &photo.image,
-        landmarks: &photo.landmarks,
-        params: &photo.truth,
-    };
     let config = RefineConfig {
         iterations: 8,
         seed: 5,
         ..config()
     };
-    let result = refine(
-        &model,
-        &net,
-        &[view],
-        &initial,
-        TextureSource::Model(&generator),
-        &config,
-        |_| {},
-    )
-    .unwrap();
+    let result = refine_with_model(&model, &photo, &initial, &generator, &config);
     let start = generator.sample_latent(1, None, 5).unwrap();
     let latent = result.latent.expect("a model's latent is returned");
     assert_eq!(latent.dims(), &[1, 16]);
@@ -358,7 +369,6 @@ fn a_texture_model_has_its_latent_fitted() {
 fn a_pca_model_starts_from_the_photos_unwrap_encoded() {
     use ganfit_texture::{PcaFitOptions, PcaTextureModel, TextureDataset};
     let model = ict();
-    let net = FaceRecognitionNet::load(&Device::Cpu).unwrap();
     let photo = photo(&model);
     // Flat 8×8 maps whose colours span a plane: (0.3 + 0.5t, 0.2 + 0.3t, 0.1 + 0.3s).
     let colour = |t: f32, s: f32| [0.3 + 0.5 * t, 0.2 + 0.3 * t, 0.1 + 0.3 * s];
@@ -388,26 +398,12 @@ fn a_pca_model_starts_from_the_photos_unwrap_encoded() {
         rgb: target.repeat(256),
         observed: vec![1.0; 256],
     };
-    let view = PhotoView {
-        image: &photo.image,
-        landmarks: &photo.landmarks,
-        params: &photo.truth,
-    };
     let config = RefineConfig {
         iterations: 1,
         latent_lr: 0.0,
         ..config()
     };
-    let result = refine(
-        &model,
-        &net,
-        &[view],
-        &initial,
-        TextureSource::Model(&pca),
-        &config,
-        |_| {},
-    )
-    .unwrap();
+    let result = refine_with_model(&model, &photo, &initial, &pca, &config);
     let albedo: Vec<f32> = result.albedo.mean((0, 1)).unwrap().to_vec1().unwrap();
     for (got, want) in albedo.iter().zip(target) {
         assert!(

@@ -66,6 +66,16 @@ fn low_rank_data(n: usize, rng: &mut Lcg, basis: &[Vec<f64>]) -> (TextureDataset
     (TextureDataset::new(images, Some(masks)).unwrap(), clean)
 }
 
+/// A PCA model of `data` with default options but for these.
+fn fit(data: &TextureDataset, components: usize, iterations: usize) -> PcaTextureModel {
+    let options = PcaFitOptions {
+        components,
+        iterations,
+        ..Default::default()
+    };
+    PcaTextureModel::fit(data, &options).unwrap()
+}
+
 #[test]
 fn recovers_a_low_rank_subspace_and_fills_masked_texels() {
     let mut rng = Lcg(42);
@@ -172,15 +182,7 @@ fn generates_whitened_textures_and_round_trips_through_a_file() {
     let mut rng = Lcg(7);
     let basis = true_basis(&mut rng);
     let (data, _) = low_rank_data(60, &mut rng, &basis);
-    let model = PcaTextureModel::fit(
-        &data,
-        &PcaFitOptions {
-            components: 2,
-            iterations: 50,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = fit(&data, 2, 50);
     let z = model.sample_latent(4, None, 3).unwrap();
     let textures = model.generate(&z).unwrap();
     assert_eq!(textures.dims(), [4, 3, R, R]);
@@ -261,15 +263,7 @@ fn bad_requests_give_typed_errors() {
         Err(TextureError::Data(_))
     ));
 
-    let model = PcaTextureModel::fit(
-        &data,
-        &PcaFitOptions {
-            components: 2,
-            iterations: 5,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = fit(&data, 2, 5);
     let wrong = Tensor::zeros((1, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(matches!(
         model.generate(&wrong),
@@ -321,12 +315,7 @@ fn encodes_a_texture_from_its_seen_texels_alone() {
     let mut rng = Lcg(11);
     let basis = true_basis(&mut rng);
     let (data, _) = low_rank_data(300, &mut rng, &basis);
-    let options = PcaFitOptions {
-        components: 3,
-        iterations: 300,
-        ..Default::default()
-    };
-    let model = PcaTextureModel::fit(&data, &options).unwrap();
+    let model = fit(&data, 3, 300);
     let latent = Tensor::new(&[[1.0f32, -0.5, 0.8]], &Device::Cpu).unwrap();
     let texture = model.generate(&latent).unwrap();
     // Half the texels hidden and overwritten with garbage, which the encoding must ignore.
@@ -372,15 +361,7 @@ fn texels_no_map_observes_are_modelled_from_the_maps_values() {
             .unwrap())
     .unwrap();
     let data = TextureDataset::new(images, Some(masks)).unwrap();
-    let model = PcaTextureModel::fit(
-        &data,
-        &PcaFitOptions {
-            components: 2,
-            iterations: 50,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let model = fit(&data, 2, 50);
     let mean_first_row: Vec<f32> = model
         .mean()
         .narrow(1, 0, 1)
