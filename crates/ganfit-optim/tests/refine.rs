@@ -187,13 +187,21 @@ fn a_shifted_camera_moves_back_and_the_objective_descends() {
         params: &start,
     };
     let mut seen = 0;
+    // Every term on, the render's identity too (off by default).
+    let config = RefineConfig {
+        weights: ganfit_optim::LossWeights {
+            identity: 0.2,
+            ..ganfit_optim::LossWeights::default()
+        },
+        ..config()
+    };
     let result = refine(
         &model,
         &net,
         &[view],
         &initial,
         TextureSource::FreeUv,
-        &config(),
+        &config,
         |_| seen += 1,
     )
     .unwrap();
