@@ -217,23 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     iterations,
                     out,
                 },
-        } => {
-            use ganfit::texture::{PcaFitOptions, PcaTextureModel, TextureDataset};
-            let dataset = TextureDataset::from_dir(&data, &Device::Cpu)?;
-            let options = PcaFitOptions {
-                components,
-                iterations,
-                ..PcaFitOptions::default()
-            };
-            let model = PcaTextureModel::fit(&dataset, &options)?;
-            model.save(&out)?;
-            println!(
-                "wrote {}: {components} components from {} maps",
-                out.display(),
-                dataset.len()
-            );
-            Ok(())
-        }
+        } => pca_texture(&data, components, iterations, &out),
         Command::Texture {
             command: TextureCommand::ImportProgan { npz, out },
         } => {
@@ -508,6 +492,28 @@ fn collect_textures(fits: &[PathBuf], size: u32, out: &Path) -> anyhow::Result<(
         "wrote {} maps of {size}x{size} texels to {}",
         fits.len(),
         out.display()
+    );
+    Ok(())
+}
+
+fn pca_texture(
+    data: &Path,
+    components: usize,
+    iterations: usize,
+    out: &Path,
+) -> anyhow::Result<()> {
+    use ganfit::texture::{PcaFitOptions, PcaTextureModel, TextureDataset};
+    let dataset = TextureDataset::from_dir(data, &Device::Cpu)?;
+    let options = PcaFitOptions {
+        components,
+        iterations,
+        ..PcaFitOptions::default()
+    };
+    PcaTextureModel::fit(&dataset, &options)?.save(out)?;
+    println!(
+        "wrote {}: {components} components from {} maps",
+        out.display(),
+        dataset.len()
     );
     Ok(())
 }

@@ -109,7 +109,8 @@ pub struct RefineConfig {
     pub texture_lr: f64,
     /// Learning rate of a texture model's latent (whitened: a unit is one standard deviation).
     pub latent_lr: f64,
-    /// Seed of the texture model's starting latent, drawn from its prior.
+    /// Seed of a texture model's starting latent where the model cannot encode the photo's
+    /// unwrap (a GAN): a draw from its prior.
     pub seed: u64,
     /// Weight of the dense correspondences in the landmark term (see
     /// `AlignmentConfig::dense_weight`).

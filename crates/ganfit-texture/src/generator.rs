@@ -198,9 +198,19 @@ impl Generator {
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let (tensors, meta) = load_safetensors(path, device)?;
-        let config: GeneratorConfig = metadata_json(&meta, CONFIG_METADATA_KEY, path)?;
+        Self::from_loaded(path, &tensors, &meta, device)
+    }
+
+    /// The generator in a loaded file's tensors and metadata (`path` names it in errors).
+    pub(crate) fn from_loaded(
+        path: &Path,
+        tensors: &HashMap<String, Tensor>,
+        meta: &HashMap<String, String>,
+        device: &Device,
+    ) -> Result<Self> {
+        let config: GeneratorConfig = metadata_json(meta, CONFIG_METADATA_KEY, path)?;
         config.validate().map_err(|e| TextureError::file(path, e))?;
-        let params = take_params(&config.generator_specs(), &tensors, "", path)?;
+        let params = take_params(&config.generator_specs(), tensors, "", path)?;
         Ok(Self {
             config,
             params,

@@ -102,10 +102,10 @@ pub fn load_texture_model(
     device: &candle_core::Device,
 ) -> Result<std::sync::Arc<dyn TextureModel>> {
     let path = path.as_ref();
-    let (_, metadata) = params::load_safetensors(path, device)?;
+    let (tensors, metadata) = params::load_safetensors(path, device)?;
     Ok(if metadata.contains_key(CONFIG_METADATA_KEY) {
-        std::sync::Arc::new(Generator::load(path, device)?)
+        std::sync::Arc::new(Generator::from_loaded(path, &tensors, &metadata, device)?)
     } else {
-        std::sync::Arc::new(PcaTextureModel::load(path, device)?)
+        std::sync::Arc::new(PcaTextureModel::from_loaded(path, tensors)?)
     })
 }

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 /// Standard deviation of a texel's difference from the model, in `[0, 1]` colour units, that
-/// [`PcaTextureModel`]'s [`TextureModel::encode`] assumes: what a few dozen components leave of a photo's
-/// unwrapped face (pores, stubble, specular spots).
+/// [`PcaTextureModel`]'s [`TextureModel::encode`] assumes: what a few dozen components leave
+/// of a photo's unwrapped face (pores, stubble, specular spots).
 const ENCODE_NOISE: f64 = 0.05;
 
 /// Settings of [`PcaTextureModel::fit`].
@@ -208,7 +208,12 @@ impl PcaTextureModel {
     /// Loads a model written by [`PcaTextureModel::save`].
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
-        let (mut tensors, _) = load_safetensors(path, device)?;
+        let (tensors, _) = load_safetensors(path, device)?;
+        Self::from_loaded(path, tensors)
+    }
+
+    /// The model in a loaded file's tensors (`path` names it in errors).
+    pub(crate) fn from_loaded(path: &Path, mut tensors: HashMap<String, Tensor>) -> Result<Self> {
         let mut take = |name: &str| {
             tensors.remove(name).ok_or_else(|| {
                 TextureError::file(
