@@ -5,8 +5,9 @@
 //! neutral mean face is printed beside it: it is a strong baseline here (ICT's identity modes
 //! move the narrow face by only a millimetre or two, about what the landmark detector's own
 //! error is worth, and these faces are drawn from exactly the prior the fit assumes), and the
-//! fit only matches it (1.50 mm against 1.47 mm on these three faces, landmarks 3.92, 2.70 and
-//! 2.55 px off, on textures a fresh checkout unwraps; 3.84, 2.80 and 2.31 px before the
+//! fit only matches it (1.50 mm against 1.47 mm on these three faces, landmarks 3.85, 2.65 and
+//! 2.39 px off, on textures a fresh checkout unwraps; 3.92, 2.70 and 2.55 px with the identity
+//! term on the render in the photo's view, λ_id = 0.2; 3.84, 2.80 and 2.31 px before the
 //! rasterizer's depth fix on older textures; with one correspondence for every yaw 1.50 mm and
 //! 4.09, 3.30 and 2.36 px; 1.70 mm and 4.62, 4.87 and 3.47 px before the landmarker's
 //! refinement, `FaceLandmarker::refine`; 2.0 mm before the landmarker's points were measured on
