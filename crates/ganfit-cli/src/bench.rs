@@ -675,11 +675,15 @@ fn arcface_chip(image: &RgbImage, landmarks: &[[f32; 2]]) -> anyhow::Result<RgbI
     let template = ARCFACE_TEMPLATE.map(|[x, y]| [x * scale, y * scale]);
     let transform = ganfit::losses::align::SimilarityTransform::fit(&template, &five)?;
     let (w, h) = (image.width() as usize, image.height() as usize);
-    let device = Device::Cpu;
-    let warp =
-        ganfit::losses::align::ChipWarp::new(&transform, h, w, CHIP_SIZE, DType::F32, &device)?;
-    let pixels: Vec<f32> = image.as_raw().iter().map(|&v| f32::from(v)).collect();
-    let chip = warp.apply_channels_last(&Tensor::from_vec(pixels, (1, h, w, 3), &device)?)?;
+    let warp = ganfit::losses::align::ChipWarp::new(
+        &transform,
+        h,
+        w,
+        CHIP_SIZE,
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let chip = warp.apply_channels_last(&image_tensor(image)?)?;
     let values: Vec<u8> = chip
         .squeeze(0)?
         .permute((1, 2, 0))?
@@ -696,7 +700,7 @@ fn write_chips(
     dir: &Path,
     index: usize,
     photo: &str,
-    views: &[(&'static str, RgbImage, Vec<[f32; 2]>)],
+    views: &[IdentityView],
 ) -> anyhow::Result<Value> {
     let mut chips = serde_json::Map::new();
     for (view, image, landmarks) in views {
@@ -723,8 +727,8 @@ fn compact(row: &Value) -> String {
     }
 }
 
-/// The images a recogniser compares, with the landmarks that align each.
-type IdentityViews = Vec<(&'static str, RgbImage, Vec<[f32; 2]>)>;
+/// An image a recogniser compares, named, with the landmarks that align it.
+type IdentityView = (&'static str, RgbImage, Vec<[f32; 2]>);
 
 /// dlib descriptor distance between the photo and (a) the render composited on the photo,
 /// (b) the frontal render on grey (when a face is found in it); and those images, named
@@ -735,7 +739,7 @@ fn identity_distances(
     landmarker: &FaceLandmarker,
     photo: &RgbImage,
     fit: &FitResult,
-) -> anyhow::Result<(f64, Option<f64>, IdentityViews)> {
+) -> anyhow::Result<(f64, Option<f64>, Vec<IdentityView>)> {
     let photo_landmarks = &fit.detected_landmarks;
     let reference = descriptor(net, photo, photo_landmarks)?;
     let composite = composite(&fit.render, |x, y| photo.get_pixel(x, y).0);
@@ -786,11 +790,15 @@ fn descriptor(
         .map(|p| [f64::from(p[0]), f64::from(p[1])])
         .collect();
     let warp = ganfit::losses::align::ChipWarp::dlib_chip(&points, h, w, DType::F32, &device)?;
+    let chip = warp.apply_channels_last(&image_tensor(image)?)?;
+    Ok(net.embed(&chip)?.flatten_all()?.to_vec1()?)
+}
+
+/// `image` as an f32 `[1, H, W, 3]` tensor of its 0–255 values.
+fn image_tensor(image: &RgbImage) -> candle_core::Result<Tensor> {
+    let (w, h) = (image.width() as usize, image.height() as usize);
     let pixels: Vec<f32> = image.as_raw().iter().map(|&v| f32::from(v)).collect();
-    let tensor = Tensor::from_vec(pixels, (1, h, w, 3), &device)?
-        .permute((0, 3, 1, 2))?
-        .contiguous()?;
-    Ok(net.embed(&warp.apply(&tensor)?)?.flatten_all()?.to_vec1()?)
+    Tensor::from_vec(pixels, (1, h, w, 3), &Device::Cpu)
 }
 
 fn euclidean(a: &[f32], b: &[f32]) -> f64 {
