@@ -9,6 +9,7 @@
 //! Results go to `accuracy.md` (tables ready for BENCHMARKS.md) and `accuracy.json` (every
 //! per-image number).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -700,7 +701,7 @@ fn write_chips(
     dir: &Path,
     index: usize,
     photo: &str,
-    views: &[IdentityView],
+    views: &[IdentityView<'_>],
 ) -> anyhow::Result<Value> {
     let mut chips = serde_json::Map::new();
     for (view, image, landmarks) in views {
@@ -727,19 +728,20 @@ fn compact(row: &Value) -> String {
     }
 }
 
-/// An image a recogniser compares, named, with the landmarks that align it.
-type IdentityView = (&'static str, RgbImage, Vec<[f32; 2]>);
+/// An image a recogniser compares, named, with the landmarks that align it; the photo itself
+/// borrowed, the renders composited for it owned.
+type IdentityView<'a> = (&'static str, Cow<'a, RgbImage>, Vec<[f32; 2]>);
 
 /// dlib descriptor distance between the photo and (a) the render composited on the photo,
 /// (b) the frontal render on grey (when a face is found in it); and those images, named
 /// `photo`, `render` and `frontal`, with their landmarks.
-fn identity_distances(
+fn identity_distances<'a>(
     net: &FaceRecognitionNet,
     detector: &FaceDetector,
     landmarker: &FaceLandmarker,
-    photo: &RgbImage,
+    photo: &'a RgbImage,
     fit: &FitResult,
-) -> anyhow::Result<(f64, Option<f64>, Vec<IdentityView>)> {
+) -> anyhow::Result<(f64, Option<f64>, Vec<IdentityView<'a>>)> {
     let photo_landmarks = &fit.detected_landmarks;
     let reference = descriptor(net, photo, photo_landmarks)?;
     let composite = composite(&fit.render, |x, y| photo.get_pixel(x, y).0);
@@ -756,10 +758,10 @@ fn identity_distances(
         .transpose()?
         .map(|d| euclidean(&reference, &d));
     let mut views = vec![
-        ("photo", photo.clone(), photo_landmarks.clone()),
-        ("render", composite, photo_landmarks.clone()),
+        ("photo", Cow::Borrowed(photo), photo_landmarks.clone()),
+        ("render", Cow::Owned(composite), photo_landmarks.clone()),
     ];
-    views.extend(frontal_landmarks.map(|points| ("frontal", frontal, points)));
+    views.extend(frontal_landmarks.map(|points| ("frontal", Cow::Owned(frontal), points)));
     Ok((euclidean(&reference, &render), frontal_distance, views))
 }
 
