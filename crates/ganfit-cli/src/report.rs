@@ -4,15 +4,55 @@ use std::fmt::Write as _;
 
 use base64::Engine as _;
 use ganfit::FitResult;
-use image::{ImageFormat, RgbImage};
+use image::{DynamicImage, ImageFormat, RgbImage};
 
-/// An `<img>` holding `image` inline as PNG.
-fn inline_png(image: &image::DynamicImage, alt: &str) -> anyhow::Result<String> {
-    let mut png = Vec::new();
-    image.write_to(&mut std::io::Cursor::new(&mut png), ImageFormat::Png)?;
-    let data = base64::engine::general_purpose::STANDARD.encode(png);
+/// The longest side an inlined image keeps: the page shows them 320 px wide, and a phone
+/// photo inlined at full size made a 30 MB page (the full-size files lie beside it).
+const INLINE_MAX_SIDE: u32 = 1024;
+
+/// How an image is inlined: photographs compress far better as JPEG, renders and textures
+/// (flat backgrounds, transparency) stay lossless.
+#[derive(Debug, Clone, Copy)]
+enum Inline {
+    Photograph,
+    Render,
+}
+
+/// An `<img>` holding `image` inline, scaled down to [`INLINE_MAX_SIDE`].
+fn inline_image(image: &DynamicImage, alt: &str, kind: Inline) -> anyhow::Result<String> {
+    let scaled;
+    let (image, caption) = if image.width().max(image.height()) > INLINE_MAX_SIDE {
+        scaled = image.resize(
+            INLINE_MAX_SIDE,
+            INLINE_MAX_SIDE,
+            image::imageops::FilterType::Triangle,
+        );
+        let caption = format!(
+            "{alt} (shown at {}×{} of {}×{})",
+            scaled.width(),
+            scaled.height(),
+            image.width(),
+            image.height()
+        );
+        (&scaled, caption)
+    } else {
+        (image, alt.to_string())
+    };
+    let mut bytes = Vec::new();
+    let mime = match kind {
+        Inline::Photograph => {
+            let encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90);
+            image.to_rgb8().write_with_encoder(encoder)?;
+            "image/jpeg"
+        }
+        Inline::Render => {
+            image.write_to(&mut std::io::Cursor::new(&mut bytes), ImageFormat::Png)?;
+            "image/png"
+        }
+    };
+    let data = base64::engine::general_purpose::STANDARD.encode(bytes);
     Ok(format!(
-        r#"<figure><img alt="{alt}" src="data:image/png;base64,{data}"><figcaption>{alt}</figcaption></figure>"#
+        r#"<figure><img alt="{alt}" src="data:{mime};base64,{data}"><figcaption>{caption}</figcaption></figure>"#
     ))
 }
 
@@ -63,19 +103,27 @@ pub fn write(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>ganfit: {photo_name}</title><style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}img{{max-width:320px;height:auto;border:1px solid #ccc}}table{{border-collapse:collapse}}td,th{{padding:2px 10px;text-align:right;border-bottom:1px solid #ddd}}</style></head><body><h1>ganfit fit of {photo_name}</h1>"#
     )?;
     html.push_str("<h2>Images</h2>");
-    html.push_str(&inline_png(&photo.clone().into(), "photo")?);
-    html.push_str(&inline_png(
-        &overlay.clone().into(),
-        "fitted geometry over the photo",
-    )?);
-    html.push_str(&inline_png(
-        &result.frontal_render.clone().into(),
-        "frontal, neutral render",
-    )?);
-    html.push_str(&inline_png(
-        &result.uv_texture.clone().into(),
-        "UV texture",
-    )?);
+    let images: [(DynamicImage, &str, Inline); 4] = [
+        (photo.clone().into(), "photo", Inline::Photograph),
+        (
+            overlay.clone().into(),
+            "fitted geometry over the photo",
+            Inline::Photograph,
+        ),
+        (
+            result.frontal_render.clone().into(),
+            "frontal, neutral render",
+            Inline::Render,
+        ),
+        (
+            result.uv_texture.clone().into(),
+            "UV texture",
+            Inline::Render,
+        ),
+    ];
+    for (image, alt, kind) in &images {
+        html.push_str(&inline_image(image, alt, *kind)?);
+    }
     html.push_str("<h2>Loss per stage</h2>");
     for stage in &result.stages {
         html.push_str(&loss_curve(stage));
@@ -91,4 +139,47 @@ pub fn write(
     html.push_str("</table></body></html>\n");
     std::fs::write(path, html)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inlined image's bytes, decoded back.
+    fn inlined(html: &str) -> DynamicImage {
+        let data = html
+            .split(";base64,")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap();
+        image::load_from_memory(&bytes).unwrap()
+    }
+
+    #[test]
+    fn large_photos_are_inlined_scaled_down_as_jpeg() {
+        let photo = DynamicImage::ImageRgb8(RgbImage::from_fn(3000, 2000, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 239) as u8])
+        }));
+        let html = inline_image(&photo, "photo", Inline::Photograph).unwrap();
+        assert!(html.contains("data:image/jpeg;base64,"));
+        assert!(
+            html.contains("shown at 1024×683 of 3000×2000"),
+            "{html:.300}"
+        );
+        let shown = inlined(&html);
+        assert_eq!((shown.width(), shown.height()), (1024, 683));
+    }
+
+    #[test]
+    fn small_renders_are_inlined_losslessly_at_their_size() {
+        let render = DynamicImage::ImageRgba8(image::RgbaImage::from_fn(300, 200, |x, y| {
+            image::Rgba([x as u8, y as u8, 7, if x < 150 { 0 } else { 255 }])
+        }));
+        let html = inline_image(&render, "frontal", Inline::Render).unwrap();
+        assert!(html.contains("data:image/png;base64,") && !html.contains("shown at"));
+        assert_eq!(inlined(&html), render);
+    }
 }

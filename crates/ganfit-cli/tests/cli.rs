@@ -54,7 +54,11 @@ fn fits_the_astronaut_and_writes_every_output() {
     );
     assert!(image::open(dir.join("frontal.png")).is_ok());
     let report = std::fs::read_to_string(dir.join("report.html")).unwrap();
-    assert!(report.contains("data:image/png;base64,") && report.contains("<polyline"));
+    assert!(
+        report.contains("data:image/jpeg;base64,")
+            && report.contains("data:image/png;base64,")
+            && report.contains("<polyline")
+    );
     assert!(
         !report.contains("src=\"http"),
         "the report must open offline"
