@@ -158,6 +158,18 @@ struct TrainArgs {
     quiet: bool,
 }
 
+/// `err` and its causes on one line, leaving out a cause the message already quotes (many of
+/// our errors name their source in their own message).
+fn one_line(err: &anyhow::Error) -> String {
+    let mut message = err.to_string();
+    for cause in err.chain().skip(1).map(ToString::to_string) {
+        if !message.contains(&cause) {
+            message = format!("{message}: {cause}");
+        }
+    }
+    message
+}
+
 fn main() -> ExitCode {
     // candle 0.11 runs element-wise ops (autograd's gradient sums among them) on a thread pool
     // of its own, as wide as rayon's, whose idle workers spin beside the rayon workers that
@@ -171,8 +183,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let chain: Vec<String> = err.chain().map(ToString::to_string).collect();
-            eprintln!("error: {}", chain.join(": "));
+            eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
     }

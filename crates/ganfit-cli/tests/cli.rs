@@ -129,6 +129,8 @@ fn a_missing_photo_fails_with_one_line() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("photo.jpg"), "{stderr}");
+    // The operating system's reason once, though both the message and its source name it.
+    assert_eq!(stderr.matches("(os error").count(), 1, "{stderr}");
 }
 
 #[test]
