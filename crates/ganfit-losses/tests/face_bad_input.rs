@@ -245,6 +245,20 @@ fn a_truncated_file_is_reported_as_corrupt() {
     let jpeg = encode(&DynamicImage::ImageRgb8(astronaut()), ImageFormat::Jpeg);
     let error = decode_rgb(&jpeg[..300], "header-only.jpg").unwrap_err();
     assert!(matches!(error, FaceError::CorruptImage { .. }), "{error}");
+
+    // Cut within the scan: the decoder alone would fill the missing rows with grey.
+    for kept in [jpeg.len() / 2, jpeg.len() - 2] {
+        let error = decode_rgb(&jpeg[..kept], "cut.jpg").unwrap_err();
+        assert!(matches!(error, FaceError::CorruptImage { .. }), "{error}");
+        assert!(error.to_string().contains("end-of-image"), "{error}");
+    }
+    // Bytes after the end marker (some cameras append data) are no reason to refuse it.
+    let mut padded = jpeg.clone();
+    padded.extend_from_slice(&[0; 64]);
+    assert_eq!(
+        decode_rgb(&padded, "padded.jpg").unwrap(),
+        decode_rgb(&jpeg, "whole.jpg").unwrap()
+    );
 }
 
 #[test]

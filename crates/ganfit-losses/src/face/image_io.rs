@@ -3,7 +3,7 @@
 use std::io::Cursor;
 use std::path::Path;
 
-use image::{DynamicImage, ImageDecoder, ImageError, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
 
 use super::{FaceError, Result};
 
@@ -31,8 +31,17 @@ pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| unsupported(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(unsupported("unrecognised file signature".to_string()));
+    match reader.format() {
+        None => return Err(unsupported("unrecognised file signature".to_string())),
+        // The JPEG decoder fills a cut-off scan with grey and reports nothing: the fit would
+        // then run on a damaged photo, or find no face in it.
+        Some(ImageFormat::Jpeg) if !jpeg_has_end_after_last_scan(bytes) => {
+            return Err(FaceError::CorruptImage {
+                origin: origin.to_string(),
+                reason: "the JPEG data stops before its end-of-image marker".to_string(),
+            });
+        }
+        Some(_) => {}
     }
     let to_face_error = |e: ImageError| match e {
         ImageError::Unsupported(u) => unsupported(u.to_string()),
@@ -46,4 +55,13 @@ pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
     let mut image = DynamicImage::from_decoder(decoder).map_err(to_face_error)?;
     image.apply_orientation(orientation);
     Ok(image.into_rgb8())
+}
+
+/// Whether an end-of-image marker (`FF D9`) follows the last start-of-scan marker (`FF DA`).
+/// Inside a scan every `FF` byte is followed by `00` or a restart marker, so neither marker can
+/// occur there, and a thumbnail's own markers (in the EXIF segment) come before every scan of
+/// the main image.
+fn jpeg_has_end_after_last_scan(bytes: &[u8]) -> bool {
+    let last_scan = bytes.windows(2).rposition(|pair| pair == [0xFF, 0xDA]);
+    last_scan.is_some_and(|at| bytes[at..].windows(2).any(|pair| pair == [0xFF, 0xD9]))
 }
