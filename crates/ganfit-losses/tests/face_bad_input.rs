@@ -312,3 +312,27 @@ fn wrong_weights_files_are_reported_with_the_fix() {
     let error = FaceLandmarker::from_file(&garbage, &Device::Cpu).unwrap_err();
     assert!(matches!(error, FaceError::Weights { .. }), "{error}");
 }
+
+#[test]
+fn an_image_claiming_too_many_pixels_is_refused_before_decoding() {
+    let mut bmp = encode(
+        &DynamicImage::ImageRgb8(RgbImage::new(2, 2)),
+        ImageFormat::Bmp,
+    );
+    // The header's width and height (little-endian at bytes 18 and 22): 20000 x 10000.
+    bmp[18..22].copy_from_slice(&20_000i32.to_le_bytes());
+    bmp[22..26].copy_from_slice(&10_000i32.to_le_bytes());
+    let error = decode_rgb(&bmp, "bomb.bmp").unwrap_err();
+    assert!(
+        matches!(
+            error,
+            FaceError::ImageTooLarge {
+                width: 20_000,
+                height: 10_000,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("scale it down"), "{error}");
+}

@@ -45,6 +45,22 @@ pub enum FaceError {
         height: u32,
     },
 
+    /// The image has more pixels than a fit reads ([`crate::face::MAX_IMAGE_PIXELS`]).
+    #[error(
+        "{origin} is {width}x{height} pixels, more than the {max_megapixels} megapixels ganfit \
+         reads; scale it down (a face needs a few hundred pixels, not tens of thousands)"
+    )]
+    ImageTooLarge {
+        /// The file, or a description of the bytes.
+        origin: String,
+        /// Image width in pixels.
+        width: u32,
+        /// Image height in pixels.
+        height: u32,
+        /// The limit, megapixels.
+        max_megapixels: u64,
+    },
+
     /// The detector found no face.
     #[error(
         "no face found in the {width}x{height} image; use a photo where one face is clearly \

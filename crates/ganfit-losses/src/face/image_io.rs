@@ -7,6 +7,11 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Rg
 
 use super::{FaceError, Result};
 
+/// The most pixels a photo may have: a fit holds the photo and a rasterization of it in 32-bit
+/// floats (about 45 bytes a pixel in all; a 48-megapixel photo peaks at 2.1 GB), so a header
+/// claiming far more would exhaust the memory before anything else could say why.
+pub const MAX_IMAGE_PIXELS: u64 = 150_000_000;
+
 /// Reads an image file as upright 8-bit RGB.
 ///
 /// Grayscale is replicated to three channels, alpha is dropped, 16-bit and float samples are
@@ -51,6 +56,15 @@ pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
         },
     };
     let mut decoder = reader.into_decoder().map_err(to_face_error)?;
+    let (width, height) = decoder.dimensions();
+    if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+        return Err(FaceError::ImageTooLarge {
+            origin: origin.to_string(),
+            width,
+            height,
+            max_megapixels: MAX_IMAGE_PIXELS / 1_000_000,
+        });
+    }
     let orientation = decoder.orientation().map_err(to_face_error)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(to_face_error)?;
     image.apply_orientation(orientation);
