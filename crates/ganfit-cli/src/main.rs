@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use ganfit::losses::face::load_rgb;
+use ganfit::losses::face::{FaceChoice, load_rgb};
 use ganfit::morphable::export;
 use ganfit::{FitResult, Fitter, Progress};
 use image::RgbImage;
@@ -62,6 +62,10 @@ enum Command {
         /// latent the full objective optimises instead of a free UV map.
         #[arg(long)]
         texture_model: Option<PathBuf>,
+        /// Which face of a photo that shows several: `largest`, `most-confident`, or a number N
+        /// for the N-th from the left (0 the leftmost).
+        #[arg(long, default_value = "largest", value_parser = parse_face_choice)]
+        face: FaceChoice,
         /// Print nothing but errors.
         #[arg(long)]
         quiet: bool,
@@ -199,10 +203,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             same_person,
             texture_model,
+            face,
             quiet,
         } => {
             let device = parse_device(&device)?;
-            let mut builder = Fitter::builder().device(device.clone()).seed(seed);
+            let mut builder = Fitter::builder()
+                .device(device.clone())
+                .seed(seed)
+                .face_choice(face);
             if let Some(iterations) = iterations {
                 builder = builder.iterations(iterations);
             }
@@ -237,6 +245,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("wrote {} ({:?})", out.display(), generator.config());
             Ok(())
         }
+    }
+}
+
+fn parse_face_choice(name: &str) -> Result<FaceChoice, String> {
+    match name {
+        "largest" => Ok(FaceChoice::Largest),
+        "most-confident" => Ok(FaceChoice::MostConfident),
+        place => place.parse().map(FaceChoice::FromLeft).map_err(|_| {
+            format!(
+                "`{place}` is no face: use largest, most-confident or a number (0 the leftmost)"
+            )
+        }),
     }
 }
 

@@ -134,6 +134,71 @@ fn a_missing_photo_fails_with_one_line() {
 }
 
 #[test]
+fn a_face_of_a_group_photo_is_chosen_by_its_place_from_the_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let person = image::open(astronaut()).unwrap().to_rgb8();
+    let width = person.width();
+    let mut pair = image::RgbImage::new(2 * width, person.height());
+    image::imageops::replace(&mut pair, &person, 0, 0);
+    image::imageops::replace(
+        &mut pair,
+        &image::imageops::flip_horizontal(&person),
+        width.into(),
+        0,
+    );
+    let photo = dir.path().join("pair.png");
+    pair.save(&photo).unwrap();
+    for (face, right_half) in [("0", false), ("1", true)] {
+        let out = dir.path().join(face);
+        let status = ganfit()
+            .args([
+                "fit",
+                "--quiet",
+                "--iterations",
+                "0",
+                "--face",
+                face,
+                "--out",
+            ])
+            .arg(&out)
+            .arg(&photo)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        let landmarks: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("landmarks.json")).unwrap())
+                .unwrap();
+        let points = landmarks["detected"].as_array().unwrap();
+        let on_right = points
+            .iter()
+            .all(|p| p[0].as_f64().unwrap() > f64::from(width));
+        assert_eq!(on_right, right_half, "--face {face}");
+    }
+    let out = ganfit()
+        .args([
+            "fit",
+            "--quiet",
+            "--iterations",
+            "0",
+            "--face",
+            "2",
+            "--out",
+        ])
+        .arg(dir.path().join("2"))
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("pick one of 0 to 1"), "{stderr}");
+}
+
+#[test]
 fn an_unavailable_device_or_bad_option_fails_with_one_line() {
     let textures = tempfile::tempdir().unwrap();
     let commands = [

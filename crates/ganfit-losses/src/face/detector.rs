@@ -75,6 +75,9 @@ pub enum FaceChoice {
     MostConfident,
     /// The n-th in the order [`FaceDetector::detect`] returns (by decreasing confidence).
     Index(usize),
+    /// The n-th from the left of the photo by the centre of its box, 0 the leftmost: how a
+    /// person counts the faces of a group photo.
+    FromLeft(usize),
 }
 
 /// Thresholds of the detector; the defaults are MediaPipe's plus ganfit's minimum face size.
@@ -445,7 +448,7 @@ impl FaceDetector {
     }
 
     /// The faces `choice` would pick, in order of preference: [`FaceDetector::detect_face`]'s
-    /// face (with its errors), then, unless `choice` names one face by index, every other face
+    /// face (with its errors), then, unless `choice` names one face by its place, every other face
     /// at least [`DetectorOptions::min_face_px`] wide, in the order `choice` ranks them.
     pub fn faces_by_preference(
         &self,
@@ -472,7 +475,7 @@ impl FaceDetector {
 
     /// What the whole-image pass scores below [`DetectorOptions::min_score`] but at least
     /// `min_score`, at least [`DetectorOptions::min_face_px`] wide, in the order `choice`
-    /// ranks faces (none when `choice` names a face by index: indices count sure faces). For
+    /// ranks faces (none when `choice` names a face by its place: places count sure faces). For
     /// a second opinion where [`Self::faces_by_preference`] finds no face: the short-range
     /// model scores some real faces low (looking down, flat lighting), and the landmark
     /// network can confirm them.
@@ -482,7 +485,7 @@ impl FaceDetector {
         choice: FaceChoice,
         min_score: f32,
     ) -> Result<Vec<Detection>> {
-        if matches!(choice, FaceChoice::Index(_)) {
+        if matches!(choice, FaceChoice::Index(_) | FaceChoice::FromLeft(_)) {
             return Ok(Vec::new());
         }
         let (input, roi) = self.input_tensor(image)?;
@@ -499,19 +502,26 @@ impl FaceDetector {
     }
 }
 
-/// Orders `faces` (most confident first) as `choice` prefers them; for an index, keeps
-/// only that face.
+/// Orders `faces` (most confident first) as `choice` prefers them; for a face named by its
+/// place, keeps only that face.
 fn rank(faces: &mut Vec<Detection>, choice: FaceChoice) -> Result<()> {
+    let keep_only = |faces: &mut Vec<Detection>, index: usize| -> Result<()> {
+        let count = faces.len();
+        let chosen = faces
+            .get(index)
+            .cloned()
+            .ok_or(FaceError::FaceIndexOutOfRange { index, count })?;
+        *faces = vec![chosen];
+        Ok(())
+    };
     match choice {
         FaceChoice::Largest => faces.sort_by(|a, b| b.area().total_cmp(&a.area())),
         FaceChoice::MostConfident => {}
-        FaceChoice::Index(index) => {
-            let count = faces.len();
-            let chosen = faces
-                .get(index)
-                .cloned()
-                .ok_or(FaceError::FaceIndexOutOfRange { index, count })?;
-            *faces = vec![chosen];
+        FaceChoice::Index(index) => keep_only(faces, index)?,
+        FaceChoice::FromLeft(index) => {
+            let centre_x = |face: &Detection| (face.bbox[0] + face.bbox[2]) / 2.0;
+            faces.sort_by(|a, b| centre_x(a).total_cmp(&centre_x(b)));
+            keep_only(faces, index)?;
         }
     }
     Ok(())
@@ -556,5 +566,30 @@ mod tests {
         assert!((merged[0].bbox[0] - 1.2 / 1.5).abs() < 1e-6);
         assert!((merged[0].bbox[2] - (9.0 + 7.2) / 1.5).abs() < 1e-5);
         assert_eq!(merged[1].bbox, [50.0, 50.0, 60.0, 60.0]);
+    }
+
+    #[test]
+    fn faces_are_chosen_by_size_confidence_or_place() {
+        // Most confident first, as `detect` returns them.
+        let faces = vec![
+            detection(0.9, [300.0, 0.0, 340.0, 40.0]),
+            detection(0.8, [0.0, 0.0, 100.0, 100.0]),
+            detection(0.7, [150.0, 0.0, 210.0, 60.0]),
+        ];
+        let chosen = |choice| -> Result<Vec<f32>> {
+            let mut ranked = faces.clone();
+            rank(&mut ranked, choice)?;
+            Ok(ranked.iter().map(|face| face.score).collect())
+        };
+        assert_eq!(chosen(FaceChoice::Largest).unwrap(), [0.8, 0.7, 0.9]);
+        assert_eq!(chosen(FaceChoice::MostConfident).unwrap(), [0.9, 0.8, 0.7]);
+        assert_eq!(chosen(FaceChoice::Index(1)).unwrap(), [0.8]);
+        assert_eq!(chosen(FaceChoice::FromLeft(0)).unwrap(), [0.8]);
+        assert_eq!(chosen(FaceChoice::FromLeft(1)).unwrap(), [0.7]);
+        assert_eq!(chosen(FaceChoice::FromLeft(2)).unwrap(), [0.9]);
+        assert!(matches!(
+            chosen(FaceChoice::FromLeft(3)),
+            Err(FaceError::FaceIndexOutOfRange { index: 3, count: 3 })
+        ));
     }
 }

@@ -86,7 +86,10 @@ pub enum FaceError {
     },
 
     /// A face was requested by index but the detector found fewer.
-    #[error("face #{index} was requested but only {count} face(s) were found; pick 0..{count}")]
+    #[error(
+        "face {index} was asked for but the photo shows {count}; pick one of 0 to {last}",
+        last = .count.saturating_sub(1)
+    )]
     FaceIndexOutOfRange {
         /// The requested index.
         index: usize,
