@@ -278,6 +278,9 @@ fn parse_device(name: &str) -> anyhow::Result<Device> {
     }
 }
 
+/// Photos fitted together: each one's path and output folder, and their pixels.
+type FitGroup<'a> = (Vec<(&'a PathBuf, &'a PathBuf)>, Vec<RgbImage>);
+
 fn fit(
     builder: ganfit::FitterBuilder,
     photos: &[PathBuf],
@@ -288,32 +291,27 @@ fn fit(
     let bar = progress(quiet);
     bar.set_message("loading models");
     let fitter = builder.build()?;
-    let several = photos.len() > 1;
-    let dir_of = |photo: &Path| {
-        if several {
-            out.join(photo.file_stem().unwrap_or_default())
-        } else {
-            out.to_path_buf()
-        }
-    };
+    let dirs = output_dirs(photos, out);
     // Read every photo first: a bad file fails before minutes of fitting.
     let images = photos
         .iter()
         .map(|photo| load_rgb(photo).map_err(anyhow::Error::from))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let groups: Vec<(Vec<&PathBuf>, Vec<RgbImage>)> = if same_person {
-        vec![(photos.iter().collect(), images)]
+    let groups: Vec<FitGroup<'_>> = if same_person {
+        vec![(photos.iter().zip(&dirs).collect(), images)]
     } else {
         photos
             .iter()
-            .map(|p| vec![p])
+            .zip(&dirs)
+            .map(|pair| vec![pair])
             .zip(images.into_iter().map(|i| vec![i]))
             .collect()
     };
+    let mut failed = Vec::new();
     for (paths, images) in groups {
-        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        let names: Vec<String> = paths.iter().map(|(p, _)| p.display().to_string()).collect();
         let label = names.join(", ");
-        let results = fitter.fit_many_with_progress(&images, |progress| match progress {
+        let fitted = fitter.fit_many_with_progress(&images, |progress| match progress {
             Progress::Step(step) => bar.set_message(format!("{label}: {step}")),
             Progress::Iteration {
                 iteration,
@@ -323,11 +321,20 @@ fn fit(
                 "{label}: full objective {}/{of}, loss {loss:.4}",
                 iteration + 1
             )),
-        })?;
-        for ((photo, image), result) in paths.iter().zip(&images).zip(&results) {
-            let dir = dir_of(photo);
+        });
+        let results = match fitted {
+            Ok(results) => results,
+            // One photo of a batch without a face should not cost the others their fits.
+            Err(error) if photos.len() > 1 && !same_person => {
+                bar.suspend(|| eprintln!("error: {label}: {}", one_line(&error.into())));
+                failed.push(label);
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
+        for (((photo, dir), image), result) in paths.iter().zip(&images).zip(&results) {
             let name = photo.file_name().unwrap_or_default().to_string_lossy();
-            write_outputs(&dir, &name, image, &fitter, result)
+            write_outputs(dir, &name, image, &fitter, result)
                 .with_context(|| format!("cannot write the results to {}", dir.display()))?;
             bar.println(format!("{} -> {}", photo.display(), dir.display()));
         }
@@ -341,7 +348,39 @@ fn fit(
         }
     }
     bar.finish_and_clear();
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "{} of {} photos could not be fitted: {}",
+            failed.len(),
+            photos.len(),
+            failed.join(", ")
+        );
+    }
     Ok(())
+}
+
+/// Where each photo's results go: `out` itself for one photo, else a sub-folder named after
+/// the photo, numbered (`name-2`, …) where names repeat, so no fit overwrites another's.
+fn output_dirs(photos: &[PathBuf], out: &Path) -> Vec<PathBuf> {
+    if photos.len() == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let mut taken = std::collections::HashSet::new();
+    photos
+        .iter()
+        .map(|photo| {
+            let stem = photo.file_stem().unwrap_or_default().to_string_lossy();
+            let name = (1..)
+                .map(|n| match n {
+                    1 => stem.to_string(),
+                    n => format!("{stem}-{n}"),
+                })
+                // Case-blind: some file systems are.
+                .find(|name| taken.insert(name.to_lowercase()))
+                .unwrap_or_default();
+            out.join(name)
+        })
+        .collect()
 }
 
 fn progress(quiet: bool) -> ProgressBar {

@@ -199,6 +199,41 @@ fn a_face_of_a_group_photo_is_chosen_by_its_place_from_the_left() {
 }
 
 #[test]
+fn a_batch_fits_every_photo_it_can_and_overwrites_none() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two photos named alike in different folders, and one without a face between them.
+    let photos: Vec<PathBuf> = ["a/1.png", "blank.png", "b/1.png"]
+        .iter()
+        .map(|name| dir.path().join(name))
+        .collect();
+    for photo in [&photos[0], &photos[2]] {
+        std::fs::create_dir_all(photo.parent().unwrap()).unwrap();
+        std::fs::copy(astronaut(), photo).unwrap();
+    }
+    image::RgbImage::from_pixel(300, 300, image::Rgb([90, 120, 150]))
+        .save(&photos[1])
+        .unwrap();
+    let out = dir.path().join("out");
+    let status = ganfit()
+        .args(["fit", "--quiet", "--iterations", "0", "--out"])
+        .arg(&out)
+        .args(&photos)
+        .output()
+        .unwrap();
+    assert!(!status.status.success());
+    let stderr = String::from_utf8(status.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 2, "{stderr}");
+    assert!(
+        stderr.contains("blank.png: no face found") && stderr.contains("1 of 3 photos"),
+        "{stderr}"
+    );
+    for fitted in ["1", "1-2"] {
+        assert!(out.join(fitted).join("mesh.obj").is_file(), "{fitted}");
+    }
+    assert!(!out.join("blank").exists());
+}
+
+#[test]
 fn an_unavailable_device_or_bad_option_fails_with_one_line() {
     let textures = tempfile::tempdir().unwrap();
     let commands = [
