@@ -150,25 +150,17 @@ fn a_face_of_a_group_photo_is_chosen_by_its_place_from_the_left() {
     pair.save(&photo).unwrap();
     for (face, right_half) in [("0", false), ("1", true)] {
         let out = dir.path().join(face);
-        let status = ganfit()
-            .args([
-                "fit",
-                "--quiet",
-                "--iterations",
-                "0",
-                "--face",
-                face,
-                "--out",
-            ])
-            .arg(&out)
-            .arg(&photo)
-            .output()
-            .unwrap();
-        assert!(
-            status.status.success(),
-            "{}",
-            String::from_utf8_lossy(&status.stderr)
-        );
+        run_ok(&[
+            "fit",
+            "--quiet",
+            "--iterations",
+            "0",
+            "--face",
+            face,
+            "--out",
+            out.to_str().unwrap(),
+            photo.to_str().unwrap(),
+        ]);
         let landmarks: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("landmarks.json")).unwrap())
                 .unwrap();
