@@ -252,11 +252,12 @@ fn a_truncated_file_is_reported_as_corrupt() {
         assert!(matches!(error, FaceError::CorruptImage { .. }), "{error}");
         assert!(error.to_string().contains("end-of-image"), "{error}");
     }
-    // Bytes after the end marker (some cameras append data) are no reason to refuse it.
-    let mut padded = jpeg.clone();
-    padded.extend_from_slice(&[0; 64]);
+    // Data after the end marker (phones append videos there) is no reason to refuse it, even
+    // where it holds a start-of-scan marker with no end marker after it.
+    let mut motion_photo = jpeg.clone();
+    motion_photo.extend_from_slice(b"\0\0\0\x18ftypmp42 \xFF\xDA\x00\x08 then more video");
     assert_eq!(
-        decode_rgb(&padded, "padded.jpg").unwrap(),
+        decode_rgb(&motion_photo, "motion.jpg").unwrap(),
         decode_rgb(&jpeg, "whole.jpg").unwrap()
     );
 }

@@ -40,7 +40,7 @@ pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
         None => return Err(unsupported("unrecognised file signature".to_string())),
         // The JPEG decoder fills a cut-off scan with grey and reports nothing: the fit would
         // then run on a damaged photo, or find no face in it.
-        Some(ImageFormat::Jpeg) if !jpeg_has_end_after_last_scan(bytes) => {
+        Some(ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
             return Err(FaceError::CorruptImage {
                 origin: origin.to_string(),
                 reason: "the JPEG data stops before its end-of-image marker".to_string(),
@@ -71,11 +71,52 @@ pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
     Ok(image.into_rgb8())
 }
 
-/// Whether an end-of-image marker (`FF D9`) follows the last start-of-scan marker (`FF DA`).
-/// Inside a scan every `FF` byte is followed by `00` or a restart marker, so neither marker can
-/// occur there, and a thumbnail's own markers (in the EXIF segment) come before every scan of
-/// the main image.
-fn jpeg_has_end_after_last_scan(bytes: &[u8]) -> bool {
-    let last_scan = bytes.windows(2).rposition(|pair| pair == [0xFF, 0xDA]);
-    last_scan.is_some_and(|at| bytes[at..].windows(2).any(|pair| pair == [0xFF, 0xD9]))
+/// Whether the JPEG's segments and scans run on to its end-of-image marker (`FF D9`) before
+/// the bytes run out. The walk follows the segment lengths and skips each scan's coded data
+/// (where an `FF` byte is followed by `00` or a restart marker), so nothing after the first
+/// end-of-image marker counts: phones append videos and other data there. Bytes that do not
+/// look like a JPEG's structure are left to the decoder to judge.
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    const END_OF_IMAGE: u8 = 0xD9;
+    const START_OF_SCAN: u8 = 0xDA;
+    let is_restart = |marker: u8| (0xD0..=0xD7).contains(&marker);
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return true;
+    }
+    let mut at = 2;
+    loop {
+        if bytes.get(at).is_some_and(|&byte| byte != 0xFF) {
+            return true;
+        }
+        // A marker: any number of FF fill bytes, then its code.
+        while bytes.get(at) == Some(&0xFF) {
+            at += 1;
+        }
+        let Some(&marker) = bytes.get(at) else {
+            return false;
+        };
+        at += 1;
+        if marker == END_OF_IMAGE {
+            return true;
+        }
+        if is_restart(marker) || marker == 0x01 {
+            continue;
+        }
+        let Some(length) = bytes.get(at..at + 2) else {
+            return false;
+        };
+        at += usize::from(u16::from_be_bytes([length[0], length[1]]));
+        if at > bytes.len() {
+            return false;
+        }
+        if marker == START_OF_SCAN {
+            loop {
+                match (bytes.get(at), bytes.get(at + 1)) {
+                    (Some(0xFF), Some(&next)) if next != 0x00 && !is_restart(next) => break,
+                    (Some(_), Some(_)) => at += 1,
+                    _ => return false,
+                }
+            }
+        }
+    }
 }
