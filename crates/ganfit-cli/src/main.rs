@@ -291,6 +291,7 @@ fn fit(
     bar.set_message("loading models");
     let fitter = builder.build()?;
     let dirs = output_dirs(photos, out);
+    check_photos_survive(photos, &dirs)?;
     // Read every photo first: a bad file fails before minutes of fitting.
     let images = photos
         .iter()
@@ -389,6 +390,46 @@ fn progress(quiet: bool) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     bar
+}
+
+/// Every file [`write_outputs`] writes into a photo's folder.
+const OUTPUT_FILES: [&str; 12] = [
+    "texture.png",
+    "texture_observed.png",
+    "mesh.obj",
+    "mesh.mtl",
+    "mesh.glb",
+    "render.png",
+    "frontal.png",
+    "overlay.png",
+    "landmarks.json",
+    "params.json",
+    "report.html",
+    "albedo.png",
+];
+
+/// Refuses results that would overwrite one of the photos (a photo named `render.png` in the
+/// output folder), before any fitting.
+fn check_photos_survive(photos: &[PathBuf], dirs: &[PathBuf]) -> anyhow::Result<()> {
+    let photos: Vec<PathBuf> = photos
+        .iter()
+        .filter_map(|photo| photo.canonicalize().ok())
+        .collect();
+    for dir in dirs {
+        for name in OUTPUT_FILES {
+            let Ok(target) = dir.join(name).canonicalize() else {
+                continue;
+            };
+            if photos.contains(&target) {
+                anyhow::bail!(
+                    "the results would overwrite the photo {}: write them to another folder \
+                     with --out",
+                    target.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn write_outputs(

@@ -26,6 +26,29 @@ fn fits_the_astronaut_and_writes_every_output() {
         String::from_utf8_lossy(&status.stderr)
     );
     let dir = out.path();
+    // The README's list (which the CLI's guard against overwriting a photo also keeps).
+    let mut written: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        [
+            "albedo.png",
+            "frontal.png",
+            "landmarks.json",
+            "mesh.glb",
+            "mesh.mtl",
+            "mesh.obj",
+            "overlay.png",
+            "params.json",
+            "render.png",
+            "report.html",
+            "texture.png",
+            "texture_observed.png",
+        ]
+    );
 
     let obj = std::fs::read_to_string(dir.join("mesh.obj")).unwrap();
     let vertices = obj.lines().filter(|l| l.starts_with("v ")).count();
@@ -188,6 +211,30 @@ fn a_face_of_a_group_photo_is_chosen_by_its_place_from_the_left() {
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("pick one of 0 to 1"), "{stderr}");
+}
+
+#[test]
+fn results_never_overwrite_a_photo() {
+    let dir = tempfile::tempdir().unwrap();
+    let photo = dir.path().join("render.png");
+    std::fs::copy(astronaut(), &photo).unwrap();
+    let before = std::fs::read(&photo).unwrap();
+    let out = ganfit()
+        .args(["fit", "--quiet", "--iterations", "0", "--out"])
+        .arg(dir.path())
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("would overwrite the photo"), "{stderr}");
+    assert_eq!(std::fs::read(&photo).unwrap(), before);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "nothing written"
+    );
 }
 
 #[test]
