@@ -144,13 +144,7 @@ fn fits_the_astronaut_and_writes_every_output() {
 
 #[test]
 fn a_missing_photo_fails_with_one_line() {
-    let out = ganfit()
-        .args(["fit", "--quiet", "no/such/photo.jpg"])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let stderr = one_line_failure(ganfit().args(["fit", "--quiet", "no/such/photo.jpg"]));
     assert!(stderr.contains("photo.jpg"), "{stderr}");
     // The operating system's reason once, though both the message and its source name it.
     assert_eq!(stderr.matches("(os error").count(), 1, "{stderr}");
@@ -193,23 +187,20 @@ fn a_face_of_a_group_photo_is_chosen_by_its_place_from_the_left() {
             .all(|p| p[0].as_f64().unwrap() > f64::from(width));
         assert_eq!(on_right, right_half, "--face {face}");
     }
-    let out = ganfit()
-        .args([
-            "fit",
-            "--quiet",
-            "--iterations",
-            "0",
-            "--face",
-            "2",
-            "--out",
-        ])
-        .arg(dir.path().join("2"))
-        .arg(&photo)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let stderr = one_line_failure(
+        ganfit()
+            .args([
+                "fit",
+                "--quiet",
+                "--iterations",
+                "0",
+                "--face",
+                "2",
+                "--out",
+            ])
+            .arg(dir.path().join("2"))
+            .arg(&photo),
+    );
     assert!(stderr.contains("pick one of 0 to 1"), "{stderr}");
 }
 
@@ -219,15 +210,12 @@ fn results_never_overwrite_a_photo() {
     let photo = dir.path().join("render.png");
     std::fs::copy(astronaut(), &photo).unwrap();
     let before = std::fs::read(&photo).unwrap();
-    let out = ganfit()
-        .args(["fit", "--quiet", "--iterations", "0", "--out"])
-        .arg(dir.path())
-        .arg(&photo)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8(out.stderr).unwrap();
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    let stderr = one_line_failure(
+        ganfit()
+            .args(["fit", "--quiet", "--iterations", "0", "--out"])
+            .arg(dir.path())
+            .arg(&photo),
+    );
     assert!(stderr.contains("would overwrite the photo"), "{stderr}");
     assert_eq!(std::fs::read(&photo).unwrap(), before);
     assert_eq!(
@@ -447,6 +435,15 @@ fn the_accuracy_bench_writes_its_tables() {
 }
 
 /// Runs `ganfit` with `args`, asserting success; returns stdout.
+/// Runs `command`, which must fail with one line on stderr, and returns what it printed there.
+fn one_line_failure(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    stderr
+}
+
 fn run_ok(args: &[&str]) -> String {
     let out = ganfit().args(args).output().unwrap();
     assert!(
