@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker};
+use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker, check_pixel_count};
 use ganfit_losses::identity::FaceRecognitionNet;
 use ganfit_morphable::{MorphableModel, TexturedMesh};
 use ganfit_optim::{
@@ -425,6 +425,9 @@ impl Fitter {
     ) -> Result<Vec<FitResult>> {
         if images.is_empty() {
             return Err(Error::Config("no photos to fit".to_string()));
+        }
+        for (index, image) in images.iter().enumerate() {
+            check_pixel_count(image.width(), image.height(), &format!("photo {index}"))?;
         }
         let mut timings = Vec::new();
         let mut clock = Instant::now();

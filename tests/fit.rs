@@ -327,6 +327,24 @@ fn a_photo_without_a_face_is_a_typed_error() {
 }
 
 #[test]
+fn a_photo_of_too_many_pixels_is_a_typed_error() {
+    // Zeroed pages cost nothing until touched, and the fitter refuses before touching them.
+    let huge = image::RgbImage::new(20_000, 10_000);
+    let err = fitter().fit(&huge).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Face(FaceError::ImageTooLarge {
+                width: 20_000,
+                height: 10_000,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
 fn a_tiny_face_is_a_typed_error() {
     let small =
         image::imageops::resize(&astronaut(), 96, 96, image::imageops::FilterType::Triangle);

@@ -12,6 +12,20 @@ use super::{FaceError, Result};
 /// claiming far more would exhaust the memory before anything else could say why.
 pub const MAX_IMAGE_PIXELS: u64 = 150_000_000;
 
+/// [`FaceError::ImageTooLarge`] where a `width` × `height` image (named `origin` in the
+/// message) has more than [`MAX_IMAGE_PIXELS`].
+pub fn check_pixel_count(width: u32, height: u32, origin: &str) -> Result<()> {
+    if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
+        return Err(FaceError::ImageTooLarge {
+            origin: origin.to_string(),
+            width,
+            height,
+            max_megapixels: MAX_IMAGE_PIXELS / 1_000_000,
+        });
+    }
+    Ok(())
+}
+
 /// Reads an image file as upright 8-bit RGB.
 ///
 /// Grayscale is replicated to three channels, alpha is dropped, 16-bit and float samples are
@@ -57,14 +71,7 @@ pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
     };
     let mut decoder = reader.into_decoder().map_err(to_face_error)?;
     let (width, height) = decoder.dimensions();
-    if u64::from(width) * u64::from(height) > MAX_IMAGE_PIXELS {
-        return Err(FaceError::ImageTooLarge {
-            origin: origin.to_string(),
-            width,
-            height,
-            max_megapixels: MAX_IMAGE_PIXELS / 1_000_000,
-        });
-    }
+    check_pixel_count(width, height, origin)?;
     let orientation = decoder.orientation().map_err(to_face_error)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(to_face_error)?;
     image.apply_orientation(orientation);
