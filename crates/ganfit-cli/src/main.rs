@@ -287,11 +287,11 @@ fn fit(
     same_person: bool,
     quiet: bool,
 ) -> anyhow::Result<()> {
+    let dirs = output_dirs(photos, out);
+    check_photos_survive(photos, &dirs)?;
     let bar = progress(quiet);
     bar.set_message("loading models");
     let fitter = builder.build()?;
-    let dirs = output_dirs(photos, out);
-    check_photos_survive(photos, &dirs)?;
     // Read every photo first: a bad file fails before minutes of fitting.
     let images = photos
         .iter()
@@ -392,21 +392,36 @@ fn progress(quiet: bool) -> ProgressBar {
     bar
 }
 
-/// Every file [`write_outputs`] writes into a photo's folder.
-const OUTPUT_FILES: [&str; 12] = [
-    "texture.png",
-    "texture_observed.png",
-    "mesh.obj",
-    "mesh.mtl",
-    "mesh.glb",
-    "render.png",
-    "frontal.png",
-    "overlay.png",
-    "landmarks.json",
-    "params.json",
-    "report.html",
-    "albedo.png",
-];
+/// The files [`write_outputs`] writes into a photo's folder.
+mod output {
+    pub const TEXTURE: &str = "texture.png";
+    pub const TEXTURE_OBSERVED: &str = "texture_observed.png";
+    pub const OBJ: &str = "mesh.obj";
+    /// Written beside [`OBJ`] by `export::write_obj`.
+    pub const MTL: &str = "mesh.mtl";
+    pub const GLB: &str = "mesh.glb";
+    pub const RENDER: &str = "render.png";
+    pub const FRONTAL: &str = "frontal.png";
+    pub const OVERLAY: &str = "overlay.png";
+    pub const LANDMARKS: &str = "landmarks.json";
+    pub const PARAMS: &str = "params.json";
+    pub const REPORT: &str = "report.html";
+    pub const ALBEDO: &str = "albedo.png";
+    pub const ALL: [&str; 12] = [
+        TEXTURE,
+        TEXTURE_OBSERVED,
+        OBJ,
+        MTL,
+        GLB,
+        RENDER,
+        FRONTAL,
+        OVERLAY,
+        LANDMARKS,
+        PARAMS,
+        REPORT,
+        ALBEDO,
+    ];
+}
 
 /// Refuses results that would overwrite one of the photos (a photo named `render.png` in the
 /// output folder), before any fitting.
@@ -416,7 +431,7 @@ fn check_photos_survive(photos: &[PathBuf], dirs: &[PathBuf]) -> anyhow::Result<
         .filter_map(|photo| photo.canonicalize().ok())
         .collect();
     for dir in dirs {
-        for name in OUTPUT_FILES {
+        for name in output::ALL {
             let Ok(target) = dir.join(name).canonicalize() else {
                 continue;
             };
@@ -443,30 +458,34 @@ fn write_outputs(
     let overlay = overlay(photo, &result.geometry_render);
     type Job<'a> = Box<dyn FnOnce() -> anyhow::Result<()> + Send + 'a>;
     let mut jobs: Vec<Job<'_>> = vec![
-        Box::new(|| Ok(result.uv_texture.save(dir.join("texture.png"))?)),
-        Box::new(|| Ok(result.uv_observed.save(dir.join("texture_observed.png"))?)),
+        Box::new(|| Ok(result.uv_texture.save(dir.join(output::TEXTURE))?)),
+        Box::new(|| {
+            Ok(result
+                .uv_observed
+                .save(dir.join(output::TEXTURE_OBSERVED))?)
+        }),
         Box::new(|| {
             export::write_obj(
-                &dir.join("mesh.obj"),
+                &dir.join(output::OBJ),
                 &result.mesh,
-                Some(Path::new("texture.png")),
+                Some(Path::new(output::TEXTURE)),
             )?;
             Ok(())
         }),
         Box::new(|| {
             export::write_glb(
-                &dir.join("mesh.glb"),
+                &dir.join(output::GLB),
                 &result.mesh,
                 Some(&result.uv_texture),
             )?;
             Ok(())
         }),
-        Box::new(|| Ok(result.render.save(dir.join("render.png"))?)),
-        Box::new(|| Ok(result.frontal_render.save(dir.join("frontal.png"))?)),
-        Box::new(|| Ok(overlay.save(dir.join("overlay.png"))?)),
+        Box::new(|| Ok(result.render.save(dir.join(output::RENDER))?)),
+        Box::new(|| Ok(result.frontal_render.save(dir.join(output::FRONTAL))?)),
+        Box::new(|| Ok(overlay.save(dir.join(output::OVERLAY))?)),
         Box::new(|| {
             std::fs::write(
-                dir.join("landmarks.json"),
+                dir.join(output::LANDMARKS),
                 serde_json::to_string_pretty(&json!({
                     "convention": "iBUG-68 order, pixel coordinates (x right, y down, pixel centres at integers)",
                     "detected": result.detected_landmarks,
@@ -474,14 +493,14 @@ fn write_outputs(
                 }))?,
             )?;
             std::fs::write(
-                dir.join("params.json"),
+                dir.join(output::PARAMS),
                 serde_json::to_string_pretty(&params_json(fitter, result)?)?,
             )?;
             Ok(())
         }),
         Box::new(|| {
             report::write(
-                &dir.join("report.html"),
+                &dir.join(output::REPORT),
                 photo_name,
                 photo,
                 &overlay,
@@ -490,7 +509,7 @@ fn write_outputs(
         }),
     ];
     if let Some(albedo) = &result.albedo {
-        jobs.push(Box::new(|| Ok(albedo.save(dir.join("albedo.png"))?)));
+        jobs.push(Box::new(|| Ok(albedo.save(dir.join(output::ALBEDO))?)));
     }
     // Independent files, most of their time PNG compression: one thread each.
     std::thread::scope(|scope| {
@@ -567,8 +586,8 @@ fn collect_textures(fits: &[PathBuf], size: u32, out: &Path) -> anyhow::Result<(
                 )
             })
         };
-        let texture = read("texture.png")?.to_rgb8();
-        let observed = read("texture_observed.png")?.to_luma8();
+        let texture = read(output::TEXTURE)?.to_rgb8();
+        let observed = read(output::TEXTURE_OBSERVED)?.to_luma8();
         let (width, height) = texture.dimensions();
         anyhow::ensure!(
             observed.dimensions() == (width, height) && width == height && width % size == 0,
