@@ -38,7 +38,7 @@ struct Cli {
 enum Command {
     /// Fit a 3D face to one or more photos of one person and write meshes, textures and renders.
     Fit {
-        /// Photos of one person (PNG, JPEG, TIFF, WebP or BMP, at most 150 megapixels).
+        /// Photos of one person (PNG, JPEG, TIFF, WebP, BMP, GIF or PNM, at most 150 megapixels).
         #[arg(required = true)]
         photos: Vec<PathBuf>,
         /// Folder the results are written to (one sub-folder per photo when there are several).

@@ -136,6 +136,23 @@ fn grayscale_is_replicated_to_rgb() {
 }
 
 #[test]
+fn gif_and_pnm_photos_are_read_and_their_truncation_reported() {
+    let rgb = astronaut();
+    // PNM holds the pixels exactly; GIF through a 256-colour palette.
+    let pnm = encode(&DynamicImage::ImageRgb8(rgb.clone()), ImageFormat::Pnm);
+    assert_eq!(decode_rgb(&pnm, "photo.ppm").unwrap(), rgb);
+    let gif = encode(&DynamicImage::ImageRgb8(rgb.clone()), ImageFormat::Gif);
+    let decoded = decode_rgb(&gif, "photo.gif").unwrap();
+    let difference = mean_abs_difference(&decoded, &rgb);
+    assert!(difference < 8.0, "mean difference {difference} levels");
+    assert_eq!(detector().detect(&decoded).unwrap().len(), 1);
+    for (bytes, name) in [(&pnm, "cut.ppm"), (&gif, "cut.gif")] {
+        let error = decode_rgb(&bytes[..bytes.len() * 9 / 10], name).unwrap_err();
+        assert!(matches!(error, FaceError::CorruptImage { .. }), "{error}");
+    }
+}
+
+#[test]
 fn alpha_is_dropped() {
     let rgb = astronaut();
     let rgba = DynamicImage::ImageRgb8(rgb.clone()).into_rgba8();
