@@ -288,7 +288,7 @@ fn fit(
     quiet: bool,
 ) -> anyhow::Result<()> {
     let dirs = output_dirs(photos, out);
-    check_photos_survive(photos, &dirs)?;
+    check_outputs(photos, &dirs)?;
     let bar = progress(quiet);
     bar.set_message("loading models");
     let fitter = builder.build()?;
@@ -423,14 +423,23 @@ mod output {
     ];
 }
 
-/// Refuses results that would overwrite one of the photos (a photo named `render.png` in the
-/// output folder), before any fitting.
-fn check_photos_survive(photos: &[PathBuf], dirs: &[PathBuf]) -> anyhow::Result<()> {
+/// Refuses, before any fitting, output folders that cannot be made (a file stands where the
+/// folder or one of its parents would be) and results that would overwrite one of the photos
+/// (a photo named `render.png` in the output folder).
+fn check_outputs(photos: &[PathBuf], dirs: &[PathBuf]) -> anyhow::Result<()> {
     let photos: Vec<PathBuf> = photos
         .iter()
         .filter_map(|photo| photo.canonicalize().ok())
         .collect();
     for dir in dirs {
+        if let Some(file) = dir.ancestors().find(|p| p.exists()).filter(|p| !p.is_dir()) {
+            anyhow::bail!(
+                "cannot write the results to {}: {} is a file, not a folder; name a folder \
+                 with --out (it is created if missing)",
+                dir.display(),
+                file.display()
+            );
+        }
         for name in output::ALL {
             let Ok(target) = dir.join(name).canonicalize() else {
                 continue;

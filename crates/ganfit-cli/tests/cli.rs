@@ -226,6 +226,23 @@ fn results_never_overwrite_a_photo() {
 }
 
 #[test]
+fn an_output_folder_that_is_a_file_fails_before_the_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("results");
+    std::fs::write(&file, "notes").unwrap();
+    for out in [file.clone(), file.join("astronaut")] {
+        let stderr = one_line_failure(
+            ganfit()
+                .args(["fit", "--quiet", "--out"])
+                .arg(&out)
+                .arg(astronaut()),
+        );
+        assert!(stderr.contains("is a file, not a folder"), "{stderr}");
+    }
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "notes");
+}
+
+#[test]
 fn a_batch_fits_every_photo_it_can_and_overwrites_none() {
     let dir = tempfile::tempdir().unwrap();
     // Two photos named alike in different folders, and one without a face between them.
