@@ -316,14 +316,18 @@ pub struct FitResult {
     /// The fitted mesh, ready to export.
     pub mesh: TexturedMesh,
     /// The UV texture (image orientation, row 0 at the top): the photo where it sees the
-    /// surface, the fitted albedo (scaled to the photo's brightness) elsewhere.
+    /// surface, the fitted albedo (scaled to the photo's brightness) elsewhere. From
+    /// [`Fitter::fit_many`], one texture merged from all the photos (each texel mostly from
+    /// those that saw it in most detail), the same in every result.
     pub uv_texture: RgbImage,
-    /// Which texels of `uv_texture` were seen in the photo (255) or filled in (0).
+    /// Which texels of `uv_texture` were seen in the photo, or in any of the photos (255), or
+    /// filled in (0).
     pub uv_observed: image::GrayImage,
     /// The albedo UV map the full objective fitted (without the photo's shading), when it ran.
     pub albedo: Option<RgbImage>,
     /// The textured reconstruction rendered through the fitted camera, the photo's size,
-    /// transparent where empty.
+    /// transparent where empty; textured from this photo alone, also after
+    /// [`Fitter::fit_many`].
     pub render: RgbaImage,
     /// The untextured reconstruction, grey and lit, through the fitted camera: shows the fitted
     /// geometry (the textured render reproduces the photo where the texture came from it).
@@ -412,7 +416,11 @@ impl Fitter {
     }
 
     /// Fits several photos of one person: they share identity and texture, each has its own
-    /// expression, camera and light. Returns one result per photo, in order.
+    /// expression, camera and light. Returns one result per photo, in order. The identity is
+    /// shared through the full objective (with 0 iterations each photo keeps the shape its
+    /// landmarks gave); the texture of the mesh and the frontal render is merged from every
+    /// photo ([`ganfit_optim::Projection::fuse`]), while each render in its photo's view keeps
+    /// that photo's colours.
     pub fn fit_many(&self, images: &[RgbImage]) -> Result<Vec<FitResult>> {
         self.fit_many_with_progress(images, |_| {})
     }
@@ -522,19 +530,33 @@ impl Fitter {
         };
 
         observer(Progress::Step("texture and renders"));
+        let params: Vec<FitParams> = match &refined {
+            Some(r) => r.params.clone(),
+            None => observed
+                .iter()
+                .map(|o| o.alignment.params.clone())
+                .collect(),
+        };
+        // Several photos of one person: one texture merged from all of them for the views
+        // that are no photo's own (the frontal render, the exported mesh).
+        let merged = if images.len() > 1 {
+            Some(self.merged_texture(&params, &observed)?)
+        } else {
+            None
+        };
         let mut results = Vec::with_capacity(images.len());
-        for (index, (image, observed)) in images.iter().zip(observed).enumerate() {
+        let photos = images.iter().zip(observed).zip(params);
+        for (index, ((image, observed), params)) in photos.enumerate() {
             let mut stages = observed.alignment.stages;
-            let (params, light, albedo) = match &refined {
+            let (light, albedo) = match &refined {
                 Some(r) => {
                     stages.push(r.report.clone());
                     (
-                        r.params[index].clone(),
                         Some(r.lights[index].clone()),
                         Some(albedo_image(&r.albedo)?),
                     )
                 }
-                None => (observed.alignment.params, None, None),
+                None => (None, None),
             };
             let vertex_ids = observed.landmarks.vertex_ids(&self.model).to_vec();
             let eye_colours = EyeColours::measure(image, &observed.detected);
@@ -545,6 +567,7 @@ impl Fitter {
                 &vertex_ids,
                 albedo,
                 eye_colours,
+                merged.as_ref(),
             )?;
             result.light = light;
             result.detected_landmarks = observed.detected;
@@ -603,7 +626,31 @@ impl Fitter {
         .render_frontal(&vertices, size)
     }
 
-    /// Geometry, texture and renders of a fitted photo.
+    /// The photos' projections onto the UV layout, each through its own fitted camera and
+    /// expression, merged into one texture ([`ganfit_optim::Projection::fuse`]).
+    fn merged_texture(&self, params: &[FitParams], observed: &[Observed]) -> Result<UvTexture> {
+        let model = self.host_model();
+        let projections = params
+            .iter()
+            .zip(observed)
+            .map(|(params, observed)| {
+                let params = params.to_device(model.device())?;
+                let vertices = model.instance(&params.shape, &params.expression)?;
+                let photo = observed.photo.to_device(model.device())?;
+                Ok(ganfit_optim::project_photo_with_view(
+                    model,
+                    &vertices,
+                    &params,
+                    &photo,
+                    self.texture_size,
+                )?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ganfit_optim::Projection::fuse(&projections)?)
+    }
+
+    /// Geometry, texture and renders of a fitted photo. `merged`, the texture of several
+    /// photos of the person, stands for the photo's own in the views away from its camera.
     fn finish(
         &self,
         image: &RgbImage,
@@ -612,6 +659,7 @@ impl Fitter {
         landmark_vertices: &[Option<u32>],
         albedo: Option<RgbImage>,
         eye_colours: EyeColours,
+        merged: Option<&UvTexture>,
     ) -> Result<FitResult> {
         let model = self.host_model();
         let params = params.to_device(model.device())?;
@@ -637,7 +685,15 @@ impl Fitter {
         // Through the photo's camera the unseen texels it shows are grazing ones, which the
         // albedo was fitted to; from elsewhere (the frontal render, the exported mesh) the far
         // side of a turned head is better shown by the seen side's mirror image.
-        let (in_photo, texture) = texture?.filled_both_ways(background.as_deref());
+        let (in_photo, texture) = match merged {
+            None => texture?.filled_both_ways(background.as_deref()),
+            Some(merged) => {
+                let (mut in_photo, mut elsewhere) = (texture?, merged.clone());
+                in_photo.fill_unobserved(background.as_deref());
+                elsewhere.fill_unobserved_mirrored(background.as_deref());
+                (in_photo, elsewhere)
+            }
+        };
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
         let head_pixels: Vec<[f32; 2]> = match model.vertex_set("skin") {
             Ok(skin) => skin.iter().map(|&v| pixels[v as usize]).collect(),

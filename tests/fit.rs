@@ -134,7 +134,7 @@ fn real_photos_fit_their_landmarks_and_keep_their_identity() {
 }
 
 #[test]
-fn two_photos_of_one_person_share_identity_and_differ_in_expression() {
+fn two_photos_of_one_person_share_identity_and_texture_and_differ_in_expression() {
     let photos = [
         shared_photo("frl_london", "001_neutral.jpg"),
         shared_photo("frl_london", "001_smiling.jpg"),
@@ -155,6 +155,21 @@ fn two_photos_of_one_person_share_identity_and_differ_in_expression() {
         values(&results[0].params.shape),
         values(&results[1].params.shape)
     );
+    // One texture, merged from both photos, serves both results' mesh and frontal render;
+    // each render in its photo's view still shows that photo's own colours.
+    assert_eq!(results[0].uv_texture, results[1].uv_texture);
+    let single = fitter().fit(&photos[0]).unwrap();
+    assert_ne!(results[0].uv_texture, single.uv_texture);
+    let differs = |a: &image::RgbaImage, b: &image::RgbaImage| {
+        a.pixels().zip(b.pixels()).filter(|(p, q)| p != q).count()
+    };
+    let share = |a: &image::RgbaImage, b: &image::RgbaImage| {
+        differs(a, b) as f64 / f64::from(a.width() * a.height())
+    };
+    // (The frontal renders' eyes and scalp take colours measured in each photo.)
+    let frontal = share(&results[0].frontal_render, &results[1].frontal_render);
+    let render = share(&results[0].render, &results[1].render);
+    assert!(frontal < 0.02 && render > 0.1, "{frontal} {render}");
     // The smile shows in the smiling photo's mouth-corner blendshapes.
     let names = fitter().model().expression_names();
     let smile = |result: &FitResult| -> f32 {

@@ -54,6 +54,10 @@ pub struct AccuracyArgs {
     /// several), e.g. the photos a generalisation sweep found hard.
     #[arg(long = "photo", value_name = "PATH")]
     photo_paths: Vec<PathBuf>,
+    /// Photos of one person fitted together (`Fitter::fit_many`), comma-separated; repeat the
+    /// option for more people. Each photo is scored as `--photo` scores it, beside those.
+    #[arg(long = "same-person", value_name = "PATH,PATH...")]
+    same_person: Vec<String>,
     /// Folder the tables and the JSON are written to.
     #[arg(long, default_value = "bench-accuracy")]
     out: PathBuf,
@@ -327,18 +331,30 @@ fn accuracy(args: &AccuracyArgs) -> anyhow::Result<()> {
         }
     };
 
-    let photos = if args.photo_paths.is_empty() {
+    let singles = if args.photo_paths.is_empty() && args.same_person.is_empty() {
         pick_photos(&shared, args.photos)?
     } else {
         args.photo_paths.clone()
     };
-    let real = if photos.is_empty() {
+    let groups: Vec<Vec<PathBuf>> = singles
+        .into_iter()
+        .map(|photo| vec![photo])
+        .chain(
+            args.same_person
+                .iter()
+                .map(|list| list.split(',').map(PathBuf::from).collect()),
+        )
+        .collect();
+    let real = if groups.is_empty() {
         Vec::new()
     } else {
-        say(format!("real photos: fitting {}", photos.len()));
+        say(format!(
+            "real photos: fitting {}",
+            groups.iter().map(Vec::len).sum::<usize>()
+        ));
         real_photos(
             &shared,
-            &photos,
+            &groups,
             &full,
             &landmarks_only,
             args.chips.as_deref(),
@@ -578,10 +594,11 @@ fn pick_photos(shared: &Path, count: usize) -> anyhow::Result<Vec<PathBuf>> {
     Ok(chosen)
 }
 
-/// Landmark error, identity distance, time and peak memory of fits of real photos.
+/// Landmark error, identity distance, time and peak memory of fits of real photos; the photos
+/// of each group are fitted together (time and memory are then the group's, shared out).
 fn real_photos(
     shared: &Path,
-    photos: &[PathBuf],
+    groups: &[Vec<PathBuf>],
     full: &Fitter,
     landmarks_only: &Fitter,
     chips: Option<&Path>,
@@ -597,42 +614,47 @@ fn real_photos(
     let detector = FaceDetector::from_resolver(&resolver, &device)?;
     let landmarker = FaceLandmarker::from_resolver(&resolver, &device)?;
     let mut rows = Vec::new();
-    for photo in photos {
-        let name = photo
-            .strip_prefix(shared.join("data").join("faces"))
-            .unwrap_or(photo)
-            .display()
-            .to_string();
-        let image = load_rgb(photo)?;
-        let landmark_fit = landmarks_only.fit(&image);
+    for group in groups {
+        let images = group.iter().map(load_rgb).collect::<Result<Vec<_>, _>>()?;
         let resettable = reset_peak_rss();
         let start = Instant::now();
-        let fit = full.fit(&image);
-        let seconds = start.elapsed().as_secs_f64();
-        let peak = peak_rss_mib();
-        let row = match (fit, landmark_fit) {
-            (Ok(fit), Ok(landmark_fit)) => {
-                let identity = identity_distances(&net, &detector, &landmarker, &image, &fit);
-                if let (Some(dir), Ok((_, _, views))) = (chips, &identity) {
-                    chip_index.push(write_chips(dir, chip_index.len(), &name, views)?);
-                }
-                json!({
-                    "photo": name,
-                    "size": [image.width(), image.height()],
-                    "landmark_error_percent_iod": 100.0 * fit.landmark_error(),
-                    "landmark_stage_error_percent_iod": 100.0 * landmark_fit.landmark_error(),
-                    "identity_distance_render": identity.as_ref().ok().map(|d| d.0),
-                    "identity_distance_frontal": identity.as_ref().ok().and_then(|d| d.1),
-                    "identity_error": identity.err().map(|e| format!("{e:#}")),
-                    "seconds": seconds,
-                    "peak_rss_mib": peak,
-                    "peak_rss_scope": if resettable { "this fit" } else { "process so far" },
-                })
-            }
-            (Err(err), _) | (_, Err(err)) => json!({ "photo": name, "error": err.to_string() }),
+        let fits: Vec<Result<FitResult, String>> = match full.fit_many(&images) {
+            Ok(fits) => fits.into_iter().map(Ok).collect(),
+            Err(err) => images.iter().map(|_| Err(err.to_string())).collect(),
         };
-        say(format!("photo {name}: {}", compact(&row)));
-        rows.push(row);
+        let seconds = start.elapsed().as_secs_f64() / images.len() as f64;
+        let peak = peak_rss_mib();
+        for ((photo, image), fit) in group.iter().zip(&images).zip(fits) {
+            let name = photo
+                .strip_prefix(shared.join("data").join("faces"))
+                .unwrap_or(photo)
+                .display()
+                .to_string();
+            let landmark_fit = landmarks_only.fit(image).map_err(|err| err.to_string());
+            let row = match (fit, landmark_fit) {
+                (Ok(fit), Ok(landmark_fit)) => {
+                    let identity = identity_distances(&net, &detector, &landmarker, image, &fit);
+                    if let (Some(dir), Ok((_, _, views))) = (chips, &identity) {
+                        chip_index.push(write_chips(dir, chip_index.len(), &name, views)?);
+                    }
+                    json!({
+                        "photo": name,
+                        "size": [image.width(), image.height()],
+                        "landmark_error_percent_iod": 100.0 * fit.landmark_error(),
+                        "landmark_stage_error_percent_iod": 100.0 * landmark_fit.landmark_error(),
+                        "identity_distance_render": identity.as_ref().ok().map(|d| d.0),
+                        "identity_distance_frontal": identity.as_ref().ok().and_then(|d| d.1),
+                        "identity_error": identity.err().map(|e| format!("{e:#}")),
+                        "seconds": seconds,
+                        "peak_rss_mib": peak,
+                        "peak_rss_scope": if resettable { "this fit" } else { "process so far" },
+                    })
+                }
+                (Err(err), _) | (_, Err(err)) => json!({ "photo": name, "error": err }),
+            };
+            say(format!("photo {name}: {}", compact(&row)));
+            rows.push(row);
+        }
     }
     if let Some(dir) = chips {
         let index = dir.join("chips.json");

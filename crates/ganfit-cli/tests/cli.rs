@@ -226,6 +226,38 @@ fn results_never_overwrite_a_photo() {
 }
 
 #[test]
+fn photos_of_one_person_get_one_texture_and_their_own_renders() {
+    let london = ganfit::synthetic::shared_dir()
+        .unwrap()
+        .join("data/faces/frl_london");
+    let photos = [
+        london.join("001_neutral.jpg"),
+        london.join("001_smiling.jpg"),
+    ];
+    let out = tempfile::tempdir().unwrap();
+    run_ok(&[
+        "fit",
+        "--quiet",
+        "--same-person",
+        "--iterations",
+        "2",
+        "--out",
+        out.path().to_str().unwrap(),
+        photos[0].to_str().unwrap(),
+        photos[1].to_str().unwrap(),
+    ]);
+    let read = |photo: &str, file: &str| std::fs::read(out.path().join(photo).join(file)).unwrap();
+    assert_eq!(
+        read("001_neutral", "texture.png"),
+        read("001_smiling", "texture.png")
+    );
+    assert_ne!(
+        read("001_neutral", "render.png"),
+        read("001_smiling", "render.png")
+    );
+}
+
+#[test]
 fn an_output_folder_that_is_a_file_fails_before_the_fit() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("results");

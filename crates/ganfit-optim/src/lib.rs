@@ -28,7 +28,10 @@ pub use stage::{
     DivergenceGuard, EarlyStop, IterationRecord, Loss, ParamGroup, StageConfig, StageReport,
     StopReason, run_stage,
 };
-pub use unwrap::{UvTexture, project_photo, rasterize_uv_layout, skin_triangles, unwrap_photo};
+pub use unwrap::{
+    Projection, UvTexture, project_photo, project_photo_with_view, rasterize_uv_layout,
+    skin_triangles, unwrap_photo,
+};
 
 /// Nearest and farthest depth, millimetres, that the fit's cameras draw. A face is more than
 /// a centimetre and less than ten metres from the camera; a range no wider keeps the

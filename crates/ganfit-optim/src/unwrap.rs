@@ -32,11 +32,11 @@ const MIN_VIEW_COSINE: f32 = 0.2;
 /// sees at its nearest pixel.
 const DEPTH_TOLERANCE_MM: f32 = 2.0;
 
-/// Texels seen on both sides of the face that [`UvTexture::fill_unobserved_mirrored`] needs
-/// before it corrects the mirrored colours for the photo's uneven light.
+/// Texels seen on both sides of the face ([`UvTexture::fill_unobserved_mirrored`]), or by both
+/// photos ([`Projection::fuse`]), needed before colours are corrected for uneven light.
 const MIN_SHADING_TEXELS: usize = 64;
 
-/// The most [`UvTexture::fill_unobserved_mirrored`] brightens or darkens mirrored colours.
+/// The most those corrections brighten or darken colours.
 const MAX_SHADING_GAIN: f32 = 4.0;
 
 /// The triangles of the model's skin (mesh and UV triangles, parallel), or all of them when the
@@ -84,6 +84,30 @@ pub fn project_photo(
     photo: &Tensor,
     size: usize,
 ) -> Result<UvTexture, OptimError> {
+    Ok(project_photo_with_view(model, vertices, params, photo, size)?.texture)
+}
+
+/// A photo's colours on the UV layout ([`project_photo`]) and how much detail the photo saw at
+/// each texel, for merging the projections of several photos of one face
+/// ([`Projection::fuse`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Projection {
+    /// The seen texels' colours; the unseen ones are black and marked unobserved.
+    pub texture: UvTexture,
+    /// Per texel, photo pixels per millimetre of surface across its slant (the view cosine
+    /// times the focal length over the depth) where the photo saw it, 0 elsewhere: a face seen
+    /// head-on and close scores high, a far or turned-away one low.
+    pub pixels_per_mm: Vec<f32>,
+}
+
+/// [`project_photo`], keeping how much detail the photo saw at each texel.
+pub fn project_photo_with_view(
+    model: &MorphableModel,
+    vertices: &Tensor,
+    params: &FitParams,
+    photo: &Tensor,
+    size: usize,
+) -> Result<Projection, OptimError> {
     let (height, width, channels) = photo.dims3()?;
     if channels != 3 || size == 0 {
         return Err(OptimError::InvalidInput(format!(
@@ -128,11 +152,11 @@ pub fn project_photo(
     let (rast, surface, normals, depth, pixels) = (rast?, surface?, normals?, depth?, pixels?);
 
     let mut rgb = vec![0.0f32; size * size * 3];
-    let mut observed = vec![0.0f32; size * size];
+    let mut pixels_per_mm = vec![0.0f32; size * size];
     let rows = rgb
         .par_chunks_mut(size * 3)
-        .zip(observed.par_chunks_mut(size));
-    rows.enumerate().for_each(|(row, (rgb, observed))| {
+        .zip(pixels_per_mm.par_chunks_mut(size));
+    rows.enumerate().for_each(|(row, (rgb, pixels_per_mm))| {
         for column in 0..size {
             let texel = row * size + column;
             // Channel 3 of the rasterizer's output is the triangle id + 1, 0 where uncovered.
@@ -166,13 +190,113 @@ pub fn project_photo(
             }
             let colour = bilinear(pixels, width, height, x, y);
             rgb[column * 3..column * 3 + 3].copy_from_slice(&colour);
-            observed[column] = 1.0;
+            pixels_per_mm[column] = facing * k.fx as f32 / p[2];
         }
     });
-    Ok(UvTexture {
-        size,
-        rgb,
-        observed,
+    let observed = pixels_per_mm.iter().map(|&d| f32::from(d > 0.0)).collect();
+    Ok(Projection {
+        texture: UvTexture {
+            size,
+            rgb,
+            observed,
+        },
+        pixels_per_mm,
+    })
+}
+
+/// How strongly [`Projection::fuse`] prefers the photo that saw a texel in most detail: the
+/// weights are [`Projection::pixels_per_mm`] to this power, so a texel seen head-on by one
+/// photo and at 60° by another (or from twice as far) takes 94 % of its colour from the
+/// first. On four photos of one person (frl_lisa) a power of 4 on the view cosine alone
+/// brought the merged face's FaceRes distance to her other photos to 0.276, with the
+/// distance from the camera too to 0.262.
+const FUSE_DETAIL_POWER: i32 = 4;
+
+impl Projection {
+    /// One texture from the projections of several photos of one face, all at one size: each
+    /// texel the weighted mean of the colours the photos saw there, weighted by
+    /// [`FUSE_DETAIL_POWER`] of the detail they saw, so the far side of a turned head comes from
+    /// the photo that faced it and a face seen close outweighs one seen from afar. Each photo's colours are first scaled per channel to the first
+    /// photo's brightness where both saw the face, so differently exposed photos meet without
+    /// seams. Texels no photo saw stay unobserved.
+    pub fn fuse(projections: &[Projection]) -> Result<UvTexture, OptimError> {
+        let Some(first) = projections.first() else {
+            return Err(OptimError::InvalidInput(
+                "fusing textures needs at least one projection".to_string(),
+            ));
+        };
+        let size = first.texture.size;
+        if let Some(other) = projections.iter().find(|p| p.texture.size != size) {
+            return Err(OptimError::InvalidInput(format!(
+                "fused projections must share one size; got {size} and {}",
+                other.texture.size
+            )));
+        }
+        let gains: Vec<[f32; 3]> = projections
+            .iter()
+            .map(|p| p.brightness_relative_to(first))
+            .collect();
+        let texels = size * size;
+        let mut rgb = vec![0.0f32; texels * 3];
+        let mut observed = vec![0.0f32; texels];
+        rgb.par_chunks_exact_mut(3)
+            .zip(observed.par_iter_mut())
+            .enumerate()
+            .for_each(|(texel, (colour, observed))| {
+                let mut total = 0.0f32;
+                for (projection, gain) in projections.iter().zip(&gains) {
+                    let weight = projection.pixels_per_mm[texel].powi(FUSE_DETAIL_POWER);
+                    if weight > 0.0 {
+                        let seen = &projection.texture.rgb[texel * 3..][..3];
+                        for c in 0..3 {
+                            colour[c] += weight * seen[c] * gain[c];
+                        }
+                        total += weight;
+                    }
+                }
+                if total > 0.0 {
+                    colour
+                        .iter_mut()
+                        .for_each(|v| *v = (*v / total).clamp(0.0, 1.0));
+                    *observed = 1.0;
+                }
+            });
+        Ok(UvTexture {
+            size,
+            rgb,
+            observed,
+        })
+    }
+
+    /// Per channel, the factor that brings this projection's colours to `reference`'s
+    /// brightness: the ratio of their sums over the texels both saw, each texel weighted by
+    /// the lesser detail. 1 where they share too few texels to tell.
+    fn brightness_relative_to(&self, reference: &Projection) -> [f32; 3] {
+        let (mut own, mut wanted, mut shared) = ([0.0f64; 3], [0.0f64; 3], 0usize);
+        for texel in 0..self.pixels_per_mm.len() {
+            let weight = f64::from(self.pixels_per_mm[texel].min(reference.pixels_per_mm[texel]));
+            if weight <= 0.0 {
+                continue;
+            }
+            for c in 0..3 {
+                own[c] += weight * f64::from(self.texture.rgb[texel * 3 + c]);
+                wanted[c] += weight * f64::from(reference.texture.rgb[texel * 3 + c]);
+            }
+            shared += 1;
+        }
+        brightness_gain(wanted, own, shared)
+    }
+}
+
+/// Per channel, `wanted / own` (sums of colours over `texels` texels), within
+/// [`MAX_SHADING_GAIN`] of 1; 1 where fewer than [`MIN_SHADING_TEXELS`] texels were summed.
+fn brightness_gain(wanted: [f64; 3], own: [f64; 3], texels: usize) -> [f32; 3] {
+    [0, 1, 2].map(|c| {
+        if texels < MIN_SHADING_TEXELS || own[c] <= 0.0 {
+            1.0
+        } else {
+            ((wanted[c] / own[c]) as f32).clamp(1.0 / MAX_SHADING_GAIN, MAX_SHADING_GAIN)
+        }
     })
 }
 
@@ -292,13 +416,7 @@ impl UvTexture {
             }
             count += 1;
         }
-        [0, 1, 2].map(|c| {
-            if count < MIN_SHADING_TEXELS || opposite[c] <= 0.0 {
-                1.0
-            } else {
-                ((own[c] / opposite[c]) as f32).clamp(1.0 / MAX_SHADING_GAIN, MAX_SHADING_GAIN)
-            }
-        })
+        brightness_gain(own, opposite, count)
     }
 
     /// The texel at the mirror position of `texel` (`u → 1 − u`).
@@ -715,5 +833,105 @@ mod tests {
         box_blur(&mut step, &mut [0.0; 100], 10, 1, 1);
         // Column 4 sees columns 3, 4, 5: one of three is 1.
         assert!((step[4] - 1.0 / 3.0).abs() < 1e-6, "{}", step[4]);
+    }
+
+    /// A `size × size` projection seeing `colour` in `detail(row, column)` pixels per
+    /// millimetre (0: unseen).
+    fn projection(
+        size: usize,
+        colour: [f32; 3],
+        detail: impl Fn(usize, usize) -> f32,
+    ) -> Projection {
+        let pixels_per_mm: Vec<f32> = (0..size * size)
+            .map(|t| detail(t / size, t % size))
+            .collect();
+        let mut texture = texture(size, |row, column| detail(row, column) > 0.0);
+        for (t, &d) in pixels_per_mm.iter().enumerate() {
+            if d > 0.0 {
+                texture.rgb[t * 3..][..3].copy_from_slice(&colour);
+            }
+        }
+        Projection {
+            texture,
+            pixels_per_mm,
+        }
+    }
+
+    fn rgb_at(texture: &UvTexture, row: usize, column: usize) -> [f32; 3] {
+        let t = row * texture.size + column;
+        [0, 1, 2].map(|c| texture.rgb[t * 3 + c])
+    }
+
+    #[test]
+    fn fused_projections_take_each_texel_from_the_photos_that_saw_it() {
+        // One photo saw the left two thirds, the other the right two thirds, both of the same
+        // brightness where they overlap.
+        let grey = [0.5, 0.5, 0.5];
+        let left = projection(30, grey, |_, column| if column < 20 { 0.9 } else { 0.0 });
+        let right = projection(30, grey, |_, column| if column >= 10 { 0.9 } else { 0.0 });
+        let mut right = right;
+        // A mark only the second photo saw, beside one both saw less squarely (the first at
+        // half the second's detail) in another colour.
+        right.texture.rgb[(5 * 30 + 25) * 3..][..3].copy_from_slice(&[1.0, 0.0, 0.0]);
+        right.texture.rgb[(5 * 30 + 15) * 3..][..3].copy_from_slice(&[1.0, 0.0, 0.0]);
+        let mut left = left;
+        left.pixels_per_mm[5 * 30 + 15] = 0.45;
+        let fused = Projection::fuse(&[left, right]).unwrap();
+        assert!(
+            fused.observed.iter().all(|&o| o == 1.0),
+            "every texel was seen"
+        );
+        assert_eq!(rgb_at(&fused, 20, 2), grey);
+        // 0.45⁴ against 0.9⁴: the more detailed view gives 16/17 of the colour. (The one texel the
+        // photos disagree on moves their brightness match by a fraction of a percent.)
+        let mixed = [16.0 / 17.0 + 0.5 / 17.0, 0.5 / 17.0, 0.5 / 17.0];
+        for (at, want) in [((5, 25), [1.0, 0.0, 0.0]), ((5, 15), mixed)] {
+            let got = rgb_at(&fused, at.0, at.1);
+            for (g, w) in got.iter().zip(want) {
+                assert!((g - w).abs() < 5e-3, "{at:?}: {got:?} vs {want:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_brighter_exposed_photo_is_scaled_to_the_first_before_fusing() {
+        let dim = projection(
+            16,
+            [0.2, 0.3, 0.4],
+            |_, column| if column < 12 { 1.0 } else { 0.0 },
+        );
+        let bright = projection(
+            16,
+            [0.4, 0.6, 0.8],
+            |_, column| if column >= 4 { 1.0 } else { 0.0 },
+        );
+        let fused = Projection::fuse(&[dim, bright]).unwrap();
+        for column in [0, 8, 15] {
+            for (got, want) in rgb_at(&fused, 3, column).iter().zip([0.2, 0.3, 0.4]) {
+                assert!(
+                    (got - want).abs() < 1e-5,
+                    "column {column}: {got} vs {want}"
+                );
+            }
+        }
+        // Texels no photo saw stay unseen.
+        let edge = projection(
+            16,
+            [0.2, 0.3, 0.4],
+            |_, column| if column < 8 { 1.0 } else { 0.0 },
+        );
+        let fused = Projection::fuse(&[edge.clone(), edge]).unwrap();
+        assert_eq!(fused.observed[3 * 16 + 12], 0.0);
+    }
+
+    #[test]
+    fn fusing_nothing_or_mixed_sizes_is_an_error() {
+        assert!(Projection::fuse(&[]).is_err());
+        let error = Projection::fuse(&[
+            projection(8, [0.5; 3], |_, _| 1.0),
+            projection(16, [0.5; 3], |_, _| 1.0),
+        ])
+        .unwrap_err();
+        assert!(error.to_string().contains("one size"), "{error}");
     }
 }

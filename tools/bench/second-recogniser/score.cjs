@@ -8,7 +8,9 @@
 // each render to its photo; how far apart the photos of different people are (the impostor
 // reference); and whether each frontal render is nearer its own photo than every other photo
 // (identification). With --person REGEX, photos whose names give the same first capture group
-// show one person: their distances calibrate the recogniser (same vs different person).
+// show one person: their distances calibrate the recogniser (same vs different person), and
+// each frontal render is also compared with the person's other photos (how well a fit stands
+// for the person beyond the photo it was fitted to).
 //
 // Set-up and use (node 18 or later; fetches only from the npm registry):
 //   npm ci --prefix tools/bench/second-recogniser --ignore-scripts
@@ -136,9 +138,12 @@ async function main() {
   const personOf = (name) => (args.person ? (name.match(new RegExp(args.person)) || [])[1] : undefined);
   const samePerson = (i, j) => personOf(photos[i].photo) !== undefined && personOf(photos[i].photo) === personOf(photos[j].photo);
   const rows = photos.map(({ photo, vectors }, i) => {
-    const row = { photo, render: distance(vectors.photo, vectors.render), frontal: null, frontal_rank: null };
+    const row = { photo, render: distance(vectors.photo, vectors.render), frontal: null, frontal_rank: null, frontal_other_photos: null };
     if (vectors.frontal) {
       row.frontal = distance(vectors.photo, vectors.frontal);
+      // How well the face fitted to this photo stands for the person in their other photos.
+      const others = photos.filter((other, j) => j !== i && samePerson(i, j));
+      if (others.length > 0) row.frontal_other_photos = mean(others.map((other) => distance(other.vectors.photo, vectors.frontal)));
       // 1 when the frontal render is nearer its own photo than any photo of someone else.
       row.frontal_rank = 1 + photos.filter((other, j) => j !== i && !samePerson(i, j) && distance(other.vectors.photo, vectors.frontal) < row.frontal).length;
     }
@@ -160,6 +165,7 @@ async function main() {
     frontal_mean: mean(frontal.map((r) => r.frontal)),
     frontal_median: quantile(frontal.map((r) => r.frontal), 0.5),
     frontal_identified: frontal.filter((r) => r.frontal_rank === 1).length,
+    frontal_other_photos_mean: mean(frontal.filter((r) => r.frontal_other_photos !== null).map((r) => r.frontal_other_photos)),
     different_people_median: quantile(differentPeople, 0.5),
     different_people_p01: quantile(differentPeople, 0.01),
     different_people_min: Math.min(...differentPeople),
@@ -169,12 +175,13 @@ async function main() {
   }
 
   const f = (x) => (x === null || x === undefined || Number.isNaN(x) ? '–' : x.toFixed(3));
-  console.log('| photo | render | frontal | frontal rank |\n|---|---|---|---|');
-  for (const r of rows) console.log(`| ${r.photo} | ${f(r.render)} | ${f(r.frontal)} | ${r.frontal_rank ?? '–'} |`);
+  console.log('| photo | render | frontal | frontal rank | frontal vs the person\'s other photos |\n|---|---|---|---|---|');
+  for (const r of rows) console.log(`| ${r.photo} | ${f(r.render)} | ${f(r.frontal)} | ${r.frontal_rank ?? '–'} | ${f(r.frontal_other_photos)} |`);
   console.log(`\n${summary.recogniser}, ${summary.photos} photos`);
   console.log(`render vs photo: mean ${f(summary.render_mean)}, median ${f(summary.render_median)}`);
   console.log(`frontal vs photo: mean ${f(summary.frontal_mean)}, median ${f(summary.frontal_median)} (${summary.frontal_found} found); nearer its own photo than every photo of someone else: ${summary.frontal_identified}/${summary.frontal_found}`);
   console.log(`photos of different people: median ${f(summary.different_people_median)}, 1st percentile ${f(summary.different_people_p01)}, min ${f(summary.different_people_min)} (${differentPeople.length} pairs)`);
+  if (summary.same_person_pairs) console.log(`frontal vs the same person's other photos: mean ${f(summary.frontal_other_photos_mean)}`);
   if (summary.same_person_pairs) console.log(`photos of one person: median ${f(summary.same_person_median)}, max ${f(summary.same_person_max)} (${summary.same_person_pairs} pairs); AUC same vs different ${f(summary.same_vs_different_auc)}`);
   if (args.out) fs.writeFileSync(args.out, JSON.stringify({ summary, rows }, null, 2));
 }
