@@ -214,9 +214,10 @@ const FUSE_DETAIL_POWER: i32 = 4;
 
 impl Projection {
     /// One texture from the projections of several photos of one face, all at one size: each
-    /// texel the weighted mean of the colours the photos saw there, weighted by
-    /// [`FUSE_DETAIL_POWER`] of the detail they saw, so the far side of a turned head comes from
-    /// the photo that faced it and a face seen close outweighs one seen from afar. Each photo's colours are first scaled per channel to the first
+    /// texel the weighted mean of the colours the photos saw there, weighted by the fourth
+    /// power of the detail they saw ([`Projection::pixels_per_mm`]), so the far side of a
+    /// turned head comes from the photo that faced it and a face seen close outweighs one seen
+    /// from afar. Each photo's colours are first scaled per channel to the first
     /// photo's brightness where both saw the face, so differently exposed photos meet without
     /// seams. Texels no photo saw stay unobserved.
     pub fn fuse(projections: &[Projection]) -> Result<UvTexture, OptimError> {
