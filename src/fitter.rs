@@ -8,8 +8,8 @@ use ganfit_losses::face::{FaceChoice, FaceDetector, FaceLandmarker, check_pixel_
 use ganfit_losses::identity::FaceRecognitionNet;
 use ganfit_morphable::{MorphableModel, TexturedMesh};
 use ganfit_optim::{
-    AlignmentConfig, FitParams, ImageLandmarks, Intrinsics, LossWeights, PhotoView, RefineConfig,
-    StageReport, TextureSource, UvTexture,
+    AlignmentConfig, FitParams, ImageLandmarks, Intrinsics, LossWeights, PhotoView, Projection,
+    RefineConfig, StageReport, TextureSource, UvTexture,
 };
 use ganfit_render::{Appearance, Lighting, PhongLight, RenderOptions, Renderer, Scene, WrapMode};
 use ganfit_texture::TextureModel;
@@ -384,6 +384,13 @@ struct Observed {
     alignment: ganfit_optim::Alignment,
 }
 
+/// A photo's fitted parameters, mesh and projection onto the UV layout, on the host.
+struct Posed {
+    params: FitParams,
+    vertices: Tensor,
+    projection: Projection,
+}
+
 impl Fitter {
     /// A builder with every option at its default.
     pub fn builder() -> FitterBuilder {
@@ -537,16 +544,22 @@ impl Fitter {
                 .map(|o| o.alignment.params.clone())
                 .collect(),
         };
+        let posed = params
+            .iter()
+            .zip(&observed)
+            .map(|(params, observed)| self.posed(params, &observed.photo))
+            .collect::<Result<Vec<_>>>()?;
         // Several photos of one person: one texture merged from all of them for the views
         // that are no photo's own (the frontal render, the exported mesh).
-        let merged = if images.len() > 1 {
-            Some(self.merged_texture(&params, &observed)?)
+        let merged = if posed.len() > 1 {
+            let projections: Vec<&Projection> = posed.iter().map(|p| &p.projection).collect();
+            Some(Projection::fuse(&projections)?)
         } else {
             None
         };
         let mut results = Vec::with_capacity(images.len());
-        let photos = images.iter().zip(observed).zip(params);
-        for (index, ((image, observed), params)) in photos.enumerate() {
+        let photos = images.iter().zip(observed).zip(posed);
+        for (index, ((image, observed), posed)) in photos.enumerate() {
             let mut stages = observed.alignment.stages;
             let (light, albedo) = match &refined {
                 Some(r) => {
@@ -562,8 +575,7 @@ impl Fitter {
             let eye_colours = EyeColours::measure(image, &observed.detected);
             let mut result = self.finish(
                 image,
-                &observed.photo,
-                params,
+                posed,
                 &vertex_ids,
                 albedo,
                 eye_colours,
@@ -626,27 +638,25 @@ impl Fitter {
         .render_frontal(&vertices, size)
     }
 
-    /// The photos' projections onto the UV layout, each through its own fitted camera and
-    /// expression, merged into one texture ([`ganfit_optim::Projection::fuse`]).
-    fn merged_texture(&self, params: &[FitParams], observed: &[Observed]) -> Result<UvTexture> {
+    /// A fitted photo's mesh, and the photo projected onto its UV layout, on the host.
+    fn posed(&self, params: &FitParams, photo: &Tensor) -> Result<Posed> {
         let model = self.host_model();
-        let projections = params
-            .iter()
-            .zip(observed)
-            .map(|(params, observed)| {
-                let params = params.to_device(model.device())?;
-                let vertices = model.instance(&params.shape, &params.expression)?;
-                let photo = observed.photo.to_device(model.device())?;
-                Ok(ganfit_optim::project_photo_with_view(
-                    model,
-                    &vertices,
-                    &params,
-                    &photo,
-                    self.texture_size,
-                )?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(ganfit_optim::Projection::fuse(&projections)?)
+        let params = params.to_device(model.device())?;
+        // The photo's tensor as the full objective used it: no copy on the CPU.
+        let photo = photo.to_device(model.device())?;
+        let vertices = model.instance(&params.shape, &params.expression)?;
+        let projection = ganfit_optim::project_photo_with_view(
+            model,
+            &vertices,
+            &params,
+            &photo,
+            self.texture_size,
+        )?;
+        Ok(Posed {
+            params,
+            vertices,
+            projection,
+        })
     }
 
     /// Geometry, texture and renders of a fitted photo. `merged`, the texture of several
@@ -654,41 +664,34 @@ impl Fitter {
     fn finish(
         &self,
         image: &RgbImage,
-        photo: &Tensor,
-        params: FitParams,
+        posed: Posed,
         landmark_vertices: &[Option<u32>],
         albedo: Option<RgbImage>,
         eye_colours: EyeColours,
         merged: Option<&UvTexture>,
     ) -> Result<FitResult> {
         let model = self.host_model();
-        let params = params.to_device(model.device())?;
-        // The photo's tensor as the full objective used it: no copy on the CPU.
-        let photo = photo.to_device(model.device())?;
-        let vertices = model.instance(&params.shape, &params.expression)?;
+        let Posed {
+            params,
+            vertices,
+            projection,
+        } = posed;
         let pixels = vertex_pixels(&vertices, &params)?;
         let fitted_landmarks = landmark_vertices
             .iter()
             .map(|id| id.map(|id| pixels[id as usize]))
             .collect();
         let mesh = model.mesh(&vertices)?;
-        // The steps below are partly serial (image resizing, copies into the render atlas), so
-        // independent ones run side by side.
-        let (texture, background) = rayon::join(
-            || ganfit_optim::project_photo(model, &vertices, &params, &photo, self.texture_size),
-            || {
-                albedo
-                    .as_ref()
-                    .map(|albedo| albedo_background(albedo, self.texture_size))
-            },
-        );
+        let background = albedo
+            .as_ref()
+            .map(|albedo| albedo_background(albedo, self.texture_size));
         // Through the photo's camera the unseen texels it shows are grazing ones, which the
         // albedo was fitted to; from elsewhere (the frontal render, the exported mesh) the far
         // side of a turned head is better shown by the seen side's mirror image.
         let (in_photo, texture) = match merged {
-            None => texture?.filled_both_ways(background.as_deref()),
+            None => projection.texture.filled_both_ways(background.as_deref()),
             Some(merged) => {
-                let (mut in_photo, mut elsewhere) = (texture?, merged.clone());
+                let (mut in_photo, mut elsewhere) = (projection.texture, merged.clone());
                 in_photo.fill_unobserved(background.as_deref());
                 elsewhere.fill_unobserved_mirrored(background.as_deref());
                 (in_photo, elsewhere)

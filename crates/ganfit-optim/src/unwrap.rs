@@ -220,8 +220,8 @@ impl Projection {
     /// from afar. Each photo's colours are first scaled per channel to the first
     /// photo's brightness where both saw the face, so differently exposed photos meet without
     /// seams. Texels no photo saw stay unobserved.
-    pub fn fuse(projections: &[Projection]) -> Result<UvTexture, OptimError> {
-        let Some(first) = projections.first() else {
+    pub fn fuse(projections: &[&Projection]) -> Result<UvTexture, OptimError> {
+        let Some(&first) = projections.first() else {
             return Err(OptimError::InvalidInput(
                 "fusing textures needs at least one projection".to_string(),
             ));
@@ -877,7 +877,7 @@ mod tests {
         right.texture.rgb[(5 * 30 + 15) * 3..][..3].copy_from_slice(&[1.0, 0.0, 0.0]);
         let mut left = left;
         left.pixels_per_mm[5 * 30 + 15] = 0.45;
-        let fused = Projection::fuse(&[left, right]).unwrap();
+        let fused = Projection::fuse(&[&left, &right]).unwrap();
         assert!(
             fused.observed.iter().all(|&o| o == 1.0),
             "every texel was seen"
@@ -906,7 +906,7 @@ mod tests {
             [0.4, 0.6, 0.8],
             |_, column| if column >= 4 { 1.0 } else { 0.0 },
         );
-        let fused = Projection::fuse(&[dim, bright]).unwrap();
+        let fused = Projection::fuse(&[&dim, &bright]).unwrap();
         for column in [0, 8, 15] {
             for (got, want) in rgb_at(&fused, 3, column).iter().zip([0.2, 0.3, 0.4]) {
                 assert!(
@@ -921,7 +921,7 @@ mod tests {
             [0.2, 0.3, 0.4],
             |_, column| if column < 8 { 1.0 } else { 0.0 },
         );
-        let fused = Projection::fuse(&[edge.clone(), edge]).unwrap();
+        let fused = Projection::fuse(&[&edge, &edge]).unwrap();
         assert_eq!(fused.observed[3 * 16 + 12], 0.0);
     }
 
@@ -929,8 +929,8 @@ mod tests {
     fn fusing_nothing_or_mixed_sizes_is_an_error() {
         assert!(Projection::fuse(&[]).is_err());
         let error = Projection::fuse(&[
-            projection(8, [0.5; 3], |_, _| 1.0),
-            projection(16, [0.5; 3], |_, _| 1.0),
+            &projection(8, [0.5; 3], |_, _| 1.0),
+            &projection(16, [0.5; 3], |_, _| 1.0),
         ])
         .unwrap_err();
         assert!(error.to_string().contains("one size"), "{error}");
