@@ -595,7 +595,8 @@ fn pick_photos(shared: &Path, count: usize) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 /// Landmark error, identity distance, time and peak memory of fits of real photos; the photos
-/// of each group are fitted together (time and memory are then the group's, shared out).
+/// of each group are fitted together (each is then given the group's time divided among them,
+/// and the group's peak memory).
 fn real_photos(
     shared: &Path,
     groups: &[Vec<PathBuf>],
