@@ -103,6 +103,32 @@ fn small_faces_in_large_images_are_found_where_they_are() {
 }
 
 #[test]
+fn a_face_in_a_long_narrow_strip_is_found() {
+    // The astronaut's head (200 px square, the face about 90 px) in a strip 200 px wide: the
+    // whole strip letterboxed shrinks the face to 10 px, and windows of half the strip's width
+    // are below the smallest searched.
+    let detector = FaceDetector::new(&Device::Cpu).unwrap();
+    let photo = astronaut();
+    let reference = detector.detect_face(&photo, FaceChoice::Largest).unwrap();
+    let head = imageops::crop_imm(&photo, 130, 30, 200, 200).to_image();
+    for (width, height, offset) in [(200, 1200, (0, 500)), (1200, 200, (700, 0))] {
+        let mut strip = RgbImage::from_pixel(width, height, image::Rgb([118, 121, 125]));
+        imageops::replace(&mut strip, &head, offset.0, offset.1);
+        let [x0, y0, x1, y1] = reference.bbox;
+        let (dx, dy) = ((offset.0 - 130) as f32, (offset.1 - 30) as f32);
+        let expected = [x0 + dx, y0 + dy, x1 + dx, y1 + dy];
+        let face = detector
+            .detect_face(&strip, FaceChoice::Largest)
+            .unwrap_or_else(|e| panic!("{width}x{height}: {e}"));
+        assert!(
+            iou(&face.bbox, &expected) > 0.6,
+            "{width}x{height}: found {:?}, expected {expected:?}",
+            face.bbox
+        );
+    }
+}
+
+#[test]
 fn an_empty_large_image_still_holds_no_face() {
     let detector = FaceDetector::new(&Device::Cpu).unwrap();
     let mut image = RgbImage::from_pixel(1200, 800, image::Rgb([118, 121, 125]));

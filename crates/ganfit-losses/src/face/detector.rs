@@ -345,8 +345,10 @@ impl FaceDetector {
     /// The whole image is searched first, as MediaPipe does. The short-range model finds faces
     /// that fill at least a fifth or so of its view, so when that finds none (a person further
     /// away, a group, a high-resolution photo) overlapping windows of half, a quarter and an
-    /// eighth of the image's shorter side are searched in turn, down to windows three times
-    /// [`DetectorOptions::min_face_px`]; the first window size that finds a face is kept.
+    /// eighth of the image's shorter side are searched in turn (first as wide as the shorter
+    /// side, in an image at least twice as long as it is wide or the other way round), down to
+    /// windows three times [`DetectorOptions::min_face_px`]; the first window size that finds a
+    /// face is kept.
     pub fn detect(&self, image: &RgbImage) -> Result<Vec<Detection>> {
         let (input, roi) = self.input_tensor(image)?;
         let n = DETECTOR_INPUT as f32;
@@ -359,7 +361,11 @@ impl FaceDetector {
             return Ok(whole);
         }
         let shorter = image.width().min(image.height()) as f32;
-        for fraction in [0.5, 0.25, 0.125] {
+        let longer = image.width().max(image.height()) as f32;
+        // A long strip letterboxed whole shrinks its faces by its length: squares as wide as
+        // the strip see them at the size a square photo would.
+        let strip = (longer >= 2.0 * shorter).then_some(1.0);
+        for fraction in strip.into_iter().chain([0.5, 0.25, 0.125]) {
             let window = shorter * fraction;
             if window < 3.0 * self.options.min_face_px {
                 break;
