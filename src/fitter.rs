@@ -557,27 +557,30 @@ impl Fitter {
         } else {
             None
         };
+        // One albedo serves every photo: the fill's background for each of their textures.
+        let albedo = refined
+            .as_ref()
+            .map(|r| albedo_image(&r.albedo))
+            .transpose()?;
+        let background = albedo
+            .as_ref()
+            .map(|albedo| albedo_background(albedo, self.texture_size));
         let mut results = Vec::with_capacity(images.len());
         let photos = images.iter().zip(observed).zip(posed);
         for (index, ((image, observed), posed)) in photos.enumerate() {
             let mut stages = observed.alignment.stages;
-            let (light, albedo) = match &refined {
-                Some(r) => {
-                    stages.push(r.report.clone());
-                    (
-                        Some(r.lights[index].clone()),
-                        Some(albedo_image(&r.albedo)?),
-                    )
-                }
-                None => (None, None),
-            };
+            let light = refined.as_ref().map(|r| {
+                stages.push(r.report.clone());
+                r.lights[index].clone()
+            });
             let vertex_ids = observed.landmarks.vertex_ids(&self.model).to_vec();
             let eye_colours = EyeColours::measure(image, &observed.detected);
             let mut result = self.finish(
                 image,
                 posed,
                 &vertex_ids,
-                albedo,
+                albedo.clone(),
+                background.as_deref(),
                 eye_colours,
                 merged.as_ref(),
             )?;
@@ -659,14 +662,16 @@ impl Fitter {
         })
     }
 
-    /// Geometry, texture and renders of a fitted photo. `merged`, the texture of several
-    /// photos of the person, stands for the photo's own in the views away from its camera.
+    /// Geometry, texture and renders of a fitted photo. `background` (the albedo at the
+    /// texture's size) fills what no photo saw; `merged`, the texture of several photos of the
+    /// person, stands for the photo's own in the views away from its camera.
     fn finish(
         &self,
         image: &RgbImage,
         posed: Posed,
         landmark_vertices: &[Option<u32>],
         albedo: Option<RgbImage>,
+        background: Option<&[f32]>,
         eye_colours: EyeColours,
         merged: Option<&UvTexture>,
     ) -> Result<FitResult> {
@@ -682,18 +687,15 @@ impl Fitter {
             .map(|id| id.map(|id| pixels[id as usize]))
             .collect();
         let mesh = model.mesh(&vertices)?;
-        let background = albedo
-            .as_ref()
-            .map(|albedo| albedo_background(albedo, self.texture_size));
         // Through the photo's camera the unseen texels it shows are grazing ones, which the
         // albedo was fitted to; from elsewhere (the frontal render, the exported mesh) the far
         // side of a turned head is better shown by the seen side's mirror image.
         let (in_photo, texture) = match merged {
-            None => projection.texture.filled_both_ways(background.as_deref()),
+            None => projection.texture.filled_both_ways(background),
             Some(merged) => {
                 let (mut in_photo, mut elsewhere) = (projection.texture, merged.clone());
-                in_photo.fill_unobserved(background.as_deref());
-                elsewhere.fill_unobserved_mirrored(background.as_deref());
+                in_photo.fill_unobserved(background);
+                elsewhere.fill_unobserved_mirrored(background);
                 (in_photo, elsewhere)
             }
         };
