@@ -381,7 +381,6 @@ struct Observed {
     detected: Vec<[f32; 2]>,
     landmarks: ImageLandmarks,
     photo: Tensor,
-    alignment: ganfit_optim::Alignment,
 }
 
 /// A photo's fitted parameters, mesh and projection onto the UV layout, on the host.
@@ -424,10 +423,10 @@ impl Fitter {
 
     /// Fits several photos of one person: they share identity and texture, each has its own
     /// expression, camera and light. Returns one result per photo, in order. The identity is
-    /// shared through the full objective (with 0 iterations each photo keeps the shape its
-    /// landmarks gave); the texture of the mesh and the frontal render is merged from every
-    /// photo ([`ganfit_optim::Projection::fuse`]), while each render in its photo's view keeps
-    /// that photo's colours.
+    /// shared from the landmark alignment on ([`ganfit_optim::align_one_person`]), so every
+    /// photo's landmarks shape it; the texture of the mesh and the frontal render is merged
+    /// from every photo ([`ganfit_optim::Projection::fuse`]), while each render in its photo's
+    /// view keeps that photo's colours.
     pub fn fit_many(&self, images: &[RgbImage]) -> Result<Vec<FitResult>> {
         self.fit_many_with_progress(images, |_| {})
     }
@@ -476,24 +475,27 @@ impl Fitter {
                 width: image.width(),
                 height: image.height(),
             };
-            observer(Progress::Step("landmark alignment"));
-            let mut alignment =
-                ganfit_optim::align_to_landmarks(self.host_model(), &landmarks, &self.alignment)?;
-            alignment.params = alignment.params.to_device(self.model.device())?;
-            lap("landmark alignment", &mut timings);
             observed.push(Observed {
                 detected,
                 landmarks,
                 photo: photo_tensor(image, self.model.device())?,
-                alignment,
             });
         }
+        observer(Progress::Step("landmark alignment"));
+        let all_landmarks: Vec<ImageLandmarks> =
+            observed.iter().map(|o| o.landmarks.clone()).collect();
+        let mut alignments =
+            ganfit_optim::align_one_person(self.host_model(), &all_landmarks, &self.alignment)?;
+        for alignment in &mut alignments {
+            alignment.params = alignment.params.to_device(self.model.device())?;
+        }
+        lap("landmark alignment", &mut timings);
 
         let refined = match &self.identity_net {
             Some(net) if self.refine.iterations > 0 => {
                 observer(Progress::Step("full objective"));
                 let first = &observed[0];
-                let params = &first.alignment.params;
+                let params = &alignments[0].params;
                 let vertices = self.model.instance(&params.shape, &params.expression)?;
                 let initial = ganfit_optim::unwrap_photo(
                     &self.model,
@@ -504,10 +506,11 @@ impl Fitter {
                 )?;
                 let views: Vec<PhotoView<'_>> = observed
                     .iter()
-                    .map(|o| PhotoView {
+                    .zip(&alignments)
+                    .map(|(o, alignment)| PhotoView {
                         image: &o.photo,
                         landmarks: &o.landmarks,
-                        params: &o.alignment.params,
+                        params: &alignment.params,
                     })
                     .collect();
                 let source = match &self.texture_model {
@@ -539,10 +542,7 @@ impl Fitter {
         observer(Progress::Step("texture and renders"));
         let params: Vec<FitParams> = match &refined {
             Some(r) => r.params.clone(),
-            None => observed
-                .iter()
-                .map(|o| o.alignment.params.clone())
-                .collect(),
+            None => alignments.iter().map(|a| a.params.clone()).collect(),
         };
         let posed = params
             .iter()
@@ -566,9 +566,9 @@ impl Fitter {
             .as_ref()
             .map(|albedo| albedo_background(albedo, self.texture_size));
         let mut results = Vec::with_capacity(images.len());
-        let photos = images.iter().zip(observed).zip(posed);
-        for (index, ((image, observed), posed)) in photos.enumerate() {
-            let mut stages = observed.alignment.stages;
+        let photos = images.iter().zip(observed).zip(alignments).zip(posed);
+        for (index, (((image, observed), alignment), posed)) in photos.enumerate() {
+            let mut stages = alignment.stages;
             let light = refined.as_ref().map(|r| {
                 stages.push(r.report.clone());
                 r.lights[index].clone()

@@ -196,6 +196,36 @@ fn two_photos_of_one_person_share_identity_and_texture_and_differ_in_expression(
     }
 }
 
+/// Without the full objective the photos still share one identity: the landmark alignment
+/// fits it to both photos' landmarks at once.
+#[test]
+fn photos_of_one_person_share_their_shape_from_the_landmark_alignment_on() {
+    let photos = [
+        shared_photo("frl_london", "002_neutral.jpg"),
+        shared_photo("frl_london", "002_smiling.jpg"),
+    ];
+    let fitter = Fitter::builder()
+        .texture_size(256)
+        .iterations(0)
+        .build()
+        .unwrap();
+    let results = fitter.fit_many(&photos).unwrap();
+    let values = |t: &Tensor| t.to_vec1::<f32>().unwrap();
+    assert_eq!(
+        values(&results[0].params.shape),
+        values(&results[1].params.shape)
+    );
+    let alone = fitter.fit(&photos[0]).unwrap();
+    assert_ne!(
+        values(&alone.params.shape),
+        values(&results[0].params.shape)
+    );
+    for result in &results {
+        let error = result.landmark_error();
+        assert!(error < 0.03, "{:.2} %", 100.0 * error);
+    }
+}
+
 fn astronaut() -> image::RgbImage {
     load_rgb(concat!(
         env!("CARGO_MANIFEST_DIR"),

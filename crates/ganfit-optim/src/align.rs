@@ -325,44 +325,34 @@ pub fn align_to_landmarks(
     landmarks: &ImageLandmarks,
     config: &AlignmentConfig,
 ) -> Result<Alignment, OptimError> {
-    let device = model.device().clone();
-    let pairs = correspondences(model, landmarks, config.dense_weight)?;
-    // The closed-form camera uses the model's landmarks only: they are the reliable ones.
-    let sparse_count = pairs.len()
-        - if config.dense_weight > 0.0 {
-            landmarks.dense.len()
-        } else {
-            0
-        };
+    let mut one = align_one_person(model, std::slice::from_ref(landmarks), config)?;
+    Ok(one.remove(0))
+}
 
+/// Aligns `model` to the landmarks of several photos of one person: one set of identity
+/// coefficients for them all, a camera and an expression per photo (in `photos`' order).
+/// Each photo's landmark term counts as it would alone and the identity prior once, so every
+/// further view constrains the shared shape more.
+pub fn align_one_person(
+    model: &MorphableModel,
+    photos: &[ImageLandmarks],
+    config: &AlignmentConfig,
+) -> Result<Vec<Alignment>, OptimError> {
+    if photos.is_empty() {
+        return Err(OptimError::InvalidInput(
+            "no photos' landmarks to align to".to_string(),
+        ));
+    }
+    let device = model.device().clone();
     let mean = model.mean_rows()?;
-    let object: Vec<Vector3<f64>> = pairs[..sparse_count]
-        .iter()
-        .map(|c| mean[c.vertex as usize].map(f64::from).into())
-        .collect();
-    let pixels: Vec<Vector2<f64>> = pairs[..sparse_count]
-        .iter()
-        .map(|c| c.pixel.into())
-        .collect();
-    let intrinsics = config
-        .intrinsics
-        .unwrap_or_else(|| Intrinsics::guess_for_image(landmarks.width, landmarks.height));
-    let pose = pose_from_landmarks(&intrinsics, &object, &pixels)?;
+    let mut views = Vec::with_capacity(photos.len());
+    for landmarks in photos {
+        views.push(PhotoCorrespondences::new(model, &mean, landmarks, config)?);
+    }
 
     // Only the landmark vertices enter the loss: fitting a model of just those is hundreds of
     // times cheaper than evaluating the whole mesh every iteration.
-    let contour: Vec<(usize, Vec<u32>)> = if config.jaw_contour {
-        pairs
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.landmark.is_some_and(is_jaw_contour))
-            .map(|(index, c)| (index, contour_slice(model, &mean, c.vertex)))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let mut distinct: Vec<u32> = pairs.iter().map(|c| c.vertex).collect();
-    distinct.extend(contour.iter().flat_map(|(_, slice)| slice.iter().copied()));
+    let mut distinct: Vec<u32> = views.iter().flat_map(|v| v.vertices()).collect();
     distinct.sort_unstable();
     distinct.dedup();
     let landmark_model = model.subset_model("landmark vertices", &distinct)?;
@@ -371,50 +361,61 @@ pub fn align_to_landmarks(
             .binary_search(vertex)
             .expect("distinct holds every id") as u32
     };
-    let local_pairs: Vec<Correspondence> = pairs
+    let problems = views
         .iter()
-        .map(|c| Correspondence {
-            vertex: local(&c.vertex),
-            ..*c
-        })
-        .collect();
-    let contour = contour
-        .into_iter()
-        .map(|(pair, slice)| ContourPoint {
-            pair,
-            side: f64::from(mean[pairs[pair].vertex as usize][0].signum()),
-            slice: slice.iter().map(local).collect(),
-        })
-        .collect();
-    let problem = Problem::new(&local_pairs, contour, &intrinsics, &device)?;
+        .map(|view| view.problem(&mean, local, &device))
+        .collect::<Result<Vec<_>, _>>()?;
+
     let shape_modes = config
         .shape_modes
         .unwrap_or(model.shape_modes())
         .min(model.shape_modes());
     let vec_var = |values: &[f64]| Var::from_vec(values.to_vec(), values.len(), &device);
-    let rotation = vec_var(pose.axis_angle().as_slice())?;
-    let translation = vec_var(pose.translation.as_slice())?;
-    let log_focal = vec_var(&[intrinsics.fx.ln()])?;
     let shape = Var::zeros(shape_modes, DType::F64, &device)?;
-    let expression = Var::zeros(model.expression_modes(), DType::F64, &device)?;
+    let mut per_photo = Vec::with_capacity(views.len());
+    for view in &views {
+        per_photo.push(PhotoVars {
+            expression: Var::zeros(model.expression_modes(), DType::F64, &device)?,
+            rotation: vec_var(view.pose.axis_angle().as_slice())?,
+            translation: vec_var(view.pose.translation.as_slice())?,
+            log_focal: vec_var(&[view.intrinsics.fx.ln()])?,
+        });
+    }
 
     let objective = |_: usize| {
-        problem.loss(
-            &landmark_model,
-            config,
-            [&shape, &expression, &rotation, &translation, &log_focal],
+        let mut landmark = Vec::with_capacity(problems.len());
+        let mut expression_prior = Vec::with_capacity(problems.len());
+        for (problem, vars) in problems.iter().zip(&per_photo) {
+            landmark.push(problem.landmark_term(&landmark_model, &shape, vars)?);
+            let expression = vars.expression.as_tensor();
+            expression_prior.push((expression.sqr()?.sum_all()? * config.expression_prior)?);
+        }
+        let (landmark, expression_prior) = (sum(landmark)?, sum(expression_prior)?);
+        let shape_prior = (shape.as_tensor().sqr()?.sum_all()? * config.shape_prior)?;
+        let scalar = |t: &Tensor| t.to_scalar::<f64>();
+        let terms = vec![
+            ("landmark".to_string(), scalar(&landmark)?),
+            ("shape prior".to_string(), scalar(&shape_prior)?),
+            ("expression prior".to_string(), scalar(&expression_prior)?),
+        ];
+        Ok(Loss {
+            total: ((landmark + shape_prior)? + expression_prior)?,
+            terms,
+        })
+    };
+    let group = |name: &str, pick: fn(&PhotoVars) -> &Var, learning_rate: f64| {
+        ParamGroup::new(
+            name,
+            per_photo.iter().map(|c| pick(c).clone()).collect(),
+            learning_rate,
         )
     };
     let camera_groups = [
-        ParamGroup::new("rotation", vec![rotation.clone()], config.rotation_lr),
-        ParamGroup::new(
-            "translation",
-            vec![translation.clone()],
-            config.translation_lr,
-        ),
-        ParamGroup::new(
+        group("rotation", |c| &c.rotation, config.rotation_lr),
+        group("translation", |c| &c.translation, config.translation_lr),
+        group(
             "focal",
-            vec![log_focal.clone()],
+            |c| &c.log_focal,
             if config.intrinsics.is_some() {
                 0.0
             } else {
@@ -432,29 +433,137 @@ pub fn align_to_landmarks(
         vec![shape.clone()],
         config.shape_lr,
     ));
-    all_groups.push(ParamGroup::new(
-        "expression",
-        vec![expression.clone()],
-        config.expression_lr,
-    ));
+    all_groups.push(group("expression", |c| &c.expression, config.expression_lr));
     let shape_stage = StageConfig::new("shape and expression", config.shape_iterations);
     stages.push(run_stage(&shape_stage, &all_groups, objective, |_| {})?);
 
-    let focal = log_focal.as_tensor().exp()?.to_vec1::<f64>()?[0];
-    Ok(Alignment {
-        params: FitParams {
-            shape: shape.as_tensor().to_dtype(DType::F32)?,
-            expression: expression.as_tensor().to_dtype(DType::F32)?,
-            rotation: rotation.as_tensor().to_dtype(DType::F32)?,
-            translation: translation.as_tensor().to_dtype(DType::F32)?,
-            intrinsics: Intrinsics {
-                fx: focal,
-                fy: focal * intrinsics.fy / intrinsics.fx,
-                ..intrinsics
-            },
-        },
-        stages,
-    })
+    let shape = shape.as_tensor().to_dtype(DType::F32)?;
+    views
+        .iter()
+        .zip(&per_photo)
+        .map(|(view, vars)| {
+            let focal = vars.log_focal.as_tensor().exp()?.to_vec1::<f64>()?[0];
+            let intrinsics = view.intrinsics;
+            Ok(Alignment {
+                params: FitParams {
+                    shape: shape.clone(),
+                    expression: vars.expression.as_tensor().to_dtype(DType::F32)?,
+                    rotation: vars.rotation.as_tensor().to_dtype(DType::F32)?,
+                    translation: vars.translation.as_tensor().to_dtype(DType::F32)?,
+                    intrinsics: Intrinsics {
+                        fx: focal,
+                        fy: focal * intrinsics.fy / intrinsics.fx,
+                        ..intrinsics
+                    },
+                },
+                stages: stages.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The sum of one or more tensors of one shape.
+fn sum(terms: Vec<Tensor>) -> candle_core::Result<Tensor> {
+    let mut terms = terms.into_iter();
+    let first = terms.next().expect("at least one photo");
+    terms.try_fold(first, |total, term| total + term)
+}
+
+/// What one photo's landmarks give the alignment before it starts: its correspondences, the
+/// closed-form camera on the mean face, and the jaw landmarks' candidate slices.
+struct PhotoCorrespondences {
+    pairs: Vec<Correspondence>,
+    intrinsics: Intrinsics,
+    pose: crate::Pose,
+    /// Index of a jaw correspondence and its candidate vertices (model ids).
+    contour: Vec<(usize, Vec<u32>)>,
+}
+
+impl PhotoCorrespondences {
+    fn new(
+        model: &MorphableModel,
+        mean: &[[f32; 3]],
+        landmarks: &ImageLandmarks,
+        config: &AlignmentConfig,
+    ) -> Result<Self, OptimError> {
+        let pairs = correspondences(model, landmarks, config.dense_weight)?;
+        // The closed-form camera uses the model's landmarks only: they are the reliable ones.
+        let sparse_count = pairs.len()
+            - if config.dense_weight > 0.0 {
+                landmarks.dense.len()
+            } else {
+                0
+            };
+        let object: Vec<Vector3<f64>> = pairs[..sparse_count]
+            .iter()
+            .map(|c| mean[c.vertex as usize].map(f64::from).into())
+            .collect();
+        let pixels: Vec<Vector2<f64>> = pairs[..sparse_count]
+            .iter()
+            .map(|c| c.pixel.into())
+            .collect();
+        let intrinsics = config
+            .intrinsics
+            .unwrap_or_else(|| Intrinsics::guess_for_image(landmarks.width, landmarks.height));
+        let pose = pose_from_landmarks(&intrinsics, &object, &pixels)?;
+        let contour = if config.jaw_contour {
+            pairs
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.landmark.is_some_and(is_jaw_contour))
+                .map(|(index, c)| (index, contour_slice(model, mean, c.vertex)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(PhotoCorrespondences {
+            pairs,
+            intrinsics,
+            pose,
+            contour,
+        })
+    }
+
+    /// Every model vertex the photo's landmark term may look at.
+    fn vertices(&self) -> impl Iterator<Item = u32> + '_ {
+        let slices = self.contour.iter().flat_map(|(_, slice)| slice.iter());
+        self.pairs.iter().map(|c| c.vertex).chain(slices.copied())
+    }
+
+    /// The landmark term of this photo on the subset model whose vertex `v` is `local(v)`.
+    fn problem(
+        &self,
+        mean: &[[f32; 3]],
+        local: impl Fn(&u32) -> u32,
+        device: &Device,
+    ) -> Result<Problem, OptimError> {
+        let local_pairs: Vec<Correspondence> = self
+            .pairs
+            .iter()
+            .map(|c| Correspondence {
+                vertex: local(&c.vertex),
+                ..*c
+            })
+            .collect();
+        let contour = self
+            .contour
+            .iter()
+            .map(|(pair, slice)| ContourPoint {
+                pair: *pair,
+                side: f64::from(mean[self.pairs[*pair].vertex as usize][0].signum()),
+                slice: slice.iter().map(&local).collect(),
+            })
+            .collect();
+        Problem::new(&local_pairs, contour, &self.intrinsics, device)
+    }
+}
+
+/// The variables that belong to one photo.
+struct PhotoVars {
+    expression: Var,
+    rotation: Var,
+    translation: Var,
+    log_focal: Var,
 }
 
 impl Problem {
@@ -482,20 +591,25 @@ impl Problem {
     fn project(
         &self,
         model: &MorphableModel,
-        [shape, expression, rotation, translation, log_focal]: [&Var; 5],
+        shape: &Var,
+        vars: &PhotoVars,
     ) -> Result<Tensor, OptimError> {
         let vertices = model
-            .instance(shape.as_tensor(), expression.as_tensor())?
+            .instance(shape.as_tensor(), vars.expression.as_tensor())?
             .to_dtype(DType::F64)?;
         let camera = ganfit_render::camera_from_world(
             &vertices,
-            &rotation.as_tensor().unsqueeze(0)?,
-            &translation.as_tensor().unsqueeze(0)?,
+            &vars.rotation.as_tensor().unsqueeze(0)?,
+            &vars.translation.as_tensor().unsqueeze(0)?,
         )?
         .squeeze(0)?;
         let xy = camera.narrow(1, 0, 2)?;
         let z = camera.narrow(1, 2, 1)?;
-        let focal = log_focal.as_tensor().exp()?.broadcast_mul(&self.aspect)?;
+        let focal = vars
+            .log_focal
+            .as_tensor()
+            .exp()?
+            .broadcast_mul(&self.aspect)?;
         let pixels = xy
             .broadcast_div(&z)?
             .broadcast_mul(&focal)?
@@ -503,7 +617,7 @@ impl Problem {
         let ids = if self.contour.is_empty() {
             self.vertex_ids.clone()
         } else {
-            self.outline_ids(&pixels, rotation)?
+            self.outline_ids(&pixels, &vars.rotation)?
         };
         Ok(pixels.index_select(&ids, 0)?)
     }
@@ -534,27 +648,14 @@ impl Problem {
         Ok(Tensor::from_vec(ids, count, self.vertex_ids.device())?)
     }
 
-    fn loss(
+    /// The weighted landmark error of the photo under the current parameters.
+    fn landmark_term(
         &self,
         model: &MorphableModel,
-        config: &AlignmentConfig,
-        vars: [&Var; 5],
-    ) -> Result<Loss, OptimError> {
-        let [shape, expression, ..] = vars;
-        let projected = self.project(model, vars)?.unsqueeze(0)?;
-        let landmark = landmark_loss(&projected, &self.targets, Some(&self.weights))?.squeeze(0)?;
-        let shape_prior = (shape.as_tensor().sqr()?.sum_all()? * config.shape_prior)?;
-        let expression_prior =
-            (expression.as_tensor().sqr()?.sum_all()? * config.expression_prior)?;
-        let scalar = |t: &Tensor| t.to_scalar::<f64>();
-        let terms = vec![
-            ("landmark".to_string(), scalar(&landmark)?),
-            ("shape prior".to_string(), scalar(&shape_prior)?),
-            ("expression prior".to_string(), scalar(&expression_prior)?),
-        ];
-        Ok(Loss {
-            total: ((landmark + shape_prior)? + expression_prior)?,
-            terms,
-        })
+        shape: &Var,
+        vars: &PhotoVars,
+    ) -> Result<Tensor, OptimError> {
+        let projected = self.project(model, shape, vars)?.unsqueeze(0)?;
+        Ok(landmark_loss(&projected, &self.targets, Some(&self.weights))?.squeeze(0)?)
     }
 }

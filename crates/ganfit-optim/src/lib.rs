@@ -5,8 +5,8 @@
 //! the machinery those stages share — Adam per parameter group, learning-rate schedules,
 //! early stopping, divergence recovery — the closed-form camera initialisation from 2D–3D
 //! landmark correspondences that the first stage starts from, the landmark alignment stage
-//! itself ([`align_to_landmarks`]), and the projection of the photo onto the fitted mesh's UV
-//! layout ([`unwrap_photo`]).
+//! itself ([`align_to_landmarks`], or [`align_one_person`] for several photos of one person),
+//! and the projection of the photo onto the fitted mesh's UV layout ([`unwrap_photo`]).
 
 mod adam;
 mod align;
@@ -17,7 +17,8 @@ mod stage;
 mod unwrap;
 
 pub use align::{
-    Alignment, AlignmentConfig, FitParams, ImageLandmarks, VertexObservation, align_to_landmarks,
+    Alignment, AlignmentConfig, FitParams, ImageLandmarks, VertexObservation, align_one_person,
+    align_to_landmarks,
 };
 pub use pose::{Intrinsics, Pose, pose_from_landmarks};
 pub use refine::{
