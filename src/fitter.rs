@@ -45,6 +45,17 @@ pub enum Error {
     /// The builder was given options that do not work together.
     #[error("invalid fitter configuration: {0}")]
     Config(String),
+    /// One of several photos fitted together ([`Fitter::fit_many`]) could not be used, e.g.
+    /// no face was found in it.
+    #[error("photo {} of {count}: {source}", index + 1)]
+    InPhoto {
+        /// Which photo, counting from 0 in the order given.
+        index: usize,
+        /// How many photos were given.
+        count: usize,
+        /// What went wrong with it.
+        source: Box<Error>,
+    },
 }
 
 /// Result type of the facade.
@@ -440,8 +451,21 @@ impl Fitter {
         if images.is_empty() {
             return Err(Error::Config("no photos to fit".to_string()));
         }
+        // With several photos an error names the one it concerns.
+        let count = images.len();
+        let in_photo = |index: usize| {
+            move |error: Error| match count {
+                1 => error,
+                _ => Error::InPhoto {
+                    index,
+                    count,
+                    source: Box::new(error),
+                },
+            }
+        };
         for (index, image) in images.iter().enumerate() {
-            check_pixel_count(image.width(), image.height(), &format!("photo {index}"))?;
+            check_pixel_count(image.width(), image.height(), "the photo")
+                .map_err(|e| in_photo(index)(e.into()))?;
         }
         let mut timings = Vec::new();
         let mut clock = Instant::now();
@@ -450,12 +474,13 @@ impl Fitter {
             clock = Instant::now();
         };
         let mut observed = Vec::with_capacity(images.len());
-        for image in images {
+        for (index, image) in images.iter().enumerate() {
             // Together: the landmark network confirms the detected face.
             observer(Progress::Step("face detection and landmarks"));
-            let (_, mesh_points) =
-                self.landmarker
-                    .locate(&self.detector, image, self.face_choice)?;
+            let (_, mesh_points) = self
+                .landmarker
+                .locate(&self.detector, image, self.face_choice)
+                .map_err(|e| in_photo(index)(e.into()))?;
             let detected = mesh_points.to_ibug68().to_vec();
             lap("face detection and landmarks", &mut timings);
             let correspondence = MeshCorrespondence::for_photo(

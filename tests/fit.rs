@@ -372,6 +372,27 @@ fn a_photo_without_a_face_is_a_typed_error() {
 }
 
 #[test]
+fn a_faceless_photo_among_several_is_named_in_the_error() {
+    let blank = image::RgbImage::from_pixel(320, 240, image::Rgb([90, 120, 160]));
+    let err = fitter().fit_many(&[astronaut(), blank]).unwrap_err();
+    match &err {
+        Error::InPhoto {
+            index: 1,
+            count: 2,
+            source,
+        } => assert!(
+            matches!(**source, Error::Face(FaceError::NoFaceFound { .. })),
+            "{source:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string().starts_with("photo 2 of 2: no face"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_photo_of_too_many_pixels_is_a_typed_error() {
     // Zeroed pages cost nothing until touched, and the fitter refuses before touching them.
     let huge = image::RgbImage::new(20_000, 10_000);

@@ -330,6 +330,12 @@ fn fit(
                 failed.push(label);
                 continue;
             }
+            // Name the photo of a group that failed by its path, not its place in the group.
+            Err(ganfit::Error::InPhoto { index, source, .. }) => {
+                return Err(
+                    anyhow::Error::from(*source).context(paths[index].0.display().to_string())
+                );
+            }
             Err(error) => return Err(error.into()),
         };
         for (((photo, dir), image), result) in paths.iter().zip(&images).zip(&results) {

@@ -258,6 +258,33 @@ fn photos_of_one_person_get_one_texture_and_their_own_renders() {
 }
 
 #[test]
+fn a_faceless_photo_of_one_person_is_named_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let blank = dir.path().join("blank.png");
+    image::RgbImage::from_pixel(300, 300, image::Rgb([90, 120, 150]))
+        .save(&blank)
+        .unwrap();
+    let out = dir.path().join("out");
+    let stderr = one_line_failure(
+        ganfit()
+            .args([
+                "fit",
+                "--quiet",
+                "--same-person",
+                "--iterations",
+                "0",
+                "--out",
+            ])
+            .arg(&out)
+            .arg(astronaut())
+            .arg(&blank),
+    );
+    let named = format!("error: {}: no face found", blank.display());
+    assert!(stderr.starts_with(&named), "{stderr}");
+    assert!(!out.join("astronaut").join("mesh.obj").exists());
+}
+
+#[test]
 fn an_output_folder_that_is_a_file_fails_before_the_fit() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("results");
