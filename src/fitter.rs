@@ -296,6 +296,15 @@ pub struct Fitter {
     texture_size: usize,
 }
 
+/// How [`Fitter::render_turned`] draws a fitted face.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ViewStyle {
+    /// In the fitted texture, unlit, as [`FitResult::frontal_render`].
+    Textured,
+    /// Grey under one light: the shape alone, as [`FitResult::geometry_render`] shows it.
+    ShadedGeometry,
+}
+
 /// What a fit reports while it runs, e.g. to drive a progress bar.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Progress<'a> {
@@ -628,6 +637,29 @@ impl Fitter {
         expression: &Tensor,
         size: u32,
     ) -> Result<RgbaImage> {
+        let mut view =
+            self.render_turned(result, expression, &[(0.0, ViewStyle::Textured)], size)?;
+        Ok(view.remove(0))
+    }
+
+    /// Renders a fitted face as [`Fitter::render_frontal`] does, once per `(yaw_deg, style)`
+    /// of `views`, turned `yaw_deg` degrees about its vertical axis first: positive turns the
+    /// nose towards the image's right, so the face's left cheek (on the image's right in a
+    /// frontal view) turns away. Side views show the depth of the fitted shape that a frontal
+    /// view hides, the more so in [`ViewStyle::ShadedGeometry`]. The face stays framed as the
+    /// frontal render frames it. (One call for several views prepares the texture once.)
+    pub fn render_turned(
+        &self,
+        result: &FitResult,
+        expression: &Tensor,
+        views: &[(f64, ViewStyle)],
+        size: u32,
+    ) -> Result<Vec<RgbaImage>> {
+        if let Some((yaw, _)) = views.iter().find(|(yaw, _)| !yaw.is_finite()) {
+            return Err(Error::Config(format!(
+                "a view's yaw must be a number of degrees, not {yaw}"
+            )));
+        }
         if size == 0 {
             return Err(Error::Config(
                 "a render needs at least one pixel".to_string(),
@@ -655,15 +687,18 @@ impl Fitter {
             &expression.to_dtype(DType::F32)?.to_device(model.device())?,
         )?;
         let layout = HeadLayout::new(model, &model.mean_rows()?)?;
-        View::new(
+        let view = View::new(
             model,
             layout,
             &texture,
             result.eye_colours,
             result.hair_colour,
             Seen::FromFront,
-        )?
-        .render_frontal(&vertices, size)
+        )?;
+        views
+            .iter()
+            .map(|&(yaw, style)| view.render_turned(&vertices, yaw, style, size))
+            .collect()
     }
 
     /// A fitted photo's mesh, and the photo projected onto its UV layout, on the host.
@@ -1051,15 +1086,50 @@ impl View<'_> {
 
     /// Seen from straight ahead (see [`ganfit_optim::frontal_camera`]), framing the face.
     fn render_frontal(&self, vertices: &Tensor, size: u32) -> Result<RgbaImage> {
-        let framed = match self.model.vertex_set("face") {
-            Ok(face) => {
-                let ids = Tensor::from_slice(face, face.len(), vertices.device())?;
-                vertices.index_select(&ids, 0)?
-            }
-            Err(_) => vertices.clone(),
+        self.render_turned(vertices, 0.0, ViewStyle::Textured, size)
+    }
+
+    /// [`View::render_frontal`] of the head turned `yaw_deg` about the vertical axis through
+    /// the face's centre (see [`Fitter::render_turned`]).
+    fn render_turned(
+        &self,
+        vertices: &Tensor,
+        yaw_deg: f64,
+        style: ViewStyle,
+        size: u32,
+    ) -> Result<RgbaImage> {
+        let face = |vertices: &Tensor| -> Result<Tensor> {
+            Ok(match self.model.vertex_set("face") {
+                Ok(face) => {
+                    let ids = Tensor::from_slice(face, face.len(), vertices.device())?;
+                    vertices.index_select(&ids, 0)?
+                }
+                Err(_) => vertices.clone(),
+            })
         };
-        let (camera, rotation, translation) = ganfit_optim::frontal_camera(&framed, size as usize)?;
-        self.draw(vertices, &rotation, &translation, camera, false, true)
+        let turned = if yaw_deg == 0.0 {
+            vertices.clone()
+        } else {
+            let framed = face(vertices)?;
+            let lo = framed.min(0)?;
+            let centre = ((framed.max(0)? + &lo)? * 0.5)?.unsqueeze(0)?;
+            let (sin, cos) = yaw_deg.to_radians().sin_cos();
+            // Rows are points, so this is the transpose of the rotation about the vertical axis
+            // that turns the face's forward, (0, 0, 1), to (sin, 0, cos).
+            let turn = Tensor::new(
+                &[
+                    [cos as f32, 0.0, -sin as f32],
+                    [0.0, 1.0, 0.0],
+                    [sin as f32, 0.0, cos as f32],
+                ],
+                vertices.device(),
+            )?;
+            (vertices.broadcast_sub(&centre)?.matmul(&turn)?).broadcast_add(&centre)?
+        };
+        let (camera, rotation, translation) =
+            ganfit_optim::frontal_camera(&face(&turned)?, size as usize)?;
+        let shaded = style == ViewStyle::ShadedGeometry;
+        self.draw(&turned, &rotation, &translation, camera, shaded, true)
     }
 }
 

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use ganfit::losses::align::ChipWarp;
 use ganfit::losses::face::{FaceError, load_rgb};
 use ganfit::losses::identity::FaceRecognitionNet;
-use ganfit::{Error, FitResult, Fitter, Progress};
+use ganfit::{Error, FitResult, Fitter, Progress, ViewStyle};
 
 /// Iterations of the full objective in these tests: enough to move every parameter group,
 /// few enough for CI.
@@ -245,6 +245,66 @@ fn the_same_photo_gives_bit_identical_fits() {
     assert_eq!(values(&a.params.rotation), values(&b.params.rotation));
     assert_eq!(a.params.intrinsics, b.params.intrinsics);
     assert_eq!(a.uv_texture, b.uv_texture);
+}
+
+/// Turned views: the unturned one is the frontal render, views turned either way are nearly
+/// mirror images of each other, and a nose turned right leaves the back of the head on the left.
+#[test]
+fn turned_views_mirror_each_other_and_turn_the_stated_way() {
+    let fit = fitter().fit(&astronaut()).unwrap();
+    let neutral = fit.params.expression.zeros_like().unwrap();
+    let size = 200;
+    let views = fitter()
+        .render_turned(
+            &fit,
+            &neutral,
+            &[
+                (0.0, ViewStyle::Textured),
+                (40.0, ViewStyle::ShadedGeometry),
+                (-40.0, ViewStyle::ShadedGeometry),
+                (0.0, ViewStyle::ShadedGeometry),
+            ],
+            size,
+        )
+        .unwrap();
+    let frontal = fitter().render_frontal(&fit, &neutral, size).unwrap();
+    assert_eq!(views[0], frontal);
+    let covered = |image: &image::RgbaImage, x: u32, y: u32| image.get_pixel(x, y).0[3] > 127;
+    let (right, left, ahead) = (&views[1], &views[2], &views[3]);
+    let (mut both, mut either, mut changed) = (0, 0, 0);
+    for y in 0..size {
+        for x in 0..size {
+            let (a, b) = (covered(right, x, y), covered(left, size - 1 - x, y));
+            both += usize::from(a && b);
+            either += usize::from(a || b);
+            changed += usize::from(a != covered(ahead, x, y));
+        }
+    }
+    let overlap = both as f64 / either as f64;
+    assert!(overlap > 0.9, "mirrored views overlap {overlap:.3}");
+    assert!(
+        changed > (size * size / 20) as usize,
+        "{changed} pixels differ"
+    );
+    let centroid = |image: &image::RgbaImage| {
+        let xs: Vec<f64> = image
+            .enumerate_pixels()
+            .filter(|(.., p)| p.0[3] > 127)
+            .map(|(x, ..)| f64::from(x))
+            .collect();
+        xs.iter().sum::<f64>() / xs.len() as f64
+    };
+    let middle = f64::from(size) / 2.0;
+    assert!(
+        centroid(right) < middle && centroid(left) > middle,
+        "{} {}",
+        centroid(right),
+        centroid(left)
+    );
+    let err = fitter()
+        .render_turned(&fit, &neutral, &[(f64::NAN, ViewStyle::Textured)], size)
+        .unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
 }
 
 /// The frontal render's scalp (the mesh ends at about the hairline) takes the colour of the

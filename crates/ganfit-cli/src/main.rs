@@ -18,7 +18,7 @@ use candle_core::Device;
 use clap::{Parser, Subcommand};
 use ganfit::losses::face::{FaceChoice, load_rgb};
 use ganfit::morphable::export;
-use ganfit::{FitResult, Fitter, Progress};
+use ganfit::{FitResult, Fitter, Progress, ViewStyle};
 use image::RgbImage;
 use indicatif::ProgressBar;
 use serde_json::json;
@@ -413,7 +413,8 @@ mod output {
     pub const PARAMS: &str = "params.json";
     pub const REPORT: &str = "report.html";
     pub const ALBEDO: &str = "albedo.png";
-    pub const ALL: [&str; 12] = [
+    pub const VIEWS: &str = "views.png";
+    pub const ALL: [&str; 13] = [
         TEXTURE,
         TEXTURE_OBSERVED,
         OBJ,
@@ -426,6 +427,7 @@ mod output {
         PARAMS,
         REPORT,
         ALBEDO,
+        VIEWS,
     ];
 }
 
@@ -471,6 +473,7 @@ fn write_outputs(
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let overlay = overlay(photo, &result.geometry_render);
+    let views = views(fitter, result)?;
     type Job<'a> = Box<dyn FnOnce() -> anyhow::Result<()> + Send + 'a>;
     let mut jobs: Vec<Job<'_>> = vec![
         Box::new(|| Ok(result.uv_texture.save(dir.join(output::TEXTURE))?)),
@@ -498,6 +501,7 @@ fn write_outputs(
         Box::new(|| Ok(result.render.save(dir.join(output::RENDER))?)),
         Box::new(|| Ok(result.frontal_render.save(dir.join(output::FRONTAL))?)),
         Box::new(|| Ok(overlay.save(dir.join(output::OVERLAY))?)),
+        Box::new(|| Ok(views.save(dir.join(output::VIEWS))?)),
         Box::new(|| {
             std::fs::write(
                 dir.join(output::LANDMARKS),
@@ -519,6 +523,7 @@ fn write_outputs(
                 photo_name,
                 photo,
                 &overlay,
+                &views,
                 result,
             )
         }),
@@ -535,6 +540,35 @@ fn write_outputs(
                 .map_err(|_| anyhow::anyhow!("a thread writing the results panicked"))?
         })
     })
+}
+
+/// Yaws of the views in `views.png`, degrees (positive: the nose turned to the right).
+const VIEW_YAWS_DEG: [f64; 3] = [-45.0, 0.0, 45.0];
+/// Side of each view in `views.png`, pixels.
+const VIEW_SIZE: u32 = 256;
+
+/// The fitted face with a neutral expression turned through [`VIEW_YAWS_DEG`]: textured in
+/// the top row, the shaded shape alone below.
+fn views(fitter: &Fitter, result: &FitResult) -> anyhow::Result<image::RgbaImage> {
+    let neutral = result.params.expression.zeros_like()?;
+    let styles = [ViewStyle::Textured, ViewStyle::ShadedGeometry];
+    let views: Vec<(f64, ViewStyle)> = styles
+        .iter()
+        .flat_map(|&style| VIEW_YAWS_DEG.map(|yaw| (yaw, style)))
+        .collect();
+    let rendered = fitter.render_turned(result, &neutral, &views, VIEW_SIZE)?;
+    let columns = VIEW_YAWS_DEG.len();
+    let mut sheet = image::RgbaImage::new(columns as u32 * VIEW_SIZE, 2 * VIEW_SIZE);
+    for (index, view) in rendered.iter().enumerate() {
+        let (x, y) = ((index % columns) as u32, (index / columns) as u32);
+        image::imageops::replace(
+            &mut sheet,
+            view,
+            i64::from(x * VIEW_SIZE),
+            i64::from(y * VIEW_SIZE),
+        );
+    }
+    Ok(sheet)
 }
 
 /// The grey geometry render blended half-transparently over the photo.

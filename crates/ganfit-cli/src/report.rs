@@ -95,12 +95,13 @@ pub fn write(
     photo_name: &str,
     photo: &RgbImage,
     overlay: &RgbImage,
+    views: &image::RgbaImage,
     result: &FitResult,
 ) -> anyhow::Result<()> {
     let mut html = String::new();
     writeln!(
         html,
-        r#"<!doctype html><html><head><meta charset="utf-8"><title>ganfit: {photo_name}</title><style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}img{{max-width:320px;height:auto;border:1px solid #ccc}}table{{border-collapse:collapse}}td,th{{padding:2px 10px;text-align:right;border-bottom:1px solid #ddd}}</style></head><body><h1>ganfit fit of {photo_name}</h1>"#
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>ganfit: {photo_name}</title><style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}img{{max-width:320px;height:auto;border:1px solid #ccc}}.wide img{{max-width:100%}}table{{border-collapse:collapse}}td,th{{padding:2px 10px;text-align:right;border-bottom:1px solid #ddd}}</style></head><body><h1>ganfit fit of {photo_name}</h1>"#
     )?;
     html.push_str("<h2>Images</h2>");
     let images: [(DynamicImage, &str, Inline); 4] = [
@@ -124,6 +125,13 @@ pub fn write(
     for (image, alt, kind) in &images {
         html.push_str(&inline_image(image, alt, *kind)?);
     }
+    html.push_str(r#"<div class="wide">"#);
+    html.push_str(&inline_image(
+        &views.clone().into(),
+        "neutral face turned 45° each way and from the front, textured and as shaded shape",
+        Inline::Render,
+    )?);
+    html.push_str("</div>");
     html.push_str("<h2>Loss per stage</h2>");
     for stage in &result.stages {
         html.push_str(&loss_curve(stage));

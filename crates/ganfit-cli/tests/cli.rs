@@ -47,6 +47,7 @@ fn fits_the_astronaut_and_writes_every_output() {
             "report.html",
             "texture.png",
             "texture_observed.png",
+            "views.png",
         ]
     );
 
@@ -76,6 +77,14 @@ fn fits_the_astronaut_and_writes_every_output() {
         "{covered} {transparent}"
     );
     assert!(image::open(dir.join("frontal.png")).is_ok());
+    // Three views in each of two rows, the face drawn in each.
+    let views = image::open(dir.join("views.png")).unwrap().to_rgba8();
+    assert_eq!(views.dimensions(), (3 * 256, 2 * 256));
+    for (column, row) in (0..3).flat_map(|c| (0..2).map(move |r| (c, r))) {
+        let tile = image::imageops::crop_imm(&views, column * 256, row * 256, 256, 256);
+        let covered = tile.to_image().pixels().filter(|p| p.0[3] > 0).count();
+        assert!(covered > 256 * 256 / 5, "view {column}, {row}: {covered}");
+    }
     let report = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(
         report.contains("data:image/jpeg;base64,")
