@@ -628,6 +628,41 @@ impl Fitter {
         Ok(results)
     }
 
+    /// dlib's face-descriptor distance between the faces of two photos, each aligned by its 68
+    /// landmarks in iBUG order (e.g. a fit's [`FitResult::detected_landmarks`]): dlib takes
+    /// faces under 0.6 apart for one person. `None` when this fitter has no identity network
+    /// (it loads one only for the full objective), e.g. to check photos fitted as one person's.
+    pub fn identity_distance(
+        &self,
+        (a, a_landmarks): (&RgbImage, &[[f32; 2]]),
+        (b, b_landmarks): (&RgbImage, &[[f32; 2]]),
+    ) -> Result<Option<f64>> {
+        let Some(net) = &self.identity_net else {
+            return Ok(None);
+        };
+        let device = self.model.device();
+        let descriptor = |image: &RgbImage, landmarks: &[[f32; 2]]| -> Result<Tensor> {
+            let points: Vec<[f64; 2]> = landmarks
+                .iter()
+                .map(|p| [f64::from(p[0]), f64::from(p[1])])
+                .collect();
+            let (w, h) = image.dimensions();
+            let warp = ganfit_losses::align::ChipWarp::dlib_chip(
+                &points,
+                h as usize,
+                w as usize,
+                DType::F32,
+                device,
+            )?;
+            let chip =
+                warp.apply_channels_last(&(photo_tensor(image, device)? * 255.0)?.unsqueeze(0)?)?;
+            Ok(net.embed(&chip)?.flatten_all()?)
+        };
+        let difference = (descriptor(a, a_landmarks)? - descriptor(b, b_landmarks)?)?;
+        let distance = difference.sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F64)?;
+        Ok(Some(distance.to_scalar::<f64>()?))
+    }
+
     /// Renders a fitted face from the front (like [`FitResult::frontal_render`]) with another
     /// expression, e.g. one fitted to another photo: `expression` holds blendshape weights of
     /// this fitter's model.

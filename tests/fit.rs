@@ -226,6 +226,36 @@ fn photos_of_one_person_share_their_shape_from_the_landmark_alignment_on() {
     }
 }
 
+/// dlib's distance between photos' faces: none for a face and itself, above dlib's
+/// same-person threshold for two people; a fitter without the identity network has none.
+#[test]
+fn identity_distance_tells_one_person_from_two() {
+    let landmarks_only = Fitter::builder()
+        .texture_size(256)
+        .iterations(0)
+        .build()
+        .unwrap();
+    let photos = [astronaut(), shared_photo("frl_london", "001_neutral.jpg")];
+    let faces: Vec<Vec<[f32; 2]>> = photos
+        .iter()
+        .map(|photo| landmarks_only.fit(photo).unwrap().detected_landmarks)
+        .collect();
+    let face = |i: usize| (&photos[i], faces[i].as_slice());
+    let same = fitter()
+        .identity_distance(face(0), face(0))
+        .unwrap()
+        .unwrap();
+    let two = fitter()
+        .identity_distance(face(0), face(1))
+        .unwrap()
+        .unwrap();
+    assert!(same < 1e-4 && two > 0.6, "{same} {two}");
+    assert_eq!(
+        landmarks_only.identity_distance(face(0), face(1)).unwrap(),
+        None
+    );
+}
+
 fn astronaut() -> image::RgbImage {
     load_rgb(concat!(
         env!("CARGO_MANIFEST_DIR"),

@@ -338,6 +338,11 @@ fn fit(
             }
             Err(error) => return Err(error.into()),
         };
+        if same_person {
+            for warning in different_people(&fitter, &names, &images, &results)? {
+                bar.suspend(|| eprintln!("warning: {warning}"));
+            }
+        }
         for (((photo, dir), image), result) in paths.iter().zip(&images).zip(&results) {
             let name = photo.file_name().unwrap_or_default().to_string_lossy();
             write_outputs(dir, &name, image, &fitter, result)
@@ -363,6 +368,40 @@ fn fit(
         );
     }
     Ok(())
+}
+
+/// dlib's same-person threshold on its descriptor distance.
+const SAME_PERSON_DISTANCE: f64 = 0.6;
+
+/// A warning for each pair of photos fitted as one person's whose faces dlib takes for two
+/// people (none when the fit had no identity network to ask).
+fn different_people(
+    fitter: &Fitter,
+    names: &[String],
+    images: &[RgbImage],
+    results: &[FitResult],
+) -> anyhow::Result<Vec<String>> {
+    let faces: Vec<(&RgbImage, &[[f32; 2]])> = images
+        .iter()
+        .zip(results)
+        .map(|(image, result)| (image, result.detected_landmarks.as_slice()))
+        .collect();
+    let mut warnings = Vec::new();
+    for (i, &a) in faces.iter().enumerate() {
+        for (j, &b) in faces.iter().enumerate().skip(i + 1) {
+            if let Some(distance) = fitter.identity_distance(a, b)?
+                && distance > SAME_PERSON_DISTANCE
+            {
+                warnings.push(format!(
+                    "{} and {} look like two people (dlib distance {distance:.2}, over its \
+                     same-person threshold {SAME_PERSON_DISTANCE}); --same-person fitted one \
+                     identity to both",
+                    names[i], names[j]
+                ));
+            }
+        }
+    }
+    Ok(warnings)
 }
 
 /// Where each photo's results go: `out` itself for one photo, else a sub-folder named after

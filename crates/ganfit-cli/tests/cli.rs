@@ -294,6 +294,35 @@ fn a_faceless_photo_of_one_person_is_named_and_nothing_is_written() {
 }
 
 #[test]
+fn photos_of_two_people_fitted_as_one_are_warned_about() {
+    let london = ganfit::synthetic::shared_dir()
+        .unwrap()
+        .join("data/faces/frl_london/001_neutral.jpg");
+    let out = tempfile::tempdir().unwrap();
+    let output = ganfit()
+        .args([
+            "fit",
+            "--quiet",
+            "--same-person",
+            "--iterations",
+            "1",
+            "--out",
+        ])
+        .arg(out.path())
+        .arg(astronaut())
+        .arg(&london)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with("warning: ") && stderr.contains("look like two people"),
+        "{stderr}"
+    );
+    assert!(out.path().join("001_neutral").join("mesh.obj").exists());
+}
+
+#[test]
 fn an_output_folder_that_is_a_file_fails_before_the_fit() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("results");
