@@ -58,6 +58,21 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// This error of photo `index` of `count` fitted together: named by its photo when there
+    /// are several.
+    fn in_photo(self, index: usize, count: usize) -> Self {
+        match count {
+            1 => self,
+            _ => Error::InPhoto {
+                index,
+                count,
+                source: Box::new(self),
+            },
+        }
+    }
+}
+
 /// Result type of the facade.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -460,21 +475,10 @@ impl Fitter {
         if images.is_empty() {
             return Err(Error::Config("no photos to fit".to_string()));
         }
-        // With several photos an error names the one it concerns.
         let count = images.len();
-        let in_photo = |index: usize| {
-            move |error: Error| match count {
-                1 => error,
-                _ => Error::InPhoto {
-                    index,
-                    count,
-                    source: Box::new(error),
-                },
-            }
-        };
         for (index, image) in images.iter().enumerate() {
             check_pixel_count(image.width(), image.height(), "the photo")
-                .map_err(|e| in_photo(index)(e.into()))?;
+                .map_err(|e| Error::from(e).in_photo(index, count))?;
         }
         let mut timings = Vec::new();
         let mut clock = Instant::now();
@@ -489,7 +493,7 @@ impl Fitter {
             let (_, mesh_points) = self
                 .landmarker
                 .locate(&self.detector, image, self.face_choice)
-                .map_err(|e| in_photo(index)(e.into()))?;
+                .map_err(|e| Error::from(e).in_photo(index, count))?;
             let detected = mesh_points.to_ibug68().to_vec();
             lap("face detection and landmarks", &mut timings);
             let correspondence = MeshCorrespondence::for_photo(
@@ -628,39 +632,29 @@ impl Fitter {
         Ok(results)
     }
 
-    /// dlib's face-descriptor distance between the faces of two photos, each aligned by its 68
-    /// landmarks in iBUG order (e.g. a fit's [`FitResult::detected_landmarks`]): dlib takes
-    /// faces under 0.6 apart for one person. `None` when this fitter has no identity network
-    /// (it loads one only for the full objective), e.g. to check photos fitted as one person's.
+    /// [`face_descriptor`] with this fitter's identity network; `None` when it has none (it
+    /// loads one only for the full objective).
+    pub fn identity_descriptor(
+        &self,
+        image: &RgbImage,
+        landmarks: &[[f32; 2]],
+    ) -> Result<Option<Vec<f32>>> {
+        self.identity_net
+            .as_ref()
+            .map(|net| face_descriptor(net, image, landmarks, self.model.device()))
+            .transpose()
+    }
+
+    /// The distance between two photos' [`Fitter::identity_descriptor`]s (`None` without the
+    /// identity network), e.g. to check photos fitted as one person's.
     pub fn identity_distance(
         &self,
         (a, a_landmarks): (&RgbImage, &[[f32; 2]]),
         (b, b_landmarks): (&RgbImage, &[[f32; 2]]),
     ) -> Result<Option<f64>> {
-        let Some(net) = &self.identity_net else {
-            return Ok(None);
-        };
-        let device = self.model.device();
-        let descriptor = |image: &RgbImage, landmarks: &[[f32; 2]]| -> Result<Tensor> {
-            let points: Vec<[f64; 2]> = landmarks
-                .iter()
-                .map(|p| [f64::from(p[0]), f64::from(p[1])])
-                .collect();
-            let (w, h) = image.dimensions();
-            let warp = ganfit_losses::align::ChipWarp::dlib_chip(
-                &points,
-                h as usize,
-                w as usize,
-                DType::F32,
-                device,
-            )?;
-            let chip =
-                warp.apply_channels_last(&(photo_tensor(image, device)? * 255.0)?.unsqueeze(0)?)?;
-            Ok(net.embed(&chip)?.flatten_all()?)
-        };
-        let difference = (descriptor(a, a_landmarks)? - descriptor(b, b_landmarks)?)?;
-        let distance = difference.sqr()?.sum_all()?.sqrt()?.to_dtype(DType::F64)?;
-        Ok(Some(distance.to_scalar::<f64>()?))
+        let a = self.identity_descriptor(a, a_landmarks)?;
+        let b = self.identity_descriptor(b, b_landmarks)?;
+        Ok(a.zip(b).map(|(a, b)| descriptor_distance(&a, &b)))
     }
 
     /// Renders a fitted face from the front (like [`FitResult::frontal_render`]) with another
@@ -948,6 +942,43 @@ fn projected_bounds(
 const FRONTAL_SIZE: u32 = 512;
 
 /// `[H, W, 3]` f32 in `[0, 1]`.
+/// dlib's 128-number descriptor of a photo's face, aligned by its 68 landmarks in iBUG order
+/// (e.g. a fit's [`FitResult::detected_landmarks`]), computed by `net` on `device` (where the
+/// net is): faces whose descriptors lie under 0.6 apart ([`descriptor_distance`]) dlib takes
+/// for one person.
+pub fn face_descriptor(
+    net: &FaceRecognitionNet,
+    image: &RgbImage,
+    landmarks: &[[f32; 2]],
+    device: &Device,
+) -> Result<Vec<f32>> {
+    let points: Vec<[f64; 2]> = landmarks
+        .iter()
+        .map(|p| [f64::from(p[0]), f64::from(p[1])])
+        .collect();
+    let (w, h) = image.dimensions();
+    let warp = ganfit_losses::align::ChipWarp::dlib_chip(
+        &points,
+        h as usize,
+        w as usize,
+        DType::F32,
+        device,
+    )?;
+    let values: Vec<f32> = image.as_raw().iter().map(|&v| f32::from(v)).collect();
+    let pixels = Tensor::from_vec(values, (1, h as usize, w as usize, 3), device)?;
+    let chip = warp.apply_channels_last(&pixels)?;
+    Ok(net.embed(&chip)?.flatten_all()?.to_vec1()?)
+}
+
+/// Euclidean distance between two identity descriptors.
+pub fn descriptor_distance(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt()
+}
+
 fn photo_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = image.dimensions();
     let data: Vec<f32> = image

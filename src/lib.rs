@@ -16,7 +16,10 @@ pub use atlas::EyeColours;
 pub use correspondence::{
     MeshCorrespondence, estimate_head_yaw_deg, head_yaw_deg, nearest_yaw_table,
 };
-pub use fitter::{Error, FitResult, Fitter, FitterBuilder, Progress, Result, ViewStyle};
+pub use fitter::{
+    Error, FitResult, Fitter, FitterBuilder, Progress, Result, ViewStyle, descriptor_distance,
+    face_descriptor,
+};
 pub use ganfit_assets as assets;
 pub use ganfit_losses as losses;
 pub use ganfit_morphable as morphable;

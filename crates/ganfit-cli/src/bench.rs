@@ -25,7 +25,7 @@ use ganfit::optim::LossWeights;
 use ganfit::synthetic::{
     SyntheticAssets, SyntheticConfig, SyntheticFace, SyntheticGenerator, shared_dir, shared_photos,
 };
-use ganfit::{FitResult, Fitter, FitterBuilder};
+use ganfit::{FitResult, Fitter, FitterBuilder, descriptor_distance, face_descriptor};
 use image::RgbImage;
 use serde_json::{Value, json};
 
@@ -766,9 +766,9 @@ fn identity_distances<'a>(
     fit: &FitResult,
 ) -> anyhow::Result<(f64, Option<f64>, Vec<IdentityView<'a>>)> {
     let photo_landmarks = &fit.detected_landmarks;
-    let reference = descriptor(net, photo, photo_landmarks)?;
+    let reference = face_descriptor(net, photo, photo_landmarks, &Device::Cpu)?;
     let composite = composite(&fit.render, |x, y| photo.get_pixel(x, y).0);
-    let render = descriptor(net, &composite, photo_landmarks)?;
+    let render = face_descriptor(net, &composite, photo_landmarks, &Device::Cpu)?;
     let frontal = composite_on_grey(&fit.frontal_render);
     let frontal_landmarks = detector
         .detect_face(&frontal, FaceChoice::Largest)
@@ -777,15 +777,21 @@ fn identity_distances<'a>(
         .map(|points| points.to_ibug68().to_vec());
     let frontal_distance = frontal_landmarks
         .as_ref()
-        .map(|points| descriptor(net, &frontal, points))
+        .map(|points| {
+            face_descriptor(net, &frontal, points, &Device::Cpu).map_err(anyhow::Error::from)
+        })
         .transpose()?
-        .map(|d| euclidean(&reference, &d));
+        .map(|d| descriptor_distance(&reference, &d));
     let mut views = vec![
         ("photo", Cow::Borrowed(photo), photo_landmarks.clone()),
         ("render", Cow::Owned(composite), photo_landmarks.clone()),
     ];
     views.extend(frontal_landmarks.map(|points| ("frontal", Cow::Owned(frontal), points)));
-    Ok((euclidean(&reference, &render), frontal_distance, views))
+    Ok((
+        descriptor_distance(&reference, &render),
+        frontal_distance,
+        views,
+    ))
 }
 
 fn composite_on_grey(render: &image::RgbaImage) -> RgbImage {
@@ -803,35 +809,11 @@ fn composite(render: &image::RgbaImage, behind: impl Fn(u32, u32) -> [u8; 3]) ->
     })
 }
 
-fn descriptor(
-    net: &FaceRecognitionNet,
-    image: &RgbImage,
-    landmarks: &[[f32; 2]],
-) -> anyhow::Result<Vec<f32>> {
-    let device = Device::Cpu;
-    let (w, h) = (image.width() as usize, image.height() as usize);
-    let points: Vec<[f64; 2]> = landmarks
-        .iter()
-        .map(|p| [f64::from(p[0]), f64::from(p[1])])
-        .collect();
-    let warp = ganfit::losses::align::ChipWarp::dlib_chip(&points, h, w, DType::F32, &device)?;
-    let chip = warp.apply_channels_last(&image_tensor(image)?)?;
-    Ok(net.embed(&chip)?.flatten_all()?.to_vec1()?)
-}
-
 /// `image` as an f32 `[1, H, W, 3]` tensor of its 0–255 values.
 fn image_tensor(image: &RgbImage) -> candle_core::Result<Tensor> {
     let (w, h) = (image.width() as usize, image.height() as usize);
     let pixels: Vec<f32> = image.as_raw().iter().map(|&v| f32::from(v)).collect();
     Tensor::from_vec(pixels, (1, h, w, 3), &Device::Cpu)
-}
-
-fn euclidean(a: &[f32], b: &[f32]) -> f64 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(x - y).powi(2))
-        .sum::<f64>()
-        .sqrt()
 }
 
 /// Resets the kernel's peak-RSS counter of this process (Linux: `5` to `/proc/self/clear_refs`);

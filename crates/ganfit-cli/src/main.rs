@@ -381,17 +381,18 @@ fn different_people(
     images: &[RgbImage],
     results: &[FitResult],
 ) -> anyhow::Result<Vec<String>> {
-    let faces: Vec<(&RgbImage, &[[f32; 2]])> = images
-        .iter()
-        .zip(results)
-        .map(|(image, result)| (image, result.detected_landmarks.as_slice()))
-        .collect();
+    let mut descriptors = Vec::with_capacity(images.len());
+    for (image, result) in images.iter().zip(results) {
+        match fitter.identity_descriptor(image, &result.detected_landmarks)? {
+            Some(descriptor) => descriptors.push(descriptor),
+            None => return Ok(Vec::new()),
+        }
+    }
     let mut warnings = Vec::new();
-    for (i, &a) in faces.iter().enumerate() {
-        for (j, &b) in faces.iter().enumerate().skip(i + 1) {
-            if let Some(distance) = fitter.identity_distance(a, b)?
-                && distance > SAME_PERSON_DISTANCE
-            {
+    for (i, a) in descriptors.iter().enumerate() {
+        for (j, b) in descriptors.iter().enumerate().skip(i + 1) {
+            let distance = ganfit::descriptor_distance(a, b);
+            if distance > SAME_PERSON_DISTANCE {
                 warnings.push(format!(
                     "{} and {} look like two people (dlib distance {distance:.2}, over its \
                      same-person threshold {SAME_PERSON_DISTANCE}); --same-person fitted one \
