@@ -332,7 +332,8 @@ pub fn align_to_landmarks(
 /// Aligns `model` to the landmarks of several photos of one person: one set of identity
 /// coefficients for them all, a camera and an expression per photo (in `photos`' order).
 /// Each photo's landmark term counts as it would alone and the identity prior once, so every
-/// further view constrains the shared shape more.
+/// further view constrains the shared shape more. Every result carries the same stage reports,
+/// whose losses are the sums over the photos.
 pub fn align_one_person(
     model: &MorphableModel,
     photos: &[ImageLandmarks],
