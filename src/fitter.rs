@@ -689,10 +689,10 @@ impl Fitter {
                 "a view's yaw must be a number of degrees, not {yaw}"
             )));
         }
-        if size == 0 {
-            return Err(Error::Config(
-                "a render needs at least one pixel".to_string(),
-            ));
+        if size == 0 || size > MAX_RENDER_SIZE {
+            return Err(Error::Config(format!(
+                "a render is 1 to {MAX_RENDER_SIZE} pixels on a side, not {size}"
+            )));
         }
         let (width, height) = result.uv_texture.dimensions();
         let texture = UvTexture {
@@ -940,6 +940,10 @@ fn projected_bounds(
 
 /// Side of the frontal render in pixels.
 const FRONTAL_SIZE: u32 = 512;
+
+/// The largest side [`Fitter::render_turned`] draws: the renderer keeps several float planes of
+/// the image, 64 MiB each at this size.
+const MAX_RENDER_SIZE: u32 = 4096;
 
 /// `[H, W, 3]` f32 in `[0, 1]`.
 /// dlib's 128-number descriptor of a photo's face, aligned by its 68 landmarks in iBUG order

@@ -335,6 +335,14 @@ fn turned_views_mirror_each_other_and_turn_the_stated_way() {
         .render_turned(&fit, &neutral, &[(f64::NAN, ViewStyle::Textured)], size)
         .unwrap_err();
     assert!(matches!(err, Error::Config(_)), "{err:?}");
+    for size in [0, 100_000] {
+        let err = fitter().render_frontal(&fit, &neutral, size).unwrap_err();
+        assert!(err.to_string().contains("pixels on a side"), "{err}");
+    }
+    // More blendshape weights than the model has blendshapes.
+    let too_many = Tensor::zeros(1000, DType::F32, &Device::Cpu).unwrap();
+    let err = fitter().render_frontal(&fit, &too_many, size).unwrap_err();
+    assert!(matches!(err, Error::Model(_)), "{err:?}");
 }
 
 /// The frontal render's scalp (the mesh ends at about the hairline) takes the colour of the
