@@ -44,10 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let dir = out.join(photo.file_stem().unwrap_or_default());
         std::fs::create_dir_all(&dir)?;
         result.uv_texture.save(dir.join("texture.png"))?;
+        result.mesh_texture.save(dir.join("mesh_texture.png"))?;
         export::write_obj(
             &dir.join("mesh.obj"),
             &result.mesh,
-            Some("texture.png".as_ref()),
+            Some("mesh_texture.png".as_ref()),
         )?;
         result.render.save(dir.join("render.png"))?;
         result.frontal_render.save(dir.join("frontal.png"))?;

@@ -22,10 +22,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     std::fs::create_dir_all(&out)?;
     result.uv_texture.save(out.join("texture.png"))?;
+    result.mesh_texture.save(out.join("mesh_texture.png"))?;
     export::write_obj(
         &out.join("mesh.obj"),
         &result.mesh,
-        Some("texture.png".as_ref()),
+        Some("mesh_texture.png".as_ref()),
     )?;
     result.render.save(out.join("render.png"))?;
     result.frontal_render.save(out.join("frontal.png"))?;

@@ -5,7 +5,7 @@
 //! the head, neck and ears beyond it, the eyeballs, teeth and mouth take palette colours.
 
 use candle_core::{Device, Tensor};
-use ganfit_morphable::MorphableModel;
+use ganfit_morphable::{MorphableModel, TexturedMesh};
 use ganfit_render::{RenderError, Triangles};
 use image::RgbImage;
 use nalgebra::Vector3;
@@ -261,6 +261,29 @@ impl HeadLayout {
                 Triangles::new(skin_uv_triangles, atlas_vertices)?,
             ),
             uv: Tensor::from_vec(uv, (atlas_vertices, 2), &Device::Cpu)?,
+        })
+    }
+
+    /// The head drawn with a [bare neck](HeadLayout::uv_triangles_bare_neck), ready to
+    /// export: `vertices` (`[N, 3]`, all of `model`'s, so vertex indices stay the model's), the
+    /// triangles but the overlays, and texture coordinates into its
+    /// [`HeadLayout::bare_neck_atlas`] (OBJ convention, v up), all inside the atlas.
+    pub fn bare_neck_mesh(
+        &self,
+        model: &MorphableModel,
+        vertices: &Tensor,
+    ) -> Result<TexturedMesh, crate::Error> {
+        let uvs = self
+            .uv
+            .to_vec2::<f32>()?
+            .into_iter()
+            .map(|uv| [uv[0], 1.0 - uv[1]])
+            .collect();
+        Ok(TexturedMesh {
+            triangles: self.triangles.as_slice().to_vec(),
+            uvs,
+            uv_triangles: self.uv_triangles_bare_neck.as_slice().to_vec(),
+            ..model.mesh(vertices)?
         })
     }
 

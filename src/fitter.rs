@@ -348,8 +348,16 @@ pub struct FitResult {
     /// Fitted vertices `[N, 3]` in millimetres, model coordinates (apply the camera's pose to
     /// get camera coordinates).
     pub vertices: Tensor,
-    /// The fitted mesh, ready to export.
+    /// The fitted head, ready to export and to draw as the frontal render draws it: every
+    /// vertex of the model (as `vertices`), the model's triangles but its transparent overlays
+    /// (ICT's eye shadows, tear film and eyelashes), and texture coordinates into
+    /// `mesh_texture`, all inside it.
     pub mesh: TexturedMesh,
+    /// The texture of `mesh`, twice as wide as high: `uv_texture` on the left half (the neck
+    /// below the chin fading into skin, as photos often show a collar there), on the right
+    /// solid colours for the eyes, the mouth's inside, the scalp (`hair_colour`) and the head
+    /// beyond the UV map (the skin's).
+    pub mesh_texture: RgbImage,
     /// The UV texture (image orientation, row 0 at the top): the photo where it sees the
     /// surface, the fitted albedo (scaled to the photo's brightness) elsewhere. From
     /// [`Fitter::fit_many`], one texture merged from all the photos (each texel mostly from
@@ -775,7 +783,6 @@ impl Fitter {
             .iter()
             .map(|id| id.map(|id| pixels[id as usize]))
             .collect();
-        let mesh = model.mesh(&vertices)?;
         // Through the photo's camera the unseen texels it shows are grazing ones, which the
         // albedo was fitted to; from elsewhere (the frontal render, the exported mesh) the far
         // side of a turned head is better shown by the seen side's mirror image.
@@ -794,7 +801,7 @@ impl Fitter {
             Err(_) => pixels,
         };
         let hair = hair_colour(image, &head_pixels);
-        let (photo_renders, frontal_render) = rayon::join(
+        let (photo_renders, from_front) = rayon::join(
             || -> Result<_> {
                 let view = View::new(
                     model,
@@ -812,23 +819,28 @@ impl Fitter {
             },
             || -> Result<_> {
                 let neutral = model.instance(&params.shape, &params.expression.zeros_like()?)?;
-                View::new(
+                let view = View::new(
                     model,
                     layout.clone(),
                     &texture,
                     eye_colours,
                     hair,
                     Seen::FromFront,
-                )?
-                .render_frontal(&neutral, FRONTAL_SIZE)
+                )?;
+                Ok((
+                    view.render_frontal(&neutral, FRONTAL_SIZE)?,
+                    view.head_mesh(&vertices)?,
+                ))
             },
         );
-        let ((render, geometry_render), frontal_render) = (photo_renders?, frontal_render?);
+        let ((render, geometry_render), (frontal_render, (mesh, mesh_texture))) =
+            (photo_renders?, from_front?);
         Ok(FitResult {
             params,
             light: None,
             vertices,
             mesh,
+            mesh_texture,
             uv_texture: texture_image(&texture),
             uv_observed: image::GrayImage::from_fn(
                 texture.size as u32,
@@ -1048,6 +1060,21 @@ impl<'a> View<'a> {
 }
 
 impl View<'_> {
+    /// The head as this view draws it from elsewhere than the photo's camera, posed as
+    /// `vertices`, and its texture: for export, where a viewer should show what the frontal
+    /// render shows (not ICT's eye shells drawn opaque over the eyes, nor the face's texture
+    /// stretched over the eyeballs, teeth and the head beyond the UV map's tile).
+    fn head_mesh(&self, vertices: &Tensor) -> Result<(TexturedMesh, RgbImage)> {
+        let mesh = self.layout.bare_neck_mesh(self.model, vertices)?;
+        let (height, width, _) = self.atlas.dims3()?;
+        let rgb: Vec<f32> = self.atlas.flatten_all()?.to_vec1()?;
+        let texture = RgbImage::from_fn(width as u32, height as u32, |x, y| {
+            let i = (y as usize * width + x as usize) * 3;
+            image::Rgb([0, 1, 2].map(|c| to_byte(rgb[i + c])))
+        });
+        Ok((mesh, texture))
+    }
+
     fn draw(
         &self,
         vertices: &Tensor,

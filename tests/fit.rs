@@ -345,6 +345,112 @@ fn turned_views_mirror_each_other_and_turn_the_stated_way() {
     assert!(matches!(err, Error::Model(_)), "{err:?}");
 }
 
+/// The exported head, drawn as any viewer draws a textured mesh (its texture sampled at its
+/// texture coordinates, clamped), shows what the frontal render shows: the eyes (not ICT's eye
+/// shells over them), a bare neck, palette colours for the eyes, mouth and scalp. Every
+/// coordinate a triangle uses lies inside the texture, and no triangle is one of the overlays.
+#[test]
+fn the_exported_head_looks_as_the_frontal_render_does() {
+    use ganfit::render::{
+        Appearance, Lighting, RenderOptions, Renderer, Scene, Triangles, WrapMode,
+    };
+    let fit = fitter().fit(&astronaut()).unwrap();
+    let (mesh, texture) = (&fit.mesh, &fit.mesh_texture);
+    let model = fitter().model();
+    assert_eq!(mesh.positions.len(), model.n_vertices());
+    assert_eq!(texture.width(), 2 * texture.height());
+    assert_eq!(texture.height(), fit.uv_texture.height());
+    for corner in mesh.uv_triangles.iter().flatten() {
+        let [u, v] = mesh.uvs[*corner as usize];
+        assert!(
+            (0.0..=1.0).contains(&u) && (0.0..=1.0).contains(&v),
+            "{u} {v}"
+        );
+    }
+    for overlay in [
+        "eyelashes_left",
+        "eye_occlusion_right",
+        "lacrimal_fluid_left",
+    ] {
+        let overlay: std::collections::HashSet<u32> =
+            model.vertex_set(overlay).unwrap().iter().copied().collect();
+        assert!(
+            mesh.triangles
+                .iter()
+                .all(|t| t.iter().all(|v| !overlay.contains(v)))
+        );
+    }
+
+    let size = 256;
+    let device = Device::Cpu;
+    let vertices = Tensor::from_iter(mesh.positions.iter().flatten().copied(), &device)
+        .unwrap()
+        .reshape((mesh.positions.len(), 3))
+        .unwrap();
+    let face = model.vertex_set("face").unwrap();
+    let face = vertices
+        .index_select(&Tensor::from_slice(face, face.len(), &device).unwrap(), 0)
+        .unwrap();
+    let (camera, rotation, translation) = ganfit::optim::frontal_camera(&face, size).unwrap();
+    let atlas: Vec<f32> = texture
+        .as_raw()
+        .iter()
+        .map(|&v| f32::from(v) / 255.0)
+        .collect();
+    let atlas = Tensor::from_vec(
+        atlas,
+        (texture.height() as usize, texture.width() as usize, 3),
+        &device,
+    )
+    .unwrap();
+    // The renderer's textures have row 0 at v = 0; OBJ's v points up.
+    let uv = Tensor::from_iter(mesh.uvs.iter().flat_map(|&[u, v]| [u, 1.0 - v]), &device)
+        .unwrap()
+        .reshape((mesh.uvs.len(), 2))
+        .unwrap();
+    let uv_triangles = Triangles::new(mesh.uv_triangles.clone(), mesh.uvs.len()).unwrap();
+    let renderer = Renderer::new(
+        Triangles::new(mesh.triangles.clone(), mesh.positions.len()).unwrap(),
+        camera,
+        RenderOptions {
+            cull_backfaces: false,
+            antialias: true,
+        },
+    );
+    let drawn = renderer
+        .render(&Scene {
+            vertices: &vertices,
+            rotation: &rotation.unsqueeze(0).unwrap(),
+            translation: &translation.unsqueeze(0).unwrap(),
+            appearance: Appearance::Texture {
+                texture: &atlas,
+                uv: &uv,
+                uv_triangles: Some(&uv_triangles),
+                wrap: WrapMode::Clamp,
+            },
+            lighting: Lighting::Unlit,
+        })
+        .unwrap();
+    let drawn: Vec<f32> = drawn.image.flatten_all().unwrap().to_vec1().unwrap();
+    let frontal = fitter()
+        .render_frontal(&fit, &fit.params.expression, size as u32)
+        .unwrap();
+    let (mut compared, mut difference) = (0usize, 0.0f64);
+    for (pixel, expected) in drawn.chunks_exact(3).zip(frontal.pixels()) {
+        if expected.0[3] == 255 {
+            compared += 1;
+            difference += (0..3)
+                .map(|c| (f64::from(pixel[c]) * 255.0 - f64::from(expected.0[c])).abs())
+                .sum::<f64>()
+                / 3.0;
+        }
+    }
+    let difference = difference / compared as f64;
+    eprintln!("{compared} pixels compared, mean difference {difference:.2} levels");
+    assert!(compared > size * size / 4, "{compared} pixels");
+    assert!(difference < 2.0, "{difference:.2} levels apart");
+}
+
 /// The frontal render's scalp (the mesh ends at about the hairline) takes the colour of the
 /// hair above the head in the photo: here a planted one, through `Fitter::render_frontal`.
 #[test]

@@ -443,6 +443,8 @@ mod output {
     pub const TEXTURE: &str = "texture.png";
     pub const TEXTURE_OBSERVED: &str = "texture_observed.png";
     pub const OBJ: &str = "mesh.obj";
+    /// The texture of [`OBJ`] and [`GLB`].
+    pub const MESH_TEXTURE: &str = "mesh_texture.png";
     /// Written beside [`OBJ`] by `export::write_obj`.
     pub const MTL: &str = "mesh.mtl";
     pub const GLB: &str = "mesh.glb";
@@ -454,10 +456,11 @@ mod output {
     pub const REPORT: &str = "report.html";
     pub const ALBEDO: &str = "albedo.png";
     pub const VIEWS: &str = "views.png";
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         TEXTURE,
         TEXTURE_OBSERVED,
         OBJ,
+        MESH_TEXTURE,
         MTL,
         GLB,
         RENDER,
@@ -526,15 +529,16 @@ fn write_outputs(
             export::write_obj(
                 &dir.join(output::OBJ),
                 &result.mesh,
-                Some(Path::new(output::TEXTURE)),
+                Some(Path::new(output::MESH_TEXTURE)),
             )?;
             Ok(())
         }),
+        Box::new(|| Ok(result.mesh_texture.save(dir.join(output::MESH_TEXTURE))?)),
         Box::new(|| {
             export::write_glb(
                 &dir.join(output::GLB),
                 &result.mesh,
-                Some(&result.uv_texture),
+                Some(&result.mesh_texture),
             )?;
             Ok(())
         }),

@@ -41,6 +41,7 @@ fn fits_the_astronaut_and_writes_every_output() {
             "mesh.glb",
             "mesh.mtl",
             "mesh.obj",
+            "mesh_texture.png",
             "overlay.png",
             "params.json",
             "render.png",
@@ -57,7 +58,29 @@ fn fits_the_astronaut_and_writes_every_output() {
     assert!(vertices > 20_000 && faces > 40_000, "{vertices} {faces}");
     assert!(obj.contains("mtllib"));
     let mtl = std::fs::read_to_string(dir.join("mesh.mtl")).unwrap();
-    assert!(mtl.contains("map_Kd texture.png"), "{mtl}");
+    assert!(mtl.contains("map_Kd mesh_texture.png"), "{mtl}");
+    // Every texture coordinate a face uses lies inside the texture: viewers clamp or wrap
+    // beyond it, and ICT's other UV tiles would sample the face's texels.
+    let uvs: Vec<[f64; 2]> = obj
+        .lines()
+        .filter_map(|l| l.strip_prefix("vt "))
+        .map(|l| {
+            let mut uv = l.split_whitespace().map(|x| x.parse::<f64>().unwrap());
+            [uv.next().unwrap(), uv.next().unwrap()]
+        })
+        .collect();
+    for line in obj.lines().filter_map(|l| l.strip_prefix("f ")) {
+        for corner in line.split_whitespace() {
+            let vt: usize = corner.split('/').nth(1).unwrap().parse().unwrap();
+            let [u, v] = uvs[vt - 1];
+            assert!(
+                (0.0..=1.0).contains(&u) && (0.0..=1.0).contains(&v),
+                "{line}"
+            );
+        }
+    }
+    let mesh_texture = image::open(dir.join("mesh_texture.png")).unwrap();
+    assert_eq!((mesh_texture.width(), mesh_texture.height()), (2048, 1024));
     let glb = std::fs::read(dir.join("mesh.glb")).unwrap();
     assert_eq!(&glb[..4], b"glTF");
 
