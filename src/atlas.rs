@@ -171,6 +171,9 @@ fn channel_medians(colours: &[[f32; 3]]) -> [f32; 3] {
     })
 }
 
+/// A triangle's mesh corners and its UV corners.
+type Corners = ([u32; 3], [u32; 3]);
+
 /// The head's triangles and their atlas coordinates.
 #[derive(Debug, Clone)]
 pub(crate) struct HeadLayout {
@@ -183,9 +186,11 @@ pub(crate) struct HeadLayout {
     /// show the photo's collar and tie more often than skin. Drawn with a
     /// [`HeadLayout::bare_neck_atlas`].
     pub uv_triangles_bare_neck: Triangles,
-    /// The textured triangles of the band where the neck fades into the palette's skin (UV
-    /// triangles), and each UV vertex's share of skin `[1, UV vertices, 1]`.
-    neck_band: (Triangles, Tensor),
+    /// The textured triangles where the UV map fades into the palette's colours (UV
+    /// triangles): below the chin into the skin's, and along the UV map's border with the rest
+    /// of the head into the skin's or, on the scalp, the hair's; and each UV vertex's shares of
+    /// skin and hair `[1, UV vertices, 2]`.
+    palette_band: (Triangles, Tensor),
     /// The skin triangles inside the UV map's tile (no eyes, teeth, mouth interior, nor the
     /// head and neck beyond the tile) and their atlas triangles: for renders laid onto the
     /// photo, which shows its own eyes, teeth and hair through the gaps. (Flat palette colour
@@ -209,34 +214,37 @@ impl HeadLayout {
         let skin: std::collections::HashSet<[u32; 3]> =
             ganfit_optim::skin_triangles(model).0.into_iter().collect();
         let uv_count = model.uvs().len() as u32;
-        let neck = neck_skin_share(model, mean);
-        let (mut triangles, mut uv_triangles) = (Vec::new(), Vec::new());
-        let mut uv_triangles_bare_neck = Vec::new();
+        let (triangles, textured): (Vec<Corners>, Vec<bool>) = model
+            .triangles()
+            .iter()
+            .zip(model.uv_triangles())
+            .filter(|(tri, _)| !tri.iter().any(|v| hidden.contains(v)))
+            .map(|(tri, uv_tri)| {
+                let in_first_tile = uv_tri
+                    .iter()
+                    .all(|&t| (0.0..=1.0).contains(&model.uvs()[t as usize][0]));
+                ((*tri, *uv_tri), skin.contains(tri) && in_first_tile)
+            })
+            .unzip();
+        let shares = palette_shares(mean, &parts, &triangles, &textured, model);
+        let (mut uv_triangles, mut uv_triangles_bare_neck) = (Vec::new(), Vec::new());
         let (mut skin_triangles, mut skin_uv_triangles) = (Vec::new(), Vec::new());
         let mut band_uv_triangles = Vec::new();
-        let mut band_share = vec![0.0f32; uv_count as usize];
-        for (tri, uv_tri) in model.triangles().iter().zip(model.uv_triangles()) {
-            if tri.iter().any(|v| hidden.contains(v)) {
-                continue;
-            }
-            triangles.push(*tri);
-            let in_first_tile = uv_tri
-                .iter()
-                .all(|&t| (0.0..=1.0).contains(&model.uvs()[t as usize][0]));
-            let textured = skin.contains(tri) && in_first_tile;
+        let mut band_shares = vec![[0.0f32; 2]; uv_count as usize];
+        for (&(tri, uv_tri), &textured) in triangles.iter().zip(&textured) {
             let palette = tri.map(|v| uv_count + v);
-            uv_triangles.push(if textured { *uv_tri } else { palette });
-            let bare = tri.iter().all(|&v| neck[v as usize] >= 1.0);
-            uv_triangles_bare_neck.push(if textured && !bare { *uv_tri } else { palette });
-            if textured && tri.iter().any(|&v| neck[v as usize] > 0.0) {
-                band_uv_triangles.push(*uv_tri);
-                for (&v, &t) in tri.iter().zip(uv_tri) {
-                    band_share[t as usize] = neck[v as usize];
+            uv_triangles.push(if textured { uv_tri } else { palette });
+            let bare = tri.iter().all(|&v| shares.neck[v as usize] >= 1.0);
+            uv_triangles_bare_neck.push(if textured && !bare { uv_tri } else { palette });
+            if textured && tri.iter().any(|&v| shares.of(v) != [0.0; 2]) {
+                band_uv_triangles.push(uv_tri);
+                for (&v, &t) in tri.iter().zip(&uv_tri) {
+                    band_shares[t as usize] = shares.of(v);
                 }
             }
             if textured {
-                skin_triangles.push(*tri);
-                skin_uv_triangles.push(*uv_tri);
+                skin_triangles.push(tri);
+                skin_uv_triangles.push(uv_tri);
             }
         }
         let mut uv: Vec<f32> = model
@@ -249,12 +257,16 @@ impl HeadLayout {
         }
         let atlas_vertices = model.uvs().len() + n;
         Ok(HeadLayout {
-            triangles: Triangles::new(triangles, n)?,
+            triangles: Triangles::new(triangles.iter().map(|(tri, _)| *tri).collect(), n)?,
             uv_triangles: Triangles::new(uv_triangles, atlas_vertices)?,
             uv_triangles_bare_neck: Triangles::new(uv_triangles_bare_neck, atlas_vertices)?,
-            neck_band: (
+            palette_band: (
                 Triangles::new(band_uv_triangles, uv_count as usize)?,
-                Tensor::from_vec(band_share, (1, uv_count as usize, 1), &Device::Cpu)?,
+                Tensor::from_iter(band_shares.into_iter().flatten(), &Device::Cpu)?.reshape((
+                    1,
+                    uv_count as usize,
+                    2,
+                ))?,
             ),
             textured_skin: (
                 Triangles::new(skin_triangles, n)?,
@@ -289,7 +301,9 @@ impl HeadLayout {
 
     /// [`HeadLayout::atlas`] for the [bare neck](HeadLayout::uv_triangles_bare_neck): the UV
     /// map's texels fade into `skin` over the band between the textured chin and the neck drawn
-    /// in the palette's colour (an edge along the mesh's triangles there was a jagged seam).
+    /// in the palette's colour (an edge along the mesh's triangles there was a jagged seam), and
+    /// into `skin` or `hair` along the UV map's border with the rest of the head (where the
+    /// photo's colours, seen at a grazing angle or filled in, met the palette's in a hard edge).
     /// `model` is the one the layout was made for.
     pub fn bare_neck_atlas(
         &self,
@@ -300,15 +314,15 @@ impl HeadLayout {
         skin: [f32; 3],
         hair: [f32; 3],
     ) -> Result<Tensor, crate::Error> {
-        let (band, share) = &self.neck_band;
+        let (band, shares) = &self.palette_band;
         let mut faded = rgb.to_vec();
         if !band.is_empty() {
             let rast = ganfit_optim::rasterize_uv_layout(model.uvs(), band, side)?;
-            let shares = ganfit_render::interpolate(share, &rast, band)?.flatten_all()?;
+            let shares = ganfit_render::interpolate(shares, &rast, band)?.flatten_all()?;
             let shares: Vec<f32> = shares.to_vec1()?;
-            for (texel, &share) in faded.chunks_exact_mut(3).zip(&shares) {
-                for (value, skin) in texel.iter_mut().zip(skin) {
-                    *value += share * (skin - *value);
+            for (texel, share) in faded.chunks_exact_mut(3).zip(shares.chunks_exact(2)) {
+                for ((value, skin), hair) in texel.iter_mut().zip(skin).zip(hair) {
+                    *value += share[0] * (skin - *value) + share[1] * (hair - *value);
                 }
             }
         }
@@ -458,6 +472,86 @@ const NECK_BELOW_CHIN_MM: f32 = 5.0;
 /// Over how many millimetres further down the neck's texels fade into the palette's skin.
 const NECK_FADE_MM: f32 = 10.0;
 
+/// Over how many millimetres (on the mean face) from the UV map's border with the rest of the
+/// head its texels fade into the palette's colours.
+const BORDER_FADE_MM: f32 = 15.0;
+
+/// How much of each vertex's texels [`HeadLayout::bare_neck_atlas`] draws in the palette's
+/// colours.
+struct PaletteShares {
+    /// The skin's share on the neck (see [`neck_skin_share`]).
+    neck: Vec<f32>,
+    /// The share by closeness to the UV map's border with the rest of the head: 1 on it, 0
+    /// from [`BORDER_FADE_MM`] inside.
+    border: Vec<f32>,
+    /// Whether the vertex is the scalp's, which fades into the hair's colour.
+    scalp: Vec<bool>,
+}
+
+impl PaletteShares {
+    /// The vertex's shares of the skin's and the hair's colour.
+    fn of(&self, v: u32) -> [f32; 2] {
+        let v = v as usize;
+        if self.scalp[v] {
+            [0.0, self.border[v]]
+        } else {
+            [self.neck[v].max(self.border[v]), 0.0]
+        }
+    }
+}
+
+/// The palette's shares of every vertex: `triangles` (mesh and UV corners) are the drawn ones,
+/// `textured` says which of them take the UV map. The border is where textured triangles
+/// meet untextured skin or scalp (not the eyes' or the mouth's openings).
+fn palette_shares(
+    mean: &[[f32; 3]],
+    parts: &[Part],
+    triangles: &[Corners],
+    textured: &[bool],
+    model: &MorphableModel,
+) -> PaletteShares {
+    let n = mean.len();
+    let mut on_map = vec![false; n];
+    for ((tri, _), _) in triangles.iter().zip(textured).filter(|(_, t)| **t) {
+        for &v in tri {
+            on_map[v as usize] = true;
+        }
+    }
+    let head = |v: &u32| matches!(parts[*v as usize], Part::Skin | Part::Scalp);
+    let mut on_border = vec![false; n];
+    for ((tri, _), _) in triangles.iter().zip(textured).filter(|(_, t)| !**t) {
+        if tri.iter().all(head) {
+            for &v in tri {
+                on_border[v as usize] |= on_map[v as usize];
+            }
+        }
+    }
+    let border: Vec<Vector3<f32>> = (0..n)
+        .filter(|&v| on_border[v])
+        .map(|v| Vector3::from(mean[v]))
+        .collect();
+    let border = (0..n)
+        .map(|v| {
+            if !on_map[v] || border.is_empty() {
+                return 0.0;
+            }
+            let p = Vector3::from(mean[v]);
+            let distance = border
+                .iter()
+                .map(|b| (b - p).norm_squared())
+                .fold(f32::INFINITY, f32::min)
+                .sqrt();
+            let t = (1.0 - distance / BORDER_FADE_MM).clamp(0.0, 1.0);
+            t * t * (3.0 - 2.0 * t)
+        })
+        .collect();
+    PaletteShares {
+        neck: neck_skin_share(model, mean),
+        border,
+        scalp: parts.iter().map(|&p| p == Part::Scalp).collect(),
+    }
+}
+
 /// How much of each vertex a bare neck draws in the palette's skin colour: 0 above the neck's
 /// start, 1 from [`NECK_FADE_MM`] below it (all 0 for a model without a chin landmark, iBUG 8).
 fn neck_skin_share(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<f32> {
@@ -570,39 +664,48 @@ fn vertex_parts(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<Part> {
 mod tests {
     use super::*;
 
-    /// A red UV map, blue skin: the bare neck's atlas mixes the two only below the chin, fully
-    /// blue at the bottom of the band and red from the jaw up, with texels in between.
+    /// A red UV map, blue skin, green hair: the bare neck's atlas fades into blue below the
+    /// chin, into green along the UV map's border on the scalp and into blue along the rest of
+    /// the border, and keeps the face's middle red.
     #[test]
-    fn a_bare_necks_texels_fade_into_skin_below_the_chin() {
+    fn the_uv_maps_texels_fade_into_the_palette_at_the_neck_and_the_border() {
         let fitter = crate::Fitter::builder().iterations(0).build().unwrap();
         let model = fitter.model();
         let layout = HeadLayout::new(model, &model.mean_rows().unwrap()).unwrap();
         let side = 256;
         let red = [1.0f32, 0.0, 0.0].repeat(side * side);
-        let blue = [0.0, 0.0, 1.0];
+        let (blue, green) = ([0.0, 0.0, 1.0], [0.0, 1.0, 0.0]);
         let atlas = layout
-            .bare_neck_atlas(model, &red, side, EyeColours::DEFAULT, blue, blue)
+            .bare_neck_atlas(model, &red, side, EyeColours::DEFAULT, blue, green)
             .unwrap();
         let rows: Vec<Vec<Vec<f32>>> = atlas.narrow(1, 0, side).unwrap().to_vec3().unwrap();
-        let (mut faded, mut between) = (0, 0);
+        let (mut neck, mut scalp, mut side_border) = (0, 0, 0);
         for (row, texels) in rows.iter().enumerate() {
-            for texel in texels {
-                let share = texel[2];
-                assert!(
-                    (texel[0] + share - 1.0).abs() < 1e-6 && texel[1] == 0.0,
-                    "{texel:?}"
-                );
-                if share > 0.0 {
-                    // ICT's UV map has the face above 70 % of its height, the neck below.
-                    assert!(row > side * 7 / 10, "skin fades in on the face, row {row}");
+            for (column, texel) in texels.iter().enumerate() {
+                assert!((texel.iter().sum::<f32>() - 1.0).abs() < 1e-5, "{texel:?}");
+                let middle = (side * 35 / 100..side * 65 / 100).contains(&row)
+                    && (side * 35 / 100..side * 65 / 100).contains(&column);
+                if middle {
+                    assert_eq!(
+                        texel[0], 1.0,
+                        "the face's middle fades at ({row}, {column})"
+                    );
                 }
-                faded += usize::from(share > 0.99);
-                between += usize::from(share > 0.01 && share < 0.99);
+                // ICT's UV map has the eyes at about 27 % of its height, the neck below 70 %.
+                if texel[1] > 0.01 {
+                    assert!(row < side * 35 / 100, "hair fades in at row {row}");
+                    scalp += usize::from(texel[1] > 0.5);
+                }
+                if texel[2] > 0.99 && row > side * 7 / 10 {
+                    neck += 1;
+                } else if texel[2] > 0.5 && row < side * 7 / 10 {
+                    side_border += 1;
+                }
             }
         }
         assert!(
-            faded > 100 && between > 100,
-            "{faded} faded, {between} in the band"
+            neck > 100 && scalp > 100 && side_border > 100,
+            "{neck} neck, {scalp} scalp and {side_border} side texels faded"
         );
     }
 
