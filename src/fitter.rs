@@ -665,6 +665,25 @@ impl Fitter {
         Ok(a.zip(b).map(|(a, b)| descriptor_distance(&a, &b)))
     }
 
+    /// The fitted head ([`FitResult::mesh`]) with a neutral expression, and the model's
+    /// expression blendshapes as morph targets weighted as fitted: written with
+    /// [`export::write_glb_with_targets`](ganfit_morphable::export::write_glb_with_targets), a
+    /// viewer shows the fitted face, and an engine animates it by the blendshapes' weights
+    /// (ICT's blendshapes carry ARKit's names, so ARKit face tracking can drive it).
+    pub fn head_with_expressions(
+        &self,
+        result: &FitResult,
+    ) -> Result<(TexturedMesh, Vec<ganfit_morphable::export::MorphTarget>)> {
+        let model = self.host_model();
+        let shape = result.params.shape.to_device(model.device())?;
+        let neutral = model.instance(&shape, &Tensor::zeros(0, DType::F32, model.device())?)?;
+        let head = TexturedMesh {
+            positions: model.mesh(&neutral)?.positions,
+            ..result.mesh.clone()
+        };
+        Ok((head, model.expression_targets(&result.params.expression)?))
+    }
+
     /// Renders a fitted face from the front (like [`FitResult::frontal_render`]) with another
     /// expression, e.g. one fitted to another photo: `expression` holds blendshape weights of
     /// this fitter's model.

@@ -349,6 +349,7 @@ fn turned_views_mirror_each_other_and_turn_the_stated_way() {
 /// texture coordinates, clamped), shows what the frontal render shows: the eyes (not ICT's eye
 /// shells over them), a bare neck, palette colours for the eyes, mouth and scalp. Every
 /// coordinate a triangle uses lies inside the texture, and no triangle is one of the overlays.
+/// Its neutral version and the expression blendshapes weighted as fitted pose it again.
 #[test]
 fn the_exported_head_looks_as_the_frontal_render_does() {
     use ganfit::render::{
@@ -380,6 +381,40 @@ fn the_exported_head_looks_as_the_frontal_render_does() {
                 .all(|t| t.iter().all(|v| !overlay.contains(v)))
         );
     }
+
+    // The head with a neutral expression and the expression blendshapes weighted as fitted
+    // (the animatable .glb) is the fitted head again.
+    let (neutral, expressions) = fitter().head_with_expressions(&fit).unwrap();
+    assert_eq!(expressions.len(), model.expression_modes());
+    assert_eq!(
+        (&neutral.triangles, &neutral.uvs),
+        (&mesh.triangles, &mesh.uvs)
+    );
+    let mut worst = 0.0f32;
+    for (v, fitted) in mesh.positions.iter().enumerate() {
+        for (c, fitted) in fitted.iter().enumerate() {
+            let posed = neutral.positions[v][c]
+                + expressions
+                    .iter()
+                    .map(|t| t.weight * t.offsets[v][c])
+                    .sum::<f32>();
+            worst = worst.max((posed - fitted).abs());
+        }
+    }
+    assert!(
+        worst < 1e-3,
+        "the blendshapes pose the head {worst} mm off the fit"
+    );
+    let moved = neutral
+        .positions
+        .iter()
+        .zip(&mesh.positions)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(
+        moved > 1000,
+        "the fitted expression moves only {moved} vertices"
+    );
 
     let size = 256;
     let device = Device::Cpu;

@@ -535,10 +535,12 @@ fn write_outputs(
         }),
         Box::new(|| Ok(result.mesh_texture.save(dir.join(output::MESH_TEXTURE))?)),
         Box::new(|| {
-            export::write_glb(
+            let (head, expressions) = fitter.head_with_expressions(result)?;
+            export::write_glb_with_targets(
                 &dir.join(output::GLB),
-                &result.mesh,
+                &head,
                 Some(&result.mesh_texture),
+                &expressions,
             )?;
             Ok(())
         }),

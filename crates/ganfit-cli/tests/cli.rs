@@ -83,6 +83,15 @@ fn fits_the_astronaut_and_writes_every_output() {
     assert_eq!((mesh_texture.width(), mesh_texture.height()), (2048, 1024));
     let glb = std::fs::read(dir.join("mesh.glb")).unwrap();
     assert_eq!(&glb[..4], b"glTF");
+    // Animatable: ICT's 53 expression blendshapes as named, weighted morph targets.
+    let json_len = u32::from_le_bytes(glb[12..16].try_into().unwrap()) as usize;
+    let gltf: serde_json::Value = serde_json::from_slice(&glb[20..20 + json_len]).unwrap();
+    let names = gltf["meshes"][0]["extras"]["targetNames"]
+        .as_array()
+        .unwrap();
+    assert_eq!(names.len(), 53);
+    assert!(names.iter().any(|n| n == "eyeBlink_L"), "{names:?}");
+    assert_eq!(gltf["meshes"][0]["weights"].as_array().unwrap().len(), 53);
 
     let albedo = image::open(dir.join("albedo.png")).unwrap();
     assert!(albedo.width() >= 64 && albedo.width() == albedo.height());

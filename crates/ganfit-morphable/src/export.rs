@@ -198,6 +198,22 @@ const ELEMENT_ARRAY_BUFFER: u32 = 34963;
 const FLOAT: u32 = 5126;
 const UNSIGNED_INT: u32 = 5125;
 
+/// Morph-target offsets shorter than this (metres; a hundredth of a millimetre, far below what
+/// any render of a head shows) are not stored: ICT's blendshapes move most vertices of the head
+/// by less, and storing those too made a fitted head's `.glb` 11 MB instead of 7.
+const MIN_MORPH_OFFSET_M: f32 = 1e-5;
+
+/// A blendshape to export with a mesh: how far each of the mesh's vertices moves at weight 1.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MorphTarget {
+    /// Its name (glTF's `extras.targetNames`, which three.js, Blender and others read).
+    pub name: String,
+    /// One offset per vertex of the mesh, in the mesh's units (millimetres).
+    pub offsets: Vec<[f32; 3]>,
+    /// The weight it is exported with, so that viewers show the mesh posed by it.
+    pub weight: f32,
+}
+
 /// Writes `mesh` as binary glTF 2.0 with normals, texture coordinates and, when given, `texture`
 /// embedded as PNG. Positions are converted to metres (glTF's unit); vertices on UV seams are
 /// split ([`TexturedMesh::split_seams`]).
@@ -206,11 +222,43 @@ pub fn write_glb(
     mesh: &TexturedMesh,
     texture: Option<&image::RgbImage>,
 ) -> Result<()> {
+    write_glb_with_targets(path, mesh, texture, &[])
+}
+
+/// [`write_glb`] with `targets` as the mesh's morph targets (stored sparsely: only the vertices
+/// each one moves by a hundredth of a millimetre or more), weighted as they say: an engine can
+/// animate the mesh by their weights. Their normals are not morphed.
+pub fn write_glb_with_targets(
+    path: &Path,
+    mesh: &TexturedMesh,
+    texture: Option<&image::RgbImage>,
+    targets: &[MorphTarget],
+) -> Result<()> {
     mesh.check()?;
     if mesh.triangles.is_empty() {
         return Err(MorphableError::Export(
             "the mesh has no triangles".to_string(),
         ));
+    }
+    if let Some(target) = targets
+        .iter()
+        .find(|t| t.offsets.len() != mesh.positions.len())
+    {
+        return Err(MorphableError::Export(format!(
+            "the morph target `{}` moves {} vertices, the mesh has {}",
+            target.name,
+            target.offsets.len(),
+            mesh.positions.len()
+        )));
+    }
+    if let Some(target) = targets
+        .iter()
+        .find(|t| !t.weight.is_finite() || t.offsets.iter().flatten().any(|x| !x.is_finite()))
+    {
+        return Err(MorphableError::Export(format!(
+            "the morph target `{}` has a weight or an offset that is not a number",
+            target.name
+        )));
     }
     let split = mesh.split_seams();
     let normals = split_normals(mesh, &split)?;
@@ -255,12 +303,47 @@ pub fn write_glb(
     let uv = le(&mut split.uvs.iter().flat_map(|t| [t[0], 1.0 - t[1]]));
     let v_uv = push_view(&mut bin, &mut views, &uv, Some(ARRAY_BUFFER));
     let n = positions.len();
-    let accessors = json!([
-        {"bufferView": v_indices, "componentType": UNSIGNED_INT, "count": indices.len() / 4, "type": "SCALAR"},
-        {"bufferView": v_pos, "componentType": FLOAT, "count": n, "type": "VEC3", "min": min, "max": max},
-        {"bufferView": v_nrm, "componentType": FLOAT, "count": n, "type": "VEC3"},
-        {"bufferView": v_uv, "componentType": FLOAT, "count": n, "type": "VEC2"},
-    ]);
+    let mut accessors = vec![
+        json!({"bufferView": v_indices, "componentType": UNSIGNED_INT, "count": indices.len() / 4, "type": "SCALAR"}),
+        json!({"bufferView": v_pos, "componentType": FLOAT, "count": n, "type": "VEC3", "min": min, "max": max}),
+        json!({"bufferView": v_nrm, "componentType": FLOAT, "count": n, "type": "VEC3"}),
+        json!({"bufferView": v_uv, "componentType": FLOAT, "count": n, "type": "VEC2"}),
+    ];
+    let mut primitive_targets = Vec::with_capacity(targets.len());
+    for target in targets {
+        let moved: Vec<(u32, [f32; 3])> = split
+            .source_vertex
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as u32, target.offsets[v as usize].map(|x| x * 1e-3)))
+            .filter(|(_, offset)| {
+                offset.iter().map(|x| x * x).sum::<f32>() > MIN_MORPH_OFFSET_M * MIN_MORPH_OFFSET_M
+            })
+            .collect();
+        // The bounds glTF asks of a POSITION accessor, over every vertex: the unmoved ones too.
+        let (mut lo, mut hi) = ([0.0f32; 3], [0.0f32; 3]);
+        for (_, offset) in &moved {
+            for c in 0..3 {
+                lo[c] = lo[c].min(offset[c]);
+                hi[c] = hi[c].max(offset[c]);
+            }
+        }
+        let mut accessor =
+            json!({"componentType": FLOAT, "count": n, "type": "VEC3", "min": lo, "max": hi});
+        if !moved.is_empty() {
+            let ids: Vec<u8> = moved.iter().flat_map(|(i, _)| i.to_le_bytes()).collect();
+            let ids = push_view(&mut bin, &mut views, &ids, None);
+            let offsets = le(&mut moved.iter().flat_map(|(_, offset)| *offset));
+            let offsets = push_view(&mut bin, &mut views, &offsets, None);
+            accessor["sparse"] = json!({
+                "count": moved.len(),
+                "indices": {"bufferView": ids, "componentType": UNSIGNED_INT},
+                "values": {"bufferView": offsets},
+            });
+        }
+        accessors.push(accessor);
+        primitive_targets.push(json!({"POSITION": accessors.len() - 1}));
+    }
     let mut doc = json!({
         "asset": {"version": "2.0", "generator": "ganfit-morphable"},
         "scene": 0,
@@ -275,6 +358,12 @@ pub fn write_glb(
         }}],
         "accessors": accessors,
     });
+    if !targets.is_empty() {
+        doc["meshes"][0]["primitives"][0]["targets"] = json!(primitive_targets);
+        doc["meshes"][0]["weights"] = json!(targets.iter().map(|t| t.weight).collect::<Vec<_>>());
+        doc["meshes"][0]["extras"] =
+            json!({"targetNames": targets.iter().map(|t| &t.name).collect::<Vec<_>>()});
+    }
     if let Some(texture) = texture {
         let mut png = Vec::new();
         image::codecs::png::PngEncoder::new(&mut png)

@@ -263,6 +263,41 @@ impl MorphableModel {
         })
     }
 
+    /// The expression blendshapes as morph targets for [`export::write_glb_with_targets`]:
+    /// each one's offsets of every vertex at weight 1 (blendshapes add to any identity), named
+    /// as the model names them (ICT's are ARKit's), weighted by `weights` (`[k_e]`, missing ones
+    /// 0), e.g. a fitted expression.
+    ///
+    /// [`export::write_glb_with_targets`]: crate::export::write_glb_with_targets
+    pub fn expression_targets(&self, weights: &Tensor) -> Result<Vec<crate::export::MorphTarget>> {
+        let weights: Vec<f32> = weights.to_dtype(DType::F32)?.to_vec1()?;
+        let modes = self.expression_modes();
+        if weights.len() > modes {
+            return Err(MorphableError::Coefficients(format!(
+                "{} expression weights given, but `{}` has only {modes} expression modes",
+                weights.len(),
+                self.name()
+            )));
+        }
+        let basis = self
+            .basis
+            .narrow(0, self.shape_modes(), modes)?
+            .to_vec2::<f32>()?;
+        Ok(basis
+            .into_iter()
+            .enumerate()
+            .map(|(j, row)| crate::export::MorphTarget {
+                name: self
+                    .expression_names()
+                    .get(j)
+                    .cloned()
+                    .unwrap_or_else(|| format!("expression{j}")),
+                offsets: row.chunks_exact(3).map(|o| [o[0], o[1], o[2]]).collect(),
+                weight: weights.get(j).copied().unwrap_or(0.0),
+            })
+            .collect())
+    }
+
     /// Triangles (vertex indices), counter-clockwise seen from outside; quads of the source
     /// are split into two triangles.
     pub fn triangles(&self) -> &[[u32; 3]] {

@@ -8,7 +8,7 @@ use std::process::Command;
 use candle_core::{Device, Tensor};
 use common::{ict, sfm};
 use ganfit_morphable::TexturedMesh;
-use ganfit_morphable::export::{write_glb, write_obj, write_ply};
+use ganfit_morphable::export::{write_glb, write_glb_with_targets, write_obj, write_ply};
 
 fn checker_texture() -> image::RgbImage {
     image::RgbImage::from_fn(64, 64, |x, y| {
@@ -180,6 +180,127 @@ fn glb_of_the_sfm_passes_the_khronos_validator_and_a_damaged_one_does_not() {
             "{report:#}"
         );
     }
+}
+
+/// The JSON and binary chunks of a `.glb`.
+fn glb_chunks(bytes: &[u8]) -> (serde_json::Value, &[u8]) {
+    let json_len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let json = serde_json::from_slice(&bytes[20..20 + json_len]).unwrap();
+    (json, &bytes[20 + json_len + 8..])
+}
+
+/// The little-endian 32-bit words of a buffer view.
+fn view_words<T>(json: &serde_json::Value, bin: &[u8], view: &serde_json::Value) -> Vec<T>
+where
+    T: From<u32>,
+{
+    let view = &json["bufferViews"][view.as_u64().unwrap() as usize];
+    let (offset, length) = (
+        view["byteOffset"].as_u64().unwrap() as usize,
+        view["byteLength"].as_u64().unwrap() as usize,
+    );
+    bin[offset..offset + length]
+        .chunks_exact(4)
+        .map(|w| T::from(u32::from_le_bytes(w.try_into().unwrap())))
+        .collect()
+}
+
+/// ICT's expression blendshapes as sparse morph targets: the file passes the validator, names
+/// and weights them, and its base plus the weighted targets is the posed mesh (in metres; the
+/// offsets a render cannot show are the only ones left out). Targets that do not fit the mesh
+/// are refused.
+#[test]
+fn ict_expressions_as_morph_targets_pose_the_neutral_mesh() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = ict();
+    let p_s = Tensor::new(common::pseudo_random(model.shape_modes(), 3), &Device::Cpu).unwrap();
+    let weights: Vec<f32> = (0..model.expression_modes())
+        .map(|j| (j % 5) as f32 * 0.2)
+        .collect();
+    let p_e = Tensor::new(weights.as_slice(), &Device::Cpu).unwrap();
+    let neutral = model.instance(&p_s, &p_e.zeros_like().unwrap()).unwrap();
+    let posed = model.mesh(&model.instance(&p_s, &p_e).unwrap()).unwrap();
+    let mesh = model.mesh(&neutral).unwrap();
+    let targets = model.expression_targets(&p_e).unwrap();
+    assert_eq!(targets.len(), model.expression_modes());
+    let path = dir.path().join("head.glb");
+    write_glb_with_targets(&path, &mesh, Some(&checker_texture()), &targets).unwrap();
+    if let Some(report) = validate(&path) {
+        let issues = &report["issues"];
+        assert_eq!(issues["numErrors"], 0, "{:#}", issues["messages"]);
+        assert_eq!(issues["numWarnings"], 0, "{:#}", issues["messages"]);
+        assert_eq!(report["info"]["hasMorphTargets"], true);
+    }
+
+    let bytes = std::fs::read(&path).unwrap();
+    let (json, bin) = glb_chunks(&bytes);
+    let names = &json["meshes"][0]["extras"]["targetNames"];
+    assert_eq!(names[26], "jawOpen", "{names}");
+    let stored: Vec<f64> = json["meshes"][0]["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        stored,
+        weights.iter().map(|&w| f64::from(w)).collect::<Vec<_>>()
+    );
+    let primitive = &json["meshes"][0]["primitives"][0];
+    let accessor = |i: &serde_json::Value| &json["accessors"][i.as_u64().unwrap() as usize];
+    let base = accessor(&primitive["attributes"]["POSITION"]);
+    let mut positions: Vec<f32> = view_words::<u32>(&json, bin, &base["bufferView"])
+        .into_iter()
+        .map(f32::from_bits)
+        .collect();
+    let mut stored_offsets = 0;
+    for (target, &weight) in primitive["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&weights)
+    {
+        let sparse = &accessor(&target["POSITION"])["sparse"];
+        let ids: Vec<u32> = view_words(&json, bin, &sparse["indices"]["bufferView"]);
+        let offsets: Vec<f32> = view_words::<u32>(&json, bin, &sparse["values"]["bufferView"])
+            .into_iter()
+            .map(f32::from_bits)
+            .collect();
+        stored_offsets += ids.len();
+        for (&i, offset) in ids.iter().zip(offsets.chunks_exact(3)) {
+            for c in 0..3 {
+                positions[i as usize * 3 + c] += weight * offset[c];
+            }
+        }
+    }
+    let split = mesh.split_seams();
+    assert!(stored_offsets < split.source_vertex.len() * targets.len() / 2);
+    let worst = split
+        .source_vertex
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            (0..3)
+                .map(|c| (positions[i * 3 + c] * 1e3 - posed.positions[v as usize][c]).abs())
+                .fold(0.0f32, f32::max)
+        })
+        .fold(0.0f32, f32::max);
+    assert!(
+        worst < 0.05,
+        "the morphed mesh is {worst} mm off the posed one"
+    );
+
+    let short = ganfit_morphable::export::MorphTarget {
+        name: "short".into(),
+        offsets: vec![[0.0; 3]; 3],
+        weight: 1.0,
+    };
+    let err = write_glb_with_targets(&path, &mesh, None, &[short]).unwrap_err();
+    assert!(err.to_string().contains("moves 3 vertices"), "{err}");
+    let mut not_a_number = targets[0].clone();
+    not_a_number.weight = f32::NAN;
+    let err = write_glb_with_targets(&path, &mesh, None, &[not_a_number]).unwrap_err();
+    assert!(err.to_string().contains("not a number"), "{err}");
 }
 
 fn validator_available() -> bool {
