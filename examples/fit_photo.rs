@@ -1,5 +1,5 @@
-//! Fits one photo with the default models and writes the mesh, its texture and a render: the
-//! library version of `ganfit fit`.
+//! Fits one photo with the default models and writes the mesh (OBJ, and glTF animatable by
+//! the expression blendshapes), its texture and renders: the library version of `ganfit fit`.
 //!
 //! ```sh
 //! cargo run --release --example fit_photo -- examples/data/astronaut.png out/example
@@ -27,6 +27,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &out.join("mesh.obj"),
         &result.mesh,
         Some("mesh_texture.png".as_ref()),
+    )?;
+    let (neutral, expressions) = fitter.head_with_expressions(&result)?;
+    export::write_glb_with_targets(
+        &out.join("mesh.glb"),
+        &neutral,
+        Some(&result.mesh_texture),
+        &expressions,
     )?;
     result.render.save(out.join("render.png"))?;
     result.frontal_render.save(out.join("frontal.png"))?;
