@@ -67,6 +67,10 @@ enum Command {
         /// for the N-th from the left (0 the leftmost).
         #[arg(long, default_value = "largest", value_parser = parse_face_choice)]
         face: FaceChoice,
+        /// Side of the UV texture in texels (16 to 8192; `mesh_texture.png` is twice as wide):
+        /// more keeps more of a large photo's detail, at more time and memory.
+        #[arg(long, default_value_t = 1024)]
+        texture_size: usize,
         /// Print nothing but errors.
         #[arg(long)]
         quiet: bool,
@@ -205,6 +209,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             same_person,
             texture_model,
             face,
+            texture_size,
             quiet,
         } => {
             let device = parse_device(&device)?;
@@ -212,6 +217,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .device(device.clone())
                 .seed(seed)
                 .face_choice(face)
+                .texture_size(texture_size)
                 .iterations(iterations);
             if let Some(path) = texture_model {
                 builder =
