@@ -693,38 +693,29 @@ fn collects_fitted_textures_into_a_pca_model_that_a_fit_then_uses() {
 #[test]
 fn the_texture_size_is_chosen_and_checked() {
     let out = tempfile::tempdir().unwrap();
-    let run = |size: &str| {
-        ganfit()
-            .args([
-                "fit",
-                "--quiet",
-                "--iterations",
-                "0",
-                "--texture-size",
-                size,
-                "--out",
-            ])
-            .arg(out.path())
-            .arg(astronaut())
-            .output()
-            .unwrap()
+    let output = out.path().to_str().unwrap();
+    let photo = astronaut();
+    let photo = photo.to_str().unwrap();
+    let fit = |size| {
+        [
+            "fit",
+            "--quiet",
+            "--iterations",
+            "0",
+            "--texture-size",
+            size,
+            "--out",
+            output,
+            photo,
+        ]
     };
-    let small = run("256");
-    assert!(
-        small.status.success(),
-        "{}",
-        String::from_utf8_lossy(&small.stderr)
-    );
+    run_ok(&fit("256"));
     let size = |name: &str| image::image_dimensions(out.path().join(name)).unwrap();
     assert_eq!(size("texture.png"), (256, 256));
     assert_eq!(size("mesh_texture.png"), (512, 256));
-
-    let tiny = run("5");
-    assert!(!tiny.status.success());
-    let stderr = String::from_utf8_lossy(&tiny.stderr);
+    let stderr = one_line_failure(ganfit().args(fit("5")));
     assert!(
         stderr.contains("texture size 5 is outside 16..=8192"),
         "{stderr}"
     );
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
