@@ -17,6 +17,7 @@ use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 use ganfit::losses::face::{FaceChoice, load_rgb};
+use ganfit::losses::identity::FaceRecognitionNet;
 use ganfit::morphable::export;
 use ganfit::{FitResult, Fitter, Progress, ViewStyle};
 use image::RgbImage;
@@ -222,6 +223,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(path) = texture_model {
                 builder =
                     builder.texture_model(ganfit::texture::load_texture_model(&path, &device)?);
+            }
+            if same_person && iterations == 0 {
+                // Without the full objective only the check that the photos show one person
+                // needs the recognition network, which the fitter then does not load.
+                builder = builder.identity_net(FaceRecognitionNet::from_resolver(
+                    &ganfit::assets::Resolver::default(),
+                    &device,
+                )?);
             }
             fit(builder, &photos, &out, same_person, quiet)
         }

@@ -337,7 +337,7 @@ fn photos_of_two_people_fitted_as_one_are_warned_about() {
             "--quiet",
             "--same-person",
             "--iterations",
-            "1",
+            "0",
             "--out",
         ])
         .arg(out.path())
