@@ -279,8 +279,11 @@ impl FitterBuilder {
         } else {
             Some(model.to_device(&Device::Cpu)?)
         };
+        let host = host_model.as_ref().unwrap_or(&model);
+        let head_layout = HeadLayout::new(host, &host.mean_rows()?)?;
         Ok(Fitter {
             texture_size,
+            head_layout,
             detector: FaceDetector::from_resolver(&resolver, &Device::Cpu)?,
             landmarker: FaceLandmarker::from_resolver(&resolver, &Device::Cpu)?,
             model,
@@ -309,6 +312,9 @@ pub struct Fitter {
     refine: RefineConfig,
     face_choice: FaceChoice,
     texture_size: usize,
+    /// How the whole head is drawn from the model's texture and palette (the same for every
+    /// fit and render).
+    head_layout: HeadLayout,
 }
 
 /// How [`Fitter::render_turned`] draws a fitted face.
@@ -742,10 +748,9 @@ impl Fitter {
             &result.params.shape.to_device(model.device())?,
             &expression.to_dtype(DType::F32)?.to_device(model.device())?,
         )?;
-        let layout = HeadLayout::new(model, &model.mean_rows()?)?;
         let view = View::new(
             model,
-            layout,
+            &self.head_layout,
             &texture,
             result.eye_colours,
             result.hair_colour,
@@ -814,7 +819,6 @@ impl Fitter {
                 (in_photo, elsewhere)
             }
         };
-        let layout = HeadLayout::new(model, &model.mean_rows()?)?;
         let head_pixels: Vec<[f32; 2]> = match model.vertex_set("skin") {
             Ok(skin) => skin.iter().map(|&v| pixels[v as usize]).collect(),
             Err(_) => pixels,
@@ -824,7 +828,7 @@ impl Fitter {
             || -> Result<_> {
                 let view = View::new(
                     model,
-                    layout.clone(),
+                    &self.head_layout,
                     &in_photo,
                     eye_colours,
                     None,
@@ -840,7 +844,7 @@ impl Fitter {
                 let neutral = model.instance(&params.shape, &params.expression.zeros_like()?)?;
                 let view = View::new(
                     model,
-                    layout.clone(),
+                    &self.head_layout,
                     &texture,
                     eye_colours,
                     hair,
@@ -1040,7 +1044,7 @@ fn to_byte(v: f32) -> u8 {
 struct View<'a> {
     model: &'a MorphableModel,
     /// Triangles and atlas coordinates of the whole head, eyes and mouth included.
-    layout: HeadLayout,
+    layout: &'a HeadLayout,
     /// The UV map beside the palette of eyes, mouth and the head off the UV tile.
     atlas: Tensor,
 }
@@ -1057,7 +1061,7 @@ enum Seen {
 impl<'a> View<'a> {
     fn new(
         model: &'a MorphableModel,
-        layout: HeadLayout,
+        layout: &'a HeadLayout,
         texture: &UvTexture,
         eyes: EyeColours,
         hair: Option<[f32; 3]>,
