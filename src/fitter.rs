@@ -610,10 +610,7 @@ impl Fitter {
             None
         };
         // One albedo serves every photo: the fill's background for each of their textures.
-        let albedo = refined
-            .as_ref()
-            .map(|r| albedo_image(&r.albedo))
-            .transpose()?;
+        let albedo = refined.as_ref().map(|r| rgb_image(&r.albedo)).transpose()?;
         let background = albedo
             .as_ref()
             .map(|albedo| albedo_background(albedo, self.texture_size));
@@ -889,10 +886,10 @@ impl Fitter {
     }
 }
 
-/// `[T, T, 3]` in `[0, 1]` → an RGB image.
-fn albedo_image(albedo: &Tensor) -> Result<RgbImage> {
-    let (h, w, _) = albedo.dims3()?;
-    let values: Vec<f32> = albedo.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+/// `[H, W, 3]` in `[0, 1]` → an RGB image.
+fn rgb_image(rgb: &Tensor) -> Result<RgbImage> {
+    let (h, w, _) = rgb.dims3()?;
+    let values: Vec<f32> = rgb.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     Ok(RgbImage::from_fn(w as u32, h as u32, |x, y| {
         let i = (y as usize * w + x as usize) * 3;
         image::Rgb([0, 1, 2].map(|c| to_byte(values[i + c])))
@@ -1089,13 +1086,7 @@ impl View<'_> {
     /// stretched over the eyeballs, teeth and the head beyond the UV map's tile).
     fn head_mesh(&self, vertices: &Tensor) -> Result<(TexturedMesh, RgbImage)> {
         let mesh = self.layout.bare_neck_mesh(self.model, vertices)?;
-        let (height, width, _) = self.atlas.dims3()?;
-        let rgb: Vec<f32> = self.atlas.flatten_all()?.to_vec1()?;
-        let texture = RgbImage::from_fn(width as u32, height as u32, |x, y| {
-            let i = (y as usize * width + x as usize) * 3;
-            image::Rgb([0, 1, 2].map(|c| to_byte(rgb[i + c])))
-        });
-        Ok((mesh, texture))
+        Ok((mesh, rgb_image(&self.atlas)?))
     }
 
     fn draw(
