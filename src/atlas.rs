@@ -526,22 +526,28 @@ fn palette_shares(
             }
         }
     }
-    let border: Vec<Vector3<f32>> = (0..n)
-        .filter(|&v| on_border[v])
-        .map(|v| Vector3::from(mean[v]))
-        .collect();
+    // Border vertices in cubes of the fade's width: only the 27 around a vertex can be near.
+    let cube = |p: &[f32; 3]| p.map(|x| (x / BORDER_FADE_MM).floor() as i32);
+    let mut cubes: std::collections::HashMap<[i32; 3], Vec<Vector3<f32>>> = Default::default();
+    for v in (0..n).filter(|&v| on_border[v]) {
+        cubes
+            .entry(cube(&mean[v]))
+            .or_default()
+            .push(Vector3::from(mean[v]));
+    }
     let border = (0..n)
         .map(|v| {
-            if !on_map[v] || border.is_empty() {
+            if !on_map[v] {
                 return 0.0;
             }
-            let p = Vector3::from(mean[v]);
-            let distance = border
-                .iter()
-                .map(|b| (b - p).norm_squared())
-                .fold(f32::INFINITY, f32::min)
-                .sqrt();
-            let t = (1.0 - distance / BORDER_FADE_MM).clamp(0.0, 1.0);
+            let (p, [x, y, z]) = (Vector3::from(mean[v]), cube(&mean[v]));
+            let mut nearest = f32::INFINITY;
+            for [dx, dy, dz] in (0..27).map(|i| [i % 3 - 1, i / 3 % 3 - 1, i / 9 - 1]) {
+                for b in cubes.get(&[x + dx, y + dy, z + dz]).into_iter().flatten() {
+                    nearest = nearest.min((b - p).norm_squared());
+                }
+            }
+            let t = (1.0 - nearest.sqrt() / BORDER_FADE_MM).clamp(0.0, 1.0);
             t * t * (3.0 - 2.0 * t)
         })
         .collect();
