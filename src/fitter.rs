@@ -888,12 +888,13 @@ impl Fitter {
 
 /// `[H, W, 3]` in `[0, 1]` → an RGB image.
 fn rgb_image(rgb: &Tensor) -> Result<RgbImage> {
-    let (h, w, _) = rgb.dims3()?;
+    use rayon::prelude::*;
+    let (h, w, c) = rgb.dims3()?;
     let values: Vec<f32> = rgb.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    Ok(RgbImage::from_fn(w as u32, h as u32, |x, y| {
-        let i = (y as usize * w + x as usize) * 3;
-        image::Rgb([0, 1, 2].map(|c| to_byte(values[i + c])))
-    }))
+    let bytes = values.par_iter().map(|&v| to_byte(v)).collect();
+    RgbImage::from_raw(w as u32, h as u32, bytes)
+        .filter(|_| c == 3)
+        .ok_or_else(|| Error::Config(format!("a {h}×{w}×{c} tensor is no RGB image")))
 }
 
 /// The fitted albedo at `size × size` texels, as the background for the texels the photo
