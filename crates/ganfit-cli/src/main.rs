@@ -69,7 +69,8 @@ enum Command {
         #[arg(long, default_value = "largest", value_parser = parse_face_choice)]
         face: FaceChoice,
         /// Side of the UV texture in texels (16 to 8192; `mesh_texture.png` is twice as wide):
-        /// more keeps more of a large photo's detail, at more time and memory.
+        /// more keeps more of a large photo's detail, at more time and memory (a fit of a 512²
+        /// photo peaks at about 0.5 GB with 1024, 2 GB with 4096 and 8 GB with 8192).
         #[arg(long, default_value_t = 1024)]
         texture_size: usize,
         /// Print nothing but errors.
