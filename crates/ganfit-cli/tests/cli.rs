@@ -298,6 +298,23 @@ fn photos_of_one_person_get_one_texture_and_their_own_renders() {
     );
 }
 
+/// `ganfit fit --same-person` of `photos` into `out`, the landmark alignment only.
+fn same_person_landmark_fit(out: &Path, photos: &[&Path]) -> Command {
+    let mut command = ganfit();
+    command
+        .args([
+            "fit",
+            "--quiet",
+            "--same-person",
+            "--iterations",
+            "0",
+            "--out",
+        ])
+        .arg(out)
+        .args(photos);
+    command
+}
+
 #[test]
 fn a_faceless_photo_of_one_person_is_named_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
@@ -306,20 +323,7 @@ fn a_faceless_photo_of_one_person_is_named_and_nothing_is_written() {
         .save(&blank)
         .unwrap();
     let out = dir.path().join("out");
-    let stderr = one_line_failure(
-        ganfit()
-            .args([
-                "fit",
-                "--quiet",
-                "--same-person",
-                "--iterations",
-                "0",
-                "--out",
-            ])
-            .arg(&out)
-            .arg(astronaut())
-            .arg(&blank),
-    );
+    let stderr = one_line_failure(&mut same_person_landmark_fit(&out, &[&astronaut(), &blank]));
     let named = format!("error: {}: no face found", blank.display());
     assert!(stderr.starts_with(&named), "{stderr}");
     assert!(!out.join("astronaut").join("mesh.obj").exists());
@@ -331,18 +335,7 @@ fn photos_of_two_people_fitted_as_one_are_warned_about() {
         .unwrap()
         .join("data/faces/frl_london/001_neutral.jpg");
     let out = tempfile::tempdir().unwrap();
-    let output = ganfit()
-        .args([
-            "fit",
-            "--quiet",
-            "--same-person",
-            "--iterations",
-            "0",
-            "--out",
-        ])
-        .arg(out.path())
-        .arg(astronaut())
-        .arg(&london)
+    let output = same_person_landmark_fit(out.path(), &[&astronaut(), &london])
         .output()
         .unwrap();
     let stderr = String::from_utf8(output.stderr).unwrap();
