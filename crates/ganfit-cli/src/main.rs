@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use ganfit::losses::face::{FaceChoice, load_rgb};
+use ganfit::losses::face::{FaceChoice, load_rgb, probe_image};
 use ganfit::losses::identity::FaceRecognitionNet;
 use ganfit::morphable::export;
 use ganfit::{FitResult, Fitter, Progress, ViewStyle};
@@ -39,7 +39,8 @@ struct Cli {
 enum Command {
     /// Fit a 3D face to one or more photos of one person and write meshes, textures and renders.
     Fit {
-        /// Photos of one person (PNG, JPEG, TIFF, WebP, BMP, GIF or PNM, at most 150 megapixels).
+        /// Photos (PNG, JPEG, TIFF, WebP, BMP, GIF or PNM, at most 150 megapixels), or folders
+        /// of them (their photos by name).
         #[arg(required = true)]
         photos: Vec<PathBuf>,
         /// Folder the results are written to (one sub-folder per photo when there are several).
@@ -293,8 +294,42 @@ fn parse_device(name: &str) -> anyhow::Result<Device> {
     }
 }
 
-/// Photos fitted together: each one's path and output folder, and their pixels.
-type FitGroup<'a> = (Vec<(&'a PathBuf, &'a PathBuf)>, Vec<RgbImage>);
+/// The files of a folder given as a photo that `ganfit fit` reads, by extension.
+const PHOTO_EXTENSIONS: [&str; 12] = [
+    "png", "jpg", "jpeg", "tif", "tiff", "webp", "bmp", "gif", "pnm", "ppm", "pgm", "pbm",
+];
+
+/// `photos` with every folder among them replaced by the photos in it (by name; other files
+/// and sub-folders are passed over).
+fn expand_folders(photos: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut expanded = Vec::with_capacity(photos.len());
+    for path in photos {
+        if !path.is_dir() {
+            expanded.push(path.clone());
+            continue;
+        }
+        let mut inside: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot list the folder {}", path.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|file| {
+                file.is_file()
+                    && file.extension().is_some_and(|e| {
+                        PHOTO_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())
+                    })
+            })
+            .collect();
+        if inside.is_empty() {
+            anyhow::bail!(
+                "the folder {} holds no photos (files ending in .{})",
+                path.display(),
+                PHOTO_EXTENSIONS.join(", .")
+            );
+        }
+        inside.sort();
+        expanded.extend(inside);
+    }
+    Ok(expanded)
+}
 
 fn fit(
     builder: ganfit::FitterBuilder,
@@ -303,30 +338,37 @@ fn fit(
     same_person: bool,
     quiet: bool,
 ) -> anyhow::Result<()> {
+    let photos = &expand_folders(photos)?;
     let dirs = output_dirs(photos, out);
     check_outputs(photos, &dirs)?;
+    // Every photo's header first: a missing or unreadable file fails before minutes of fitting.
+    // The pixels are read a group at a time, so a folder of large photos does not fill the
+    // memory.
+    for photo in photos {
+        probe_image(photo)?;
+    }
     let bar = progress(quiet);
     bar.set_message("loading models");
     let fitter = builder.build()?;
-    // Read every photo first: a bad file fails before minutes of fitting.
-    let images = photos
-        .iter()
-        .map(|photo| load_rgb(photo).map_err(anyhow::Error::from))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let groups: Vec<FitGroup<'_>> = if same_person {
-        vec![(photos.iter().zip(&dirs).collect(), images)]
+    let groups: Vec<Vec<(&PathBuf, &PathBuf)>> = if same_person {
+        vec![photos.iter().zip(&dirs).collect()]
     } else {
-        photos
-            .iter()
-            .zip(&dirs)
-            .map(|pair| vec![pair])
-            .zip(images.into_iter().map(|i| vec![i]))
-            .collect()
+        photos.iter().zip(&dirs).map(|pair| vec![pair]).collect()
     };
     let mut failed = Vec::new();
-    for (paths, images) in groups {
+    for paths in groups {
         let names: Vec<String> = paths.iter().map(|(p, _)| p.display().to_string()).collect();
         let label = names.join(", ");
+        let images: Vec<RgbImage> = match paths.iter().map(|(photo, _)| load_rgb(photo)).collect() {
+            Ok(images) => images,
+            // A photo whose body is damaged should not cost the others their fits either.
+            Err(error) if photos.len() > 1 && !same_person => {
+                bar.suspend(|| eprintln!("error: {}", one_line(&error.into())));
+                failed.push(label);
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         let fitted = fitter.fit_many_with_progress(&images, |progress| match progress {
             Progress::Step(step) => bar.set_message(format!("{label}: {step}")),
             Progress::Iteration {

@@ -229,16 +229,8 @@ fn a_face_of_a_group_photo_is_chosen_by_its_place_from_the_left() {
         assert_eq!(on_right, right_half, "--face {face}");
     }
     let stderr = one_line_failure(
-        ganfit()
-            .args([
-                "fit",
-                "--quiet",
-                "--iterations",
-                "0",
-                "--face",
-                "2",
-                "--out",
-            ])
+        landmark_fit()
+            .args(["--face", "2", "--out"])
             .arg(dir.path().join("2"))
             .arg(&photo),
     );
@@ -298,18 +290,18 @@ fn photos_of_one_person_get_one_texture_and_their_own_renders() {
     );
 }
 
-/// `ganfit fit --same-person` of `photos` into `out`, the landmark alignment only.
-fn same_person_landmark_fit(out: &Path, photos: &[&Path]) -> Command {
+/// `ganfit fit --quiet` through the landmark alignment only; options and photos to follow.
+fn landmark_fit() -> Command {
     let mut command = ganfit();
+    command.args(["fit", "--quiet", "--iterations", "0"]);
     command
-        .args([
-            "fit",
-            "--quiet",
-            "--same-person",
-            "--iterations",
-            "0",
-            "--out",
-        ])
+}
+
+/// [`landmark_fit`] of `photos` as one person's, into `out`.
+fn same_person_landmark_fit(out: &Path, photos: &[&Path]) -> Command {
+    let mut command = landmark_fit();
+    command
+        .args(["--same-person", "--out"])
         .arg(out)
         .args(photos);
     command
@@ -711,4 +703,45 @@ fn the_texture_size_is_chosen_and_checked() {
         stderr.contains("texture size 5 is outside 16..=8192"),
         "{stderr}"
     );
+}
+
+/// A folder stands for the photos in it: each is fitted on its own into a sub-folder of the
+/// output, other files are passed over, and a photo whose body is damaged (found only when its
+/// pixels are read, after the headers of all were checked) is reported while the others are
+/// fitted. A folder without photos is refused before any fit.
+#[test]
+fn a_folder_is_fitted_photo_by_photo() {
+    let dir = tempfile::tempdir().unwrap();
+    let photos = dir.path().join("photos");
+    std::fs::create_dir(&photos).unwrap();
+    std::fs::copy(astronaut(), photos.join("a.png")).unwrap();
+    let london = ganfit::synthetic::shared_dir()
+        .unwrap()
+        .join("data/faces/frl_london/001_neutral.jpg");
+    let jpeg = std::fs::read(london).unwrap();
+    std::fs::write(photos.join("b.JPG"), &jpeg[..jpeg.len() / 4]).unwrap();
+    std::fs::write(photos.join("notes.txt"), "not a photo").unwrap();
+    let out = dir.path().join("out");
+    let (folder, results) = (photos.to_str().unwrap(), out.to_str().unwrap());
+    let stderr = String::from_utf8(
+        landmark_fit()
+            .args(["--out", results, folder])
+            .output()
+            .unwrap()
+            .stderr,
+    )
+    .unwrap();
+    assert!(out.join("a").join("mesh.obj").is_file(), "{stderr}");
+    assert!(!out.join("b").exists() && !out.join("notes").exists());
+    assert!(stderr.contains("b.JPG could not be decoded"), "{stderr}");
+    assert!(
+        stderr.contains("1 of 2 photos could not be fitted"),
+        "{stderr}"
+    );
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let stderr =
+        one_line_failure(ganfit().args(["fit", "--out", results, empty.to_str().unwrap()]));
+    assert!(stderr.contains("holds no photos"), "{stderr}");
 }

@@ -5,7 +5,7 @@ use std::io::Cursor;
 use std::sync::OnceLock;
 
 use candle_core::Device;
-use ganfit_losses::face::{FaceChoice, FaceDetector, FaceError, decode_rgb, load_rgb};
+use ganfit_losses::face::{FaceChoice, FaceDetector, FaceError, decode_rgb, load_rgb, probe_image};
 use image::imageops::{FilterType, resize};
 use image::{DynamicImage, ImageFormat, RgbImage};
 
@@ -353,4 +353,45 @@ fn an_image_claiming_too_many_pixels_is_refused_before_decoding() {
         "{error}"
     );
     assert!(error.to_string().contains("scale it down"), "{error}");
+}
+
+/// Probing reads a file's header only: it gives a photo's size and the errors of a missing file,
+/// a file that is no image and a header claiming too many pixels, as decoding would; a body cut
+/// short passes (decoding finds it).
+#[test]
+fn probing_a_photo_checks_its_header_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    };
+    let jpeg = encode(&DynamicImage::ImageRgb8(astronaut()), ImageFormat::Jpeg);
+    let (width, height) = astronaut().dimensions();
+    assert_eq!(
+        probe_image(file("whole.jpg", &jpeg)).unwrap(),
+        (width, height)
+    );
+    let cut = file("cut.jpg", &jpeg[..jpeg.len() / 2]);
+    assert_eq!(probe_image(&cut).unwrap(), (width, height));
+    assert!(matches!(
+        load_rgb(&cut).unwrap_err(),
+        FaceError::CorruptImage { .. }
+    ));
+
+    let missing = probe_image(dir.path().join("missing.jpg")).unwrap_err();
+    assert!(matches!(missing, FaceError::Io { .. }), "{missing}");
+    let table = probe_image(file("people.csv", b"name,age\nada,36\n")).unwrap_err();
+    assert!(
+        matches!(table, FaceError::UnsupportedImage { .. }),
+        "{table}"
+    );
+    let mut bmp = encode(
+        &DynamicImage::ImageRgb8(RgbImage::new(2, 2)),
+        ImageFormat::Bmp,
+    );
+    bmp[18..22].copy_from_slice(&20_000i32.to_le_bytes());
+    bmp[22..26].copy_from_slice(&10_000i32.to_le_bytes());
+    let bomb = probe_image(file("bomb.bmp", &bmp)).unwrap_err();
+    assert!(matches!(bomb, FaceError::ImageTooLarge { .. }), "{bomb}");
 }

@@ -40,18 +40,64 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     decode_rgb(&bytes, &path.display().to_string())
 }
 
+/// Reads only an image file's header: its width and height, or the error [`load_rgb`] gives
+/// for a file that cannot be opened, is not an image of a supported format, or has too many
+/// pixels. (A damaged body shows only when the file is decoded.) Cheap enough to check many
+/// photos before fitting any.
+pub fn probe_image(path: impl AsRef<Path>) -> Result<(u32, u32)> {
+    let path = path.as_ref();
+    let origin = path.display().to_string();
+    let reader = ImageReader::open(path)
+        .map_err(|source| FaceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .with_guessed_format()
+        .map_err(|e| unsupported(&origin, e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(unsupported(
+            &origin,
+            "unrecognised file signature".to_string(),
+        ));
+    }
+    let (width, height) = reader
+        .into_dimensions()
+        .map_err(|e| decode_error(&origin, e))?;
+    check_pixel_count(width, height, &origin)?;
+    Ok((width, height))
+}
+
+fn unsupported(origin: &str, reason: String) -> FaceError {
+    FaceError::UnsupportedImage {
+        origin: origin.to_string(),
+        reason,
+    }
+}
+
+/// A decoder's error: an unsupported feature of the format, or a damaged file.
+fn decode_error(origin: &str, error: ImageError) -> FaceError {
+    match error {
+        ImageError::Unsupported(u) => unsupported(origin, u.to_string()),
+        other => FaceError::CorruptImage {
+            origin: origin.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
 /// Decodes an in-memory image file as upright 8-bit RGB; see [`load_rgb`]. `origin` names the
 /// bytes in error messages.
 pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
-    let unsupported = |reason: String| FaceError::UnsupportedImage {
-        origin: origin.to_string(),
-        reason,
-    };
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| unsupported(e.to_string()))?;
+        .map_err(|e| unsupported(origin, e.to_string()))?;
     match reader.format() {
-        None => return Err(unsupported("unrecognised file signature".to_string())),
+        None => {
+            return Err(unsupported(
+                origin,
+                "unrecognised file signature".to_string(),
+            ));
+        }
         // The JPEG decoder fills a cut-off scan with grey and reports nothing: the fit would
         // then run on a damaged photo, or find no face in it.
         Some(ImageFormat::Jpeg) if !jpeg_is_complete(bytes) => {
@@ -62,13 +108,7 @@ pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
         }
         Some(_) => {}
     }
-    let to_face_error = |e: ImageError| match e {
-        ImageError::Unsupported(u) => unsupported(u.to_string()),
-        other => FaceError::CorruptImage {
-            origin: origin.to_string(),
-            reason: other.to_string(),
-        },
-    };
+    let to_face_error = |e: ImageError| decode_error(origin, e);
     let mut decoder = reader.into_decoder().map_err(to_face_error)?;
     let (width, height) = decoder.dimensions();
     check_pixel_count(width, height, origin)?;
