@@ -130,6 +130,9 @@ fn real_photos_fit_their_landmarks_and_keep_their_identity() {
             full.best_loss
         );
         assert!(result.albedo.is_some() && result.light.is_some());
+        // Blendshapes are activations: no weight below 0 (MIN_EXPRESSION_WEIGHT).
+        let weights: Vec<f32> = result.params.expression.to_vec1().unwrap();
+        assert!(weights.iter().all(|&w| w >= 0.0), "{name}: {weights:?}");
     }
 }
 

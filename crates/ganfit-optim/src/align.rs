@@ -434,7 +434,10 @@ pub fn align_one_person(
         vec![shape.clone()],
         config.shape_lr,
     ));
-    all_groups.push(group("expression", |c| &c.expression, config.expression_lr));
+    all_groups.push(
+        group("expression", |c| &c.expression, config.expression_lr)
+            .bounded_below(Some(crate::MIN_EXPRESSION_WEIGHT)),
+    );
     let shape_stage = StageConfig::new("shape and expression", config.shape_iterations);
     stages.push(run_stage(&shape_stage, &all_groups, objective, |_| {})?);
 

@@ -282,7 +282,8 @@ pub fn refine(
     };
     let groups = [
         ParamGroup::new("shape", vec![shape.clone()], config.shape_lr),
-        per_photo_group("expression", |p| &p.expression, config.expression_lr),
+        per_photo_group("expression", |p| &p.expression, config.expression_lr)
+            .bounded_below(Some(crate::MIN_EXPRESSION_WEIGHT)),
         per_photo_group("rotation", |p| &p.rotation, config.rotation_lr),
         per_photo_group("translation", |p| &p.translation, config.translation_lr),
         per_photo_group("light", |p| &p.light, config.light_lr),

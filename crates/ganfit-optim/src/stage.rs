@@ -15,16 +15,38 @@ pub struct ParamGroup {
     pub vars: Vec<Var>,
     /// Base learning rate (before the schedule).
     pub learning_rate: f64,
+    /// The least value any element may take: after every step the variables are clamped to it
+    /// (projected gradient descent), e.g. 0 for blendshape weights.
+    pub lower_bound: Option<f64>,
 }
 
 impl ParamGroup {
-    /// A group of `vars` named `name` with base rate `learning_rate`.
+    /// A group of `vars` named `name` with base rate `learning_rate`, unbounded.
     pub fn new(name: impl Into<String>, vars: Vec<Var>, learning_rate: f64) -> Self {
         ParamGroup {
             name: name.into(),
             vars,
             learning_rate,
+            lower_bound: None,
         }
+    }
+
+    /// The group with its variables kept at `bound` or above (none where `None`).
+    pub fn bounded_below(self, bound: Option<f64>) -> Self {
+        ParamGroup {
+            lower_bound: bound,
+            ..self
+        }
+    }
+
+    /// Clamps the variables to the lower bound, if any.
+    fn project(&self) -> Result<(), OptimError> {
+        if let Some(bound) = self.lower_bound {
+            for var in &self.vars {
+                var.set(&var.as_tensor().maximum(bound)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -244,6 +266,9 @@ pub fn run_stage(
             }
         }
         adam.step(&gradient, lr_factor)?;
+        for group in groups {
+            group.project()?;
+        }
     }
     best.restore(groups)?;
     report.best_loss = best_loss;
@@ -309,6 +334,24 @@ mod tests {
         assert_eq!(report.history.len(), 300);
         assert!(report.best_loss < 1e-4, "{}", report.best_loss);
         for (got, want) in value(&x).iter().zip([3.0, -2.0, 0.5]) {
+            assert!((got - want).abs() < 0.01, "{got} vs {want}");
+        }
+    }
+
+    /// The quadratic's minimum is (3, −2, 0.5); held at 0 or above, the fit stops at its
+    /// nearest point there, (3, 0, 0.5), and never steps below.
+    #[test]
+    fn a_group_bounded_below_stays_above_its_bound() {
+        let x = Var::zeros(3, DType::F32, &Device::Cpu).unwrap();
+        let groups = [ParamGroup::new("x", vec![x.clone()], 0.1).bounded_below(Some(0.0))];
+        run_stage(
+            &StageConfig::new("bounded quadratic", 300),
+            &groups,
+            |_| distance_loss(&x),
+            |_| assert!(value(&x).iter().all(|&v| v >= 0.0), "{:?}", value(&x)),
+        )
+        .unwrap();
+        for (got, want) in value(&x).iter().zip([3.0, 0.0, 0.5]) {
             assert!((got - want).abs() < 0.01, "{got} vs {want}");
         }
     }
