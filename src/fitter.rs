@@ -861,7 +861,7 @@ impl Fitter {
             vertices,
             mesh,
             mesh_texture,
-            uv_texture: texture_image(&texture),
+            uv_texture: rgb_image_of(&texture.rgb, texture.size, texture.size)?,
             uv_observed: image::GrayImage::from_fn(
                 texture.size as u32,
                 texture.size as u32,
@@ -888,13 +888,26 @@ impl Fitter {
 
 /// `[H, W, 3]` in `[0, 1]` → an RGB image.
 fn rgb_image(rgb: &Tensor) -> Result<RgbImage> {
-    use rayon::prelude::*;
     let (h, w, c) = rgb.dims3()?;
+    if c != 3 {
+        return Err(Error::Config(format!(
+            "a {h}×{w}×{c} tensor is no RGB image"
+        )));
+    }
     let values: Vec<f32> = rgb.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    rgb_image_of(&values, w, h)
+}
+
+/// `width × height × 3` values in `[0, 1]`, row-major → an RGB image.
+fn rgb_image_of(values: &[f32], width: usize, height: usize) -> Result<RgbImage> {
+    use rayon::prelude::*;
     let bytes = values.par_iter().map(|&v| to_byte(v)).collect();
-    RgbImage::from_raw(w as u32, h as u32, bytes)
-        .filter(|_| c == 3)
-        .ok_or_else(|| Error::Config(format!("a {h}×{w}×{c} tensor is no RGB image")))
+    RgbImage::from_raw(width as u32, height as u32, bytes).ok_or_else(|| {
+        Error::Config(format!(
+            "{} values are no {width}×{height} RGB image",
+            values.len()
+        ))
+    })
 }
 
 /// The fitted albedo at `size × size` texels, as the background for the texels the photo
@@ -1024,14 +1037,6 @@ fn photo_tensor(image: &RgbImage, device: &Device) -> Result<Tensor> {
         .map(|&v| f32::from(v) / 255.0)
         .collect();
     Ok(Tensor::from_vec(data, (h as usize, w as usize, 3), device)?)
-}
-
-fn texture_image(texture: &UvTexture) -> RgbImage {
-    let size = texture.size as u32;
-    RgbImage::from_fn(size, size, |x, y| {
-        let i = (y as usize * texture.size + x as usize) * 3;
-        image::Rgb([0, 1, 2].map(|c| to_byte(texture.rgb[i + c])))
-    })
 }
 
 fn to_byte(v: f32) -> u8 {
