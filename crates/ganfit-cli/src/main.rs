@@ -294,13 +294,8 @@ fn parse_device(name: &str) -> anyhow::Result<Device> {
     }
 }
 
-/// The files of a folder given as a photo that `ganfit fit` reads, by extension.
-const PHOTO_EXTENSIONS: [&str; 12] = [
-    "png", "jpg", "jpeg", "tif", "tiff", "webp", "bmp", "gif", "pnm", "ppm", "pgm", "pbm",
-];
-
-/// `photos` with every folder among them replaced by the photos in it (by name; other files
-/// and sub-folders are passed over).
+/// `photos` with every folder among them replaced by the photos in it (by name; files whose
+/// extension names no format this build reads, and sub-folders, are passed over).
 fn expand_folders(photos: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
     let mut expanded = Vec::with_capacity(photos.len());
     for path in photos {
@@ -313,16 +308,13 @@ fn expand_folders(photos: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
             .filter_map(|entry| entry.ok().map(|e| e.path()))
             .filter(|file| {
                 file.is_file()
-                    && file.extension().is_some_and(|e| {
-                        PHOTO_EXTENSIONS.contains(&e.to_string_lossy().to_lowercase().as_str())
-                    })
+                    && image::ImageFormat::from_path(file).is_ok_and(|f| f.reading_enabled())
             })
             .collect();
         if inside.is_empty() {
             anyhow::bail!(
-                "the folder {} holds no photos (files ending in .{})",
-                path.display(),
-                PHOTO_EXTENSIONS.join(", .")
+                "the folder {} holds no photos (PNG, JPEG, TIFF, WebP, BMP, GIF or PNM files)",
+                path.display()
             );
         }
         inside.sort();
