@@ -365,12 +365,14 @@ pub struct FitResult {
     /// beyond the UV map (the skin's).
     pub mesh_texture: RgbImage,
     /// The UV texture (image orientation, row 0 at the top): the photo where it sees the
-    /// surface, the fitted albedo (scaled to the photo's brightness) elsewhere. From
+    /// face, the fitted albedo (scaled to the photo's brightness) elsewhere, and where the
+    /// photo shows something else than the face on the surface (a collar or the backdrop
+    /// beside the jaw, told from the face by the cheeks' and the hair's colours). From
     /// [`Fitter::fit_many`], one texture merged from all the photos (each texel mostly from
     /// those that saw it in most detail), the same in every result.
     pub uv_texture: RgbImage,
-    /// Which texels of `uv_texture` were seen in the photo, or in any of the photos (255), or
-    /// filled in (0).
+    /// Which texels of `uv_texture` were taken from the photo, or from any of the photos
+    /// (255), or filled in (0).
     pub uv_observed: image::GrayImage,
     /// The albedo UV map the full objective fitted (without the photo's shading), when it ran.
     pub albedo: Option<RgbImage>,
@@ -437,6 +439,10 @@ struct Posed {
     params: FitParams,
     vertices: Tensor,
     projection: Projection,
+    /// Every vertex's pixel in the photo.
+    pixels: Vec<[f32; 2]>,
+    /// The hair's colour in the photo ([`hair_colour`]).
+    hair: Option<[f32; 3]>,
 }
 
 impl Fitter {
@@ -599,13 +605,14 @@ impl Fitter {
         let posed = params
             .iter()
             .zip(&observed)
-            .map(|(params, observed)| self.posed(params, &observed.photo))
+            .zip(images)
+            .map(|((params, observed), image)| self.posed(params, observed, image))
             .collect::<Result<Vec<_>>>()?;
         // Several photos of one person: one texture merged from all of them for the views
         // that are no photo's own (the frontal render, the exported mesh).
         let merged = if posed.len() > 1 {
-            let projections: Vec<&Projection> = posed.iter().map(|p| &p.projection).collect();
-            Some(Projection::fuse(&projections)?)
+            let on_face: Vec<Projection> = posed.iter().map(|p| p.projection.on_face()).collect();
+            Some(Projection::fuse(&on_face.iter().collect::<Vec<_>>())?)
         } else {
             None
         };
@@ -614,6 +621,22 @@ impl Fitter {
         let background = albedo
             .as_ref()
             .map(|albedo| albedo_background(albedo, self.texture_size));
+        // The albedo learnt the colours of the collar and backdrop that the renders in the
+        // photos' views showed on the jaw: refilled from the rest of it for the other views.
+        let background_elsewhere = background.as_ref().and_then(|background| {
+            let off_face: Vec<bool> = (0..self.texture_size * self.texture_size)
+                .map(|texel| posed.iter().any(|p| p.projection.off_face[texel]))
+                .collect();
+            off_face.contains(&true).then(|| {
+                let mut albedo = UvTexture {
+                    size: self.texture_size,
+                    rgb: background.clone(),
+                    observed: off_face.iter().map(|&off| f32::from(!off)).collect(),
+                };
+                albedo.fill_unobserved_from_afar();
+                albedo.rgb
+            })
+        });
         let mut results = Vec::with_capacity(images.len());
         let photos = images.iter().zip(observed).zip(alignments).zip(posed);
         for (index, (((image, observed), alignment), posed)) in photos.enumerate() {
@@ -630,6 +653,7 @@ impl Fitter {
                 &vertex_ids,
                 albedo.clone(),
                 background.as_deref(),
+                background_elsewhere.as_deref().or(background.as_deref()),
                 eye_colours,
                 merged.as_ref(),
             )?;
@@ -760,29 +784,44 @@ impl Fitter {
     }
 
     /// A fitted photo's mesh, and the photo projected onto its UV layout, on the host.
-    fn posed(&self, params: &FitParams, photo: &Tensor) -> Result<Posed> {
+    fn posed(&self, params: &FitParams, observed: &Observed, image: &RgbImage) -> Result<Posed> {
         let model = self.host_model();
         let params = params.to_device(model.device())?;
         // The photo's tensor as the full objective used it: no copy on the CPU.
-        let photo = photo.to_device(model.device())?;
+        let photo = observed.photo.to_device(model.device())?;
         let vertices = model.instance(&params.shape, &params.expression)?;
+        let pixels = vertex_pixels(&vertices, &params)?;
+        let head_pixels: Vec<[f32; 2]> = match model.vertex_set("skin") {
+            Ok(skin) => skin.iter().map(|&v| pixels[v as usize]).collect(),
+            Err(_) => pixels.clone(),
+        };
+        let hair = hair_colour(image, &head_pixels);
+        let off_face = crate::off_face::off_face_mask(image, &observed.detected, hair)
+            .map(|mask| move |column, row| mask.contains(column, row));
         let projection = ganfit_optim::project_photo_with_view(
             model,
             &vertices,
             &params,
             &photo,
             self.texture_size,
+            off_face
+                .as_ref()
+                .map(|mask| mask as &(dyn Fn(usize, usize) -> bool + Sync)),
         )?;
         Ok(Posed {
             params,
             vertices,
             projection,
+            pixels,
+            hair,
         })
     }
 
     /// Geometry, texture and renders of a fitted photo. `background` (the albedo at the
-    /// texture's size) fills what no photo saw; `merged`, the texture of several photos of the
-    /// person, stands for the photo's own in the views away from its camera.
+    /// texture's size) fills what the photo did not see in the render in its view,
+    /// `background_elsewhere` (the same without what the photos saw off the face) in the views
+    /// away from its camera; `merged`, the texture of several photos of the person, stands for
+    /// the photo's own in those views.
     fn finish(
         &self,
         image: &RgbImage,
@@ -790,6 +829,7 @@ impl Fitter {
         landmark_vertices: &[Option<u32>],
         albedo: Option<RgbImage>,
         background: Option<&[f32]>,
+        background_elsewhere: Option<&[f32]>,
         eye_colours: EyeColours,
         merged: Option<&UvTexture>,
     ) -> Result<FitResult> {
@@ -798,29 +838,34 @@ impl Fitter {
             params,
             vertices,
             projection,
+            pixels,
+            hair,
         } = posed;
-        let pixels = vertex_pixels(&vertices, &params)?;
         let fitted_landmarks = landmark_vertices
             .iter()
             .map(|id| id.map(|id| pixels[id as usize]))
             .collect();
         // Through the photo's camera the unseen texels it shows are grazing ones, which the
         // albedo was fitted to; from elsewhere (the frontal render, the exported mesh) the far
-        // side of a turned head is better shown by the seen side's mirror image.
+        // side of a turned head is better shown by the seen side's mirror image. The render in
+        // the photo's view lies on the photo, which shows its collar and backdrop anyway; the
+        // views from elsewhere leave what the photo saw off the face to the fill.
         let (in_photo, texture) = match merged {
-            None => projection.texture.filled_both_ways(background),
-            Some(merged) => {
-                let (mut in_photo, mut elsewhere) = (projection.texture, merged.clone());
-                in_photo.fill_unobserved(background);
-                elsewhere.fill_unobserved_mirrored(background);
+            None if !projection.off_face.contains(&true) => {
+                projection.texture.filled_both_ways(background)
+            }
+            _ => {
+                let elsewhere = merged
+                    .cloned()
+                    .unwrap_or_else(|| projection.on_face().texture);
+                let (mut in_photo, mut elsewhere) = (projection.texture, elsewhere);
+                rayon::join(
+                    || in_photo.fill_unobserved(background),
+                    || elsewhere.fill_unobserved_mirrored(background_elsewhere),
+                );
                 (in_photo, elsewhere)
             }
         };
-        let head_pixels: Vec<[f32; 2]> = match model.vertex_set("skin") {
-            Ok(skin) => skin.iter().map(|&v| pixels[v as usize]).collect(),
-            Err(_) => pixels,
-        };
-        let hair = hair_colour(image, &head_pixels);
         let (photo_renders, from_front) = rayon::join(
             || -> Result<_> {
                 let view = View::new(

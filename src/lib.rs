@@ -10,6 +10,7 @@ mod atlas;
 mod correspondence;
 pub mod evaluate;
 mod fitter;
+mod off_face;
 pub mod synthetic;
 
 pub use atlas::EyeColours;

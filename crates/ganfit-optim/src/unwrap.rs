@@ -84,7 +84,7 @@ pub fn project_photo(
     photo: &Tensor,
     size: usize,
 ) -> Result<UvTexture, OptimError> {
-    Ok(project_photo_with_view(model, vertices, params, photo, size)?.texture)
+    Ok(project_photo_with_view(model, vertices, params, photo, size, None)?.texture)
 }
 
 /// A photo's colours on the UV layout ([`project_photo`]) and how much detail the photo saw at
@@ -98,15 +98,24 @@ pub struct Projection {
     /// times the focal length over the depth) where the photo saw it, 0 elsewhere: a face seen
     /// head-on and close scores high, a far or turned-away one low.
     pub pixels_per_mm: Vec<f32>,
+    /// Per texel, whether the photo pixel it projects to lies off the face (the caller's mask,
+    /// [`project_photo_with_view`]'s `off_face`), where the surface faces the camera and is
+    /// not hidden, even at angles too grazing for its colour to be taken (the render in the
+    /// photo's view shows those texels there, so a texture fitted to the photo learns the
+    /// pixels' colours).
+    pub off_face: Vec<bool>,
 }
 
-/// [`project_photo`], keeping how much detail the photo saw at each texel.
+/// [`project_photo`], keeping how much detail the photo saw at each texel, and which texels
+/// project to pixels that show something other than the face: those (column, row) for which
+/// `off_face` is true.
 pub fn project_photo_with_view(
     model: &MorphableModel,
     vertices: &Tensor,
     params: &FitParams,
     photo: &Tensor,
     size: usize,
+    off_face: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
 ) -> Result<Projection, OptimError> {
     let (height, width, channels) = photo.dims3()?;
     if channels != 3 || size == 0 {
@@ -153,46 +162,57 @@ pub fn project_photo_with_view(
 
     let mut rgb = vec![0.0f32; size * size * 3];
     let mut pixels_per_mm = vec![0.0f32; size * size];
+    let mut texel_off_face = vec![false; size * size];
     let rows = rgb
         .par_chunks_mut(size * 3)
-        .zip(pixels_per_mm.par_chunks_mut(size));
-    rows.enumerate().for_each(|(row, (rgb, pixels_per_mm))| {
-        for column in 0..size {
-            let texel = row * size + column;
-            // Channel 3 of the rasterizer's output is the triangle id + 1, 0 where uncovered.
-            if rast[texel * 4 + 3] == 0.0 {
-                continue;
+        .zip(pixels_per_mm.par_chunks_mut(size))
+        .zip(texel_off_face.par_chunks_mut(size));
+    rows.enumerate()
+        .for_each(|(row, ((rgb, pixels_per_mm), texel_off_face))| {
+            for column in 0..size {
+                let texel = row * size + column;
+                // Channel 3 of the rasterizer's output is the triangle id + 1, 0 where uncovered.
+                if rast[texel * 4 + 3] == 0.0 {
+                    continue;
+                }
+                let p = &surface[texel * 3..texel * 3 + 3];
+                let normal = &normals[texel * 3..texel * 3 + 3];
+                let distance = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
+                let normal_length =
+                    (normal[0] * normal[0] + normal[1] * normal[1] + normal[2] * normal[2]).sqrt();
+                let facing = -(p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2])
+                    / (distance * normal_length).max(f32::MIN_POSITIVE);
+                if p[2] <= 0.0 || facing <= 0.0 {
+                    continue;
+                }
+                let x = (k.fx * f64::from(p[0] / p[2]) + k.cx) as f32;
+                let y = (k.fy * f64::from(p[1] / p[2]) + k.cy) as f32;
+                let (pixel_column, pixel_row) = (x.round(), y.round());
+                if pixel_column < 0.0
+                    || pixel_row < 0.0
+                    || pixel_column >= width as f32
+                    || pixel_row >= height as f32
+                {
+                    continue;
+                }
+                let (column_in_photo, row_in_photo) = (pixel_column as usize, pixel_row as usize);
+                let pixel = row_in_photo * width + column_in_photo;
+                let pixel_footprint = p[2] / k.fx as f32;
+                let tolerance =
+                    DEPTH_TOLERANCE_MM + 1.5 * pixel_footprint / facing.max(MIN_VIEW_COSINE);
+                if (depth[pixel] - p[2]).abs() > tolerance {
+                    continue;
+                }
+                texel_off_face[column] =
+                    off_face.is_some_and(|off_face| off_face(column_in_photo, row_in_photo));
+                if facing < MIN_VIEW_COSINE {
+                    continue;
+                }
+                let colour = bilinear(pixels, width, height, x, y);
+                rgb[column * 3..column * 3 + 3].copy_from_slice(&colour);
+                pixels_per_mm[column] = facing * k.fx as f32 / p[2];
             }
-            let p = &surface[texel * 3..texel * 3 + 3];
-            let normal = &normals[texel * 3..texel * 3 + 3];
-            let distance = (p[0] * p[0] + p[1] * p[1] + p[2] * p[2]).sqrt();
-            let normal_length =
-                (normal[0] * normal[0] + normal[1] * normal[1] + normal[2] * normal[2]).sqrt();
-            let facing = -(p[0] * normal[0] + p[1] * normal[1] + p[2] * normal[2])
-                / (distance * normal_length).max(f32::MIN_POSITIVE);
-            if p[2] <= 0.0 || facing < MIN_VIEW_COSINE {
-                continue;
-            }
-            let x = (k.fx * f64::from(p[0] / p[2]) + k.cx) as f32;
-            let y = (k.fy * f64::from(p[1] / p[2]) + k.cy) as f32;
-            let (pixel_column, pixel_row) = (x.round(), y.round());
-            if pixel_column < 0.0
-                || pixel_row < 0.0
-                || pixel_column >= width as f32
-                || pixel_row >= height as f32
-            {
-                continue;
-            }
-            let seen_depth = depth[pixel_row as usize * width + pixel_column as usize];
-            let pixel_footprint = p[2] / k.fx as f32;
-            if (seen_depth - p[2]).abs() > DEPTH_TOLERANCE_MM + 1.5 * pixel_footprint / facing {
-                continue;
-            }
-            let colour = bilinear(pixels, width, height, x, y);
-            rgb[column * 3..column * 3 + 3].copy_from_slice(&colour);
-            pixels_per_mm[column] = facing * k.fx as f32 / p[2];
-        }
-    });
+        });
     let observed = pixels_per_mm.iter().map(|&d| f32::from(d > 0.0)).collect();
     Ok(Projection {
         texture: UvTexture {
@@ -201,6 +221,7 @@ pub fn project_photo_with_view(
             observed,
         },
         pixels_per_mm,
+        off_face: texel_off_face,
     })
 }
 
@@ -213,6 +234,19 @@ pub fn project_photo_with_view(
 const FUSE_DETAIL_POWER: i32 = 4;
 
 impl Projection {
+    /// This projection without the texels the photo saw off the face
+    /// ([`Projection::off_face`]), for views away from the photo's camera, which should not
+    /// show the photo's collar or backdrop on the jaw.
+    pub fn on_face(&self) -> Projection {
+        let mut on_face = self.clone();
+        for (texel, _) in self.off_face.iter().enumerate().filter(|(_, off)| **off) {
+            on_face.texture.observed[texel] = 0.0;
+            on_face.texture.rgb[texel * 3..][..3].fill(0.0);
+            on_face.pixels_per_mm[texel] = 0.0;
+        }
+        on_face
+    }
+
     /// One texture from the projections of several photos of one face, all at one size: each
     /// texel the weighted mean of the colours the photos saw there, weighted by the fourth
     /// power of the detail they saw ([`Projection::pixels_per_mm`]), so the far side of a
@@ -389,6 +423,76 @@ impl UvTexture {
             );
         }
         (plain, mirrored)
+    }
+
+    /// Fills the unseen texels from the seen ones nearest them, however far (a push-pull
+    /// fill): the seen colours are averaged over blocks of 2 × 2, 4 × 4, … texels up to the
+    /// whole map, and each unseen texel takes the finest of those averages that saw anything,
+    /// blended smoothly into the coarser ones. For a map with holes and nothing else to fill
+    /// them from (an albedo with the texels of a photo's collar cut out).
+    pub fn fill_unobserved_from_afar(&mut self) {
+        if !self.observed.iter().any(|&o| o > 0.0) {
+            return;
+        }
+        // Push: weighted colours and their weights, [r·w, g·w, b·w, w] per texel, summed over
+        // ever larger blocks.
+        let finest: Vec<[f32; 4]> = self
+            .rgb
+            .par_chunks_exact(3)
+            .zip(&self.observed)
+            .map(|(c, &w)| [c[0] * w, c[1] * w, c[2] * w, w])
+            .collect();
+        let mut pyramid = vec![(self.size, finest)];
+        while let Some((side, sums)) = pyramid.last().filter(|(side, _)| *side > 1) {
+            let (side, half) = (*side, side.div_ceil(2));
+            let mut coarser = vec![[0.0f32; 4]; half * half];
+            coarser
+                .par_chunks_mut(half)
+                .enumerate()
+                .for_each(|(row, blocks)| {
+                    for fine_row in (2 * row..2 * row + 2).filter(|&r| r < side) {
+                        for (column, sum) in sums[fine_row * side..][..side].iter().enumerate() {
+                            let block = &mut blocks[column / 2];
+                            for (total, value) in block.iter_mut().zip(sum) {
+                                *total += value;
+                            }
+                        }
+                    }
+                });
+            pyramid.push((half, coarser));
+        }
+        // Pull: from the whole map's mean down, each level's own average where its block saw
+        // a texel's worth, blended with the coarser level's colours interpolated to it; the
+        // finest level's unseen texels take the next coarser level's alone.
+        let mut pulled: Vec<[f32; 3]> = Vec::new();
+        let mut pulled_side = 0;
+        for (side, sums) in pyramid[1..].iter().rev() {
+            let coarser = &pulled;
+            let level: Vec<[f32; 3]> = (0..side * side)
+                .into_par_iter()
+                .map(|texel| {
+                    let [r, g, b, weight] = sums[texel];
+                    let far = if coarser.is_empty() {
+                        [0.0; 3]
+                    } else {
+                        upsampled(coarser, pulled_side, *side, texel)
+                    };
+                    let trust = weight.min(1.0);
+                    let own = [r, g, b].map(|v| v / weight.max(f32::MIN_POSITIVE));
+                    [0, 1, 2].map(|c| trust * own[c] + (1.0 - trust) * far[c])
+                })
+                .collect();
+            pulled = level;
+            pulled_side = *side;
+        }
+        let (size, observed) = (self.size, &self.observed);
+        self.rgb
+            .par_chunks_exact_mut(3)
+            .enumerate()
+            .filter(|(texel, _)| observed[*texel] == 0.0)
+            .for_each(|(texel, colour)| {
+                colour.copy_from_slice(&upsampled(&pulled, pulled_side, size, texel));
+            });
     }
 
     /// Per channel, how much brighter the side of the map that needs mirror filling was seen
@@ -570,6 +674,24 @@ impl<'a> Fill<'a> {
     }
 }
 
+/// The colour at `texel` of a `side × side` map, bilinearly interpolated from the
+/// `coarse_side × coarse_side` map `coarse` of which each texel covers 2 × 2 of its texels.
+fn upsampled(coarse: &[[f32; 3]], coarse_side: usize, side: usize, texel: usize) -> [f32; 3] {
+    let at = |position: usize| {
+        let x = ((position as f32 + 0.5) / 2.0 - 0.5).clamp(0.0, (coarse_side - 1) as f32);
+        let low = x.floor() as usize;
+        (low, (low + 1).min(coarse_side - 1), x - low as f32)
+    };
+    let ((x0, x1, fx), (y0, y1, fy)) = (at(texel % side), at(texel / side));
+    let value = |x: usize, y: usize| coarse[y * coarse_side + x];
+    let (a, b, c, d) = (value(x0, y0), value(x1, y0), value(x0, y1), value(x1, y1));
+    [0, 1, 2].map(|k| {
+        let top = a[k] + fx * (b[k] - a[k]);
+        let bottom = c[k] + fx * (d[k] - c[k]);
+        top + fy * (bottom - top)
+    })
+}
+
 /// Replaces each value of a `size × size × channels` image by the mean over a
 /// `(2·radius + 1)²` window (shrunk at the borders), as a running-sum pass along the rows into
 /// `scratch` (as long as `values`) and one down the columns back. The column pass keeps one
@@ -728,6 +850,50 @@ mod tests {
     }
 
     #[test]
+    fn holes_take_the_colours_seen_nearest_them_however_far() {
+        // Seen: a red left third and a blue right third of the map; a hole of 80 × 80 texels in
+        // the red third's middle.
+        let size = 256;
+        let colour = |column: usize| {
+            if column < size / 3 {
+                [0.9, 0.1, 0.1]
+            } else {
+                [0.1, 0.1, 0.9]
+            }
+        };
+        let hole =
+            |row: usize, column: usize| (88..168).contains(&row) && (5..85).contains(&column);
+        let mut t = texture(size, |row, column| {
+            (column < size / 3 || column >= 2 * size / 3) && !hole(row, column)
+        });
+        for texel in 0..size * size {
+            if t.observed[texel] > 0.0 {
+                t.rgb[texel * 3..][..3].copy_from_slice(&colour(texel % size));
+            }
+        }
+        let before = t.clone();
+        t.fill_unobserved_from_afar();
+        let at = |row: usize, column: usize| &t.rgb[(row * size + column) * 3..][..3];
+        // The hole's middle lies 40 texels from the red and 85 from the blue; its edges next
+        // to the red.
+        for (row, column, least_red) in [(128, 45, 0.7), (90, 10, 0.8), (165, 80, 0.8)] {
+            let [r, g, b] = [0, 1, 2].map(|c| at(row, column)[c]);
+            assert!(
+                r > least_red && g < 0.15 && b < 1.0 - least_red,
+                "({row}, {column}) in the hole: {:?}",
+                at(row, column)
+            );
+        }
+        // Midway between the red and the blue, some of each.
+        let middle = at(200, size / 2);
+        assert!(middle[0] > 0.2 && middle[2] > 0.2, "{middle:?}");
+        for texel in (0..size * size).filter(|&t| before.observed[t] > 0.0) {
+            assert_eq!(t.rgb[texel * 3..][..3], before.rgb[texel * 3..][..3]);
+        }
+        assert_eq!(t.observed, before.observed, "filling marks nothing seen");
+    }
+
+    #[test]
     fn the_far_side_takes_the_mirrored_near_side_where_the_photo_saw_only_that() {
         // The left half seen; the right half never.
         let places = [(5, 40), (30, 50), (60, 61), (12, 36)];
@@ -853,6 +1019,7 @@ mod tests {
             }
         }
         Projection {
+            off_face: vec![false; size * size],
             texture,
             pixels_per_mm,
         }
