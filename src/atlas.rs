@@ -102,27 +102,10 @@ impl EyeColours {
                     ]
                 })
                 .collect();
-            let (lo, hi) = inset.iter().fold(
-                ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]),
-                |(lo, hi), p| {
-                    (
-                        [lo[0].min(p[0]), lo[1].min(p[1])],
-                        [hi[0].max(p[0]), hi[1].max(p[1])],
-                    )
-                },
-            );
-            let columns =
-                lo[0].max(0.0).floor() as u32..(hi[0].ceil().max(0.0) as u32).min(photo.width());
-            let rows =
-                lo[1].max(0.0).floor() as u32..(hi[1].ceil().max(0.0) as u32).min(photo.height());
-            for y in rows {
-                for x in columns.clone() {
-                    if inside(&inset, [x as f32, y as f32]) {
-                        let rgb = photo.get_pixel(x, y).0.map(|v| f32::from(v) / 255.0);
-                        let luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2];
-                        pixels.push((luma, rgb));
-                    }
-                }
+            for (x, y) in pixels_inside(photo, &inset) {
+                let rgb = photo.get_pixel(x, y).0.map(|v| f32::from(v) / 255.0);
+                let luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2];
+                pixels.push((luma, rgb));
             }
         }
         if pixels.len() < MIN_EYE_PIXELS {
@@ -148,8 +131,34 @@ fn opening(outline: &[[f32; 2]]) -> f32 {
     (distance(1, 5) + distance(2, 4)) / (2.0 * distance(0, 3))
 }
 
+/// The smallest and the largest coordinates of `points`: `([x, y], [x, y])`.
+pub(crate) fn bounds(points: &[[f32; 2]]) -> ([f32; 2], [f32; 2]) {
+    points.iter().fold(
+        ([f32::INFINITY; 2], [f32::NEG_INFINITY; 2]),
+        |(lo, hi), p| {
+            (
+                [lo[0].min(p[0]), lo[1].min(p[1])],
+                [hi[0].max(p[0]), hi[1].max(p[1])],
+            )
+        },
+    )
+}
+
+/// The pixels of `photo` (column, row) inside the polygon `outline` (pixel coordinates, a
+/// pixel's centre at integers).
+pub(crate) fn pixels_inside<'a>(
+    photo: &RgbImage,
+    outline: &'a [[f32; 2]],
+) -> impl Iterator<Item = (u32, u32)> + 'a {
+    let (lo, hi) = bounds(outline);
+    let columns = lo[0].max(0.0).floor() as u32..(hi[0].ceil().max(0.0) as u32).min(photo.width());
+    let rows = lo[1].max(0.0).floor() as u32..(hi[1].ceil().max(0.0) as u32).min(photo.height());
+    rows.flat_map(move |y| columns.clone().map(move |x| (x, y)))
+        .filter(|&(x, y)| inside(outline, [x as f32, y as f32]))
+}
+
 /// Whether `point` lies inside the polygon `outline` (even–odd rule).
-fn inside(outline: &[[f32; 2]], point: [f32; 2]) -> bool {
+pub(crate) fn inside(outline: &[[f32; 2]], point: [f32; 2]) -> bool {
     let mut crossings = false;
     for (i, a) in outline.iter().enumerate() {
         let b = outline[(i + 1) % outline.len()];

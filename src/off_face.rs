@@ -7,6 +7,8 @@
 use image::RgbImage;
 use rayon::prelude::*;
 
+use crate::atlas::{bounds, inside, pixels_inside};
+
 /// How many robust standard deviations of the cheeks' colours a pixel's colour may lie from
 /// their median (or from the hair's colour) and still count as the face's.
 const SKIN_DEVIATIONS: f32 = 3.0;
@@ -54,7 +56,7 @@ pub(crate) fn off_face_mask(
     let hair = hair.map(Colours::opponent_of);
     // The jaw line's box widened by the face's width on every side: the fitted head's jaw and
     // neck do not reach farther, and a large photo's other pixels need no test.
-    let (x0, x1, y0, y1) = bounds(jaw);
+    let ([x0, y0], [x1, y1]) = bounds(jaw);
     let clamp = |v: f32, end: u32| (v.max(0.0) as usize).min(end as usize);
     let (left_edge, right_edge) = (
         clamp(x0 - face_width, photo.width()),
@@ -73,7 +75,7 @@ pub(crate) fn off_face_mask(
             let y = top + row;
             for (column, off) in pixels.iter_mut().enumerate() {
                 let x = left_edge + column;
-                let p = [x as f32 + 0.5, y as f32 + 0.5];
+                let p = [x as f32, y as f32];
                 let below = (p[0] - left[0]) * down[0] + (p[1] - left[1]) * down[1];
                 if below <= 0.0 || inside(jaw, p) {
                     continue;
@@ -112,34 +114,6 @@ impl OffFaceMask {
     }
 }
 
-/// The smallest and largest x, then y, of `points`.
-fn bounds(points: &[[f32; 2]]) -> (f32, f32, f32, f32) {
-    points.iter().fold(
-        (
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-            f32::INFINITY,
-            f32::NEG_INFINITY,
-        ),
-        |(x0, x1, y0, y1), p| (x0.min(p[0]), x1.max(p[0]), y0.min(p[1]), y1.max(p[1])),
-    )
-}
-
-/// Whether `p` lies inside the polygon `outline` (closed from its last point to its first).
-fn inside(outline: &[[f32; 2]], p: [f32; 2]) -> bool {
-    let mut inside = false;
-    for (i, &a) in outline.iter().enumerate() {
-        let b = outline[(i + 1) % outline.len()];
-        if (a[1] > p[1]) != (b[1] > p[1]) {
-            let x = a[0] + (p[1] - a[1]) / (b[1] - a[1]) * (b[0] - a[0]);
-            if p[0] < x {
-                inside = !inside;
-            }
-        }
-    }
-    inside
-}
-
 /// Per pixel, whether more than half of the `(2·radius + 1)²` window around it (shrunk at the
 /// image's borders) is set in `mask` (0 or 1 per pixel), through a summed-area table.
 fn majority(mask: &[u8], width: usize, height: usize, radius: usize) -> Vec<bool> {
@@ -153,16 +127,18 @@ fn majority(mask: &[u8], width: usize, height: usize, radius: usize) -> Vec<bool
         }
     }
     let mut out = vec![false; width * height];
-    out.par_chunks_mut(width).enumerate().for_each(|(y, row)| {
-        let (y0, y1) = (y.saturating_sub(radius), (y + radius + 1).min(height));
-        for (x, out) in row.iter_mut().enumerate() {
-            let (x0, x1) = (x.saturating_sub(radius), (x + radius + 1).min(width));
-            let set = sums[y1 * stride + x1] + sums[y0 * stride + x0]
-                - sums[y0 * stride + x1]
-                - sums[y1 * stride + x0];
-            *out = 2 * set as usize > (y1 - y0) * (x1 - x0);
-        }
-    });
+    out.par_chunks_mut(width.max(1))
+        .enumerate()
+        .for_each(|(y, row)| {
+            let (y0, y1) = (y.saturating_sub(radius), (y + radius + 1).min(height));
+            for (x, out) in row.iter_mut().enumerate() {
+                let (x0, x1) = (x.saturating_sub(radius), (x + radius + 1).min(width));
+                let set = sums[y1 * stride + x1] + sums[y0 * stride + x0]
+                    - sums[y0 * stride + x1]
+                    - sums[y1 * stride + x0];
+                *out = 2 * set as usize > (y1 - y0) * (x1 - x0);
+            }
+        });
     out
 }
 
@@ -183,17 +159,10 @@ impl Colours {
         let mut samples: [Vec<f32>; 3] = Default::default();
         for cheek in cheeks {
             let outline = cheek.map(|i| detected[i]);
-            let (x0, x1, y0, y1) = bounds(&outline);
-            let columns = x0.max(0.0) as u32..(x1.max(0.0) as u32).min(photo.width());
-            let rows = y0.max(0.0) as u32..(y1.max(0.0) as u32).min(photo.height());
-            for y in rows {
-                for x in columns.clone() {
-                    if inside(&outline, [x as f32 + 0.5, y as f32 + 0.5]) {
-                        let colour = opponent(photo.get_pixel(x, y).0);
-                        for (samples, value) in samples.iter_mut().zip(colour) {
-                            samples.push(value);
-                        }
-                    }
+            for (x, y) in pixels_inside(photo, &outline) {
+                let colour = opponent(photo.get_pixel(x, y).0);
+                for (samples, value) in samples.iter_mut().zip(colour) {
+                    samples.push(value);
                 }
             }
         }
