@@ -464,18 +464,21 @@ impl UvTexture {
         // Pull: from the whole map's mean down, each level's own average where its block saw
         // a texel's worth, blended with the coarser level's colours interpolated to it; the
         // finest level's unseen texels take the next coarser level's alone.
-        let mut pulled: Vec<[f32; 3]> = Vec::new();
+        // A finer texel's centre in the coarser level's texels (each covers 2 × 2 of it).
+        let coarser_at = |position: usize| (position as f32 + 0.5) / 2.0 - 0.5;
+        let mut pulled: Vec<f32> = Vec::new();
         let mut pulled_side = 0;
         for (side, sums) in pyramid[1..].iter().rev() {
             let coarser = &pulled;
-            let level: Vec<[f32; 3]> = (0..side * side)
+            let level: Vec<f32> = (0..side * side)
                 .into_par_iter()
-                .map(|texel| {
+                .flat_map_iter(|texel| {
                     let [r, g, b, weight] = sums[texel];
                     let far = if coarser.is_empty() {
                         [0.0; 3]
                     } else {
-                        upsampled(coarser, pulled_side, *side, texel)
+                        let (x, y) = (coarser_at(texel % side), coarser_at(texel / side));
+                        bilinear(coarser, pulled_side, pulled_side, x, y)
                     };
                     let trust = weight.min(1.0);
                     let own = [r, g, b].map(|v| v / weight.max(f32::MIN_POSITIVE));
@@ -491,7 +494,8 @@ impl UvTexture {
             .enumerate()
             .filter(|(texel, _)| observed[*texel] == 0.0)
             .for_each(|(texel, colour)| {
-                colour.copy_from_slice(&upsampled(&pulled, pulled_side, size, texel));
+                let (x, y) = (coarser_at(texel % size), coarser_at(texel / size));
+                colour.copy_from_slice(&bilinear(&pulled, pulled_side, pulled_side, x, y));
             });
     }
 
@@ -672,24 +676,6 @@ impl<'a> Fill<'a> {
             }
         });
     }
-}
-
-/// The colour at `texel` of a `side × side` map, bilinearly interpolated from the
-/// `coarse_side × coarse_side` map `coarse` of which each texel covers 2 × 2 of its texels.
-fn upsampled(coarse: &[[f32; 3]], coarse_side: usize, side: usize, texel: usize) -> [f32; 3] {
-    let at = |position: usize| {
-        let x = ((position as f32 + 0.5) / 2.0 - 0.5).clamp(0.0, (coarse_side - 1) as f32);
-        let low = x.floor() as usize;
-        (low, (low + 1).min(coarse_side - 1), x - low as f32)
-    };
-    let ((x0, x1, fx), (y0, y1, fy)) = (at(texel % side), at(texel / side));
-    let value = |x: usize, y: usize| coarse[y * coarse_side + x];
-    let (a, b, c, d) = (value(x0, y0), value(x1, y0), value(x0, y1), value(x1, y1));
-    [0, 1, 2].map(|k| {
-        let top = a[k] + fx * (b[k] - a[k]);
-        let bottom = c[k] + fx * (d[k] - c[k]);
-        top + fy * (bottom - top)
-    })
 }
 
 /// Replaces each value of a `size × size × channels` image by the mean over a
