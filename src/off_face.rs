@@ -26,11 +26,11 @@ const DARKEST_SHADOW: f32 = 0.4;
 /// specks.
 const SMOOTHING: f32 = 0.015;
 
-/// The pixels of `photo` off the face: below the line between the
-/// jaw line's ends (iBUG 0 and 16 of the `detected` 68 landmarks, beside the eyes), outside
-/// the jaw line (iBUG 0–16), and neither of the cheeks' skin colour (lit as brightly or less)
-/// nor of the `hair`'s colour (hair falling beside the jaw is the person's too). `None` without
-/// 68 landmarks or cheeks to measure the skin's colour on.
+/// The pixels of `photo` off the face: below the line between the jaw line's ends (iBUG 0 and
+/// 16 of the `detected` 68 landmarks, beside the eyes), outside the jaw line (iBUG 0–16), and
+/// neither of the cheeks' skin colour (lit as brightly or less) nor of the `hair`'s colour
+/// (hair falling beside the jaw is the person's too). `None` without 68 landmarks or cheeks to
+/// measure the skin's colour on.
 pub(crate) fn off_face_mask(
     photo: &RgbImage,
     detected: &[[f32; 2]],
