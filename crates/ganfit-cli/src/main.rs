@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use ganfit::losses::face::{FaceChoice, load_rgb, probe_image};
+use ganfit::losses::face::{FaceChoice, is_photo_name, load_rgb, probe_image};
 use ganfit::losses::identity::FaceRecognitionNet;
 use ganfit::morphable::export;
 use ganfit::{FitResult, Fitter, Progress, ViewStyle};
@@ -306,14 +306,11 @@ fn expand_folders(photos: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
         let mut inside: Vec<PathBuf> = std::fs::read_dir(path)
             .with_context(|| format!("cannot list the folder {}", path.display()))?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .filter(|file| {
-                file.is_file()
-                    && image::ImageFormat::from_path(file).is_ok_and(|f| f.reading_enabled())
-            })
+            .filter(|file| file.is_file() && is_photo_name(file))
             .collect();
         if inside.is_empty() {
             anyhow::bail!(
-                "the folder {} holds no photos (PNG, JPEG, TIFF, WebP, BMP, GIF or PNM files)",
+                "the folder {} holds no photos (PNG, JPEG, HEIC, TIFF, WebP, BMP, GIF or PNM files)",
                 path.display()
             );
         }

@@ -1,4 +1,7 @@
 //! Reading photos into 8-bit RGB, whatever their format, bit depth, channels and EXIF orientation.
+//!
+//! The `image` crate reads the common formats; HEIC photos (an iPhone's default) are decoded by
+//! `heifer`, converted to sRGB from their colour profile and turned as their file says.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -29,8 +32,9 @@ pub fn check_pixel_count(width: u32, height: u32, origin: &str) -> Result<()> {
 /// Reads an image file as upright 8-bit RGB.
 ///
 /// Grayscale is replicated to three channels, alpha is dropped, 16-bit and float samples are
-/// scaled to 8 bits, CMYK JPEGs are converted to RGB, and the EXIF orientation is applied so the
-/// face is upright as a viewer shows it.
+/// scaled to 8 bits, CMYK JPEGs are converted to RGB, HEIC's wide-gamut colours to sRGB, and the
+/// EXIF orientation (HEIC: the file's rotation and mirroring) is applied so the face is upright
+/// as a viewer shows it.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|source| FaceError::Io {
@@ -40,6 +44,18 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     decode_rgb(&bytes, &path.display().to_string())
 }
 
+/// Whether `path`'s extension names a format [`load_rgb`] reads (which reads a file by its
+/// contents, whatever its name: this is for picking the photos out of a folder).
+pub fn is_photo_name(path: impl AsRef<Path>) -> bool {
+    let path = path.as_ref();
+    let heif = path.extension().is_some_and(|e| {
+        ["heic", "heif", "hif"]
+            .iter()
+            .any(|name| e.eq_ignore_ascii_case(name))
+    });
+    heif || ImageFormat::from_path(path).is_ok_and(|f| f.reading_enabled())
+}
+
 /// Reads only an image file's header: its width and height, or the error [`load_rgb`] gives
 /// for a file that cannot be opened, is not an image of a supported format, or has too many
 /// pixels. (A damaged body shows only when the file is decoded.) Cheap enough to check many
@@ -47,6 +63,16 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
 pub fn probe_image(path: impl AsRef<Path>) -> Result<(u32, u32)> {
     let path = path.as_ref();
     let origin = path.display().to_string();
+    if file_starts_as_heif(path)? {
+        // The container's boxes sit anywhere in the file; the picture is not decoded.
+        let bytes = std::fs::read(path).map_err(|source| FaceError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let (width, height) = heif_size(&bytes, &origin)?;
+        check_pixel_count(width, height, &origin)?;
+        return Ok((width, height));
+    }
     let reader = ImageReader::open(path)
         .map_err(|source| FaceError::Io {
             path: path.to_path_buf(),
@@ -65,6 +91,83 @@ pub fn probe_image(path: impl AsRef<Path>) -> Result<(u32, u32)> {
         .map_err(|e| decode_error(&origin, e))?;
     check_pixel_count(width, height, &origin)?;
     Ok((width, height))
+}
+
+/// Whether the file at `path` begins as a HEIF file does ([`is_heif`]).
+fn file_starts_as_heif(path: &Path) -> Result<bool> {
+    use std::io::Read;
+    let io_error = |source| FaceError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut start = Vec::with_capacity(12);
+    std::fs::File::open(path)
+        .map_err(io_error)?
+        .take(12)
+        .read_to_end(&mut start)
+        .map_err(io_error)?;
+    Ok(is_heif(&start))
+}
+
+/// Whether `bytes` begin with the file-type box of a HEIF image (HEIC's `heic`/`heix` brands,
+/// or the generic `mif1`/`mif2`, whose codec the decoder finds out).
+fn is_heif(bytes: &[u8]) -> bool {
+    bytes.get(4..8) == Some(b"ftyp")
+        && matches!(
+            heifer::check_file_type(bytes),
+            heifer::FileTypeResult::Supported | heifer::FileTypeResult::MayBe
+        )
+}
+
+/// The width and height of a HEIF file's primary image as a viewer shows it (after a quarter
+/// turn, if the file asks for one; before a crop, which only makes it smaller), from its
+/// container alone.
+fn heif_size(bytes: &[u8], origin: &str) -> Result<(u32, u32)> {
+    let corrupt = |reason: String| FaceError::CorruptImage {
+        origin: origin.to_string(),
+        reason,
+    };
+    let file =
+        heifer::heifer_isobmff::HeifFile::parse(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let (width, height) = file
+        .image_size(file.primary_id)
+        .map_err(|e| corrupt(e.to_string()))?
+        .ok_or_else(|| corrupt("the primary image has no size".to_string()))?;
+    let turned = file
+        .item_properties(file.primary_id)
+        .map_err(|e| corrupt(e.to_string()))?
+        .any(|p| matches!(p, heifer::heifer_isobmff::boxes::Property::Rotation(r) if r % 2 == 1));
+    Ok(if turned {
+        (height, width)
+    } else {
+        (width, height)
+    })
+}
+
+/// Decodes a HEIF file ([`is_heif`]) as upright 8-bit sRGB.
+fn decode_heif(bytes: &[u8], origin: &str) -> Result<RgbImage> {
+    let (width, height) = heif_size(bytes, origin)?;
+    check_pixel_count(width, height, origin)?;
+    let options = heifer::Options {
+        max_pixels: MAX_IMAGE_PIXELS,
+        ..heifer::Options::default()
+    };
+    let rgba = heifer::decode_srgb_rgba8(bytes, &options).map_err(|error| match error {
+        heifer::Error::Unsupported(reason) => unsupported(origin, reason),
+        other => FaceError::CorruptImage {
+            origin: origin.to_string(),
+            reason: other.to_string(),
+        },
+    })?;
+    let rgb: Vec<u8> = rgba
+        .data
+        .chunks_exact(4)
+        .flat_map(|pixel| [pixel[0], pixel[1], pixel[2]])
+        .collect();
+    RgbImage::from_raw(rgba.width, rgba.height, rgb).ok_or_else(|| FaceError::CorruptImage {
+        origin: origin.to_string(),
+        reason: "the decoder returned fewer pixels than the image has".to_string(),
+    })
 }
 
 fn unsupported(origin: &str, reason: String) -> FaceError {
@@ -88,6 +191,9 @@ fn decode_error(origin: &str, error: ImageError) -> FaceError {
 /// Decodes an in-memory image file as upright 8-bit RGB; see [`load_rgb`]. `origin` names the
 /// bytes in error messages.
 pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
+    if is_heif(bytes) {
+        return decode_heif(bytes, origin);
+    }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| unsupported(origin, e.to_string()))?;

@@ -38,7 +38,9 @@ pub use ibug::IBUG68_FROM_MESH;
 pub use ict::{
     ICT_VERTEX_FROM_MESH, ICT_VERTEX_FROM_MESH_AT_YAW, MESH_POINT_ERROR_AT_YAW, MESH_TABLE_YAWS_DEG,
 };
-pub use image_io::{MAX_IMAGE_PIXELS, check_pixel_count, decode_rgb, load_rgb, probe_image};
+pub use image_io::{
+    MAX_IMAGE_PIXELS, check_pixel_count, decode_rgb, is_photo_name, load_rgb, probe_image,
+};
 pub use landmarker::{
     FaceLandmarker, LANDMARKER_ASSET, LANDMARKER_INPUT, Landmarks468, MESH_POINTS, MeshOutput,
     roi_from_detection, roi_from_landmarks,
