@@ -2,7 +2,7 @@
 //! person further away, or a high-resolution photo) must still be found, where the bundled
 //! photo's own detection says, and an empty canvas must still hold no face; in a tilted photo
 //! where the detector's largest box is not a face, the face the landmark network confirms is
-//! taken.
+//! taken; a face turned sideways or upside down keeps its points on its own features.
 
 use std::path::Path;
 
@@ -201,4 +201,39 @@ fn a_larger_box_that_is_no_face_is_passed_over_for_the_confirmed_face() {
     eprintln!("confirmed face {offset:.1} px from where the turn takes the photo's face");
     assert!(offset < 0.2 * face.size(), "{offset} px off");
     assert!(points.presence > 0.5);
+}
+
+/// A photo turned sideways or upside down (its file not saying so): the detector's crop is
+/// nearly upright only for small turns, and without trying the crop's other turns the landmark
+/// network laid an upright face's points over an upside-down one (its eyes on the mouth).
+#[test]
+fn a_face_turned_by_any_angle_keeps_its_points_on_its_features() {
+    let device = Device::Cpu;
+    let detector = FaceDetector::new(&device).unwrap();
+    let landmarker = FaceLandmarker::new(&device).unwrap();
+    let photo = astronaut();
+    let (_, upright) = landmarker
+        .locate(&detector, &photo, FaceChoice::Largest)
+        .unwrap();
+    // Outer eye corners (Face Mesh 33 and 263).
+    let eyes = upright.xy(33)[0] - upright.xy(263)[0];
+    for degrees in [60.0, 90.0, 135.0, 180.0, 225.0, 270.0] {
+        let (image, turn) = rotated(&photo, degrees);
+        let (_, points) = landmarker
+            .locate(&detector, &image, FaceChoice::Largest)
+            .unwrap();
+        let mean_offset = (0..points.points.len())
+            .map(|i| {
+                let [x, y] = turn(upright.xy(i));
+                let [px, py] = points.xy(i);
+                (px - x).hypot(py - y)
+            })
+            .sum::<f32>()
+            / points.points.len() as f32;
+        eprintln!("turned {degrees}°: points {mean_offset:.1} px from the upright photo's");
+        assert!(
+            mean_offset < 0.1 * eyes.abs(),
+            "turned {degrees}°: the points are {mean_offset:.1} px off, the eyes {eyes:.0} px apart"
+        );
+    }
 }

@@ -25,6 +25,13 @@ pub const MESH_POINTS: usize = 468;
 /// MediaPipe drops landmarks whose face-presence probability is below this.
 const MIN_PRESENCE: f32 = 0.1;
 
+/// A face-presence logit (probability 0.9) that a crop turned from the detector's must reach to
+/// be taken, and below which [`FaceLandmarker::landmarks`] also tries the crops between the
+/// quarter turns: on nine photos turned in steps of 30° the crop nearest upright scored 11 to
+/// 40, the others at most 10.7, and a face between two quarter turns (a crop 45° off either
+/// way) below 0.
+const CLEAR_FACE_LOGIT: f32 = 2.2;
+
 /// Where the detector finds no face at its own threshold, [`FaceLandmarker::locate`] looks at
 /// what it scores at least this much ...
 const UNSURE_MIN_SCORE: f32 = 0.25;
@@ -165,10 +172,7 @@ impl FaceMeshNet {
 
     /// `[1, 3, 192, 192]` in `[0, 1]` → (points `[468, 3]` in input pixels, face logit).
     fn forward(&self, x: &Tensor) -> Result<(Tensor, f32)> {
-        let mut x = self.stem_activation.forward(&self.stem.forward(x)?)?;
-        for block in &self.trunk {
-            x = block.forward(&x)?;
-        }
+        let x = self.trunk(x)?;
         let mut mesh = x.clone();
         for block in &self.mesh_blocks {
             mesh = block.forward(&mesh)?;
@@ -178,18 +182,36 @@ impl FaceMeshNet {
             .forward(&self.mesh_narrow.forward(&mesh)?)?;
         let mesh = self.mesh_last_block.forward(&mesh)?;
         let points = self.mesh_out.forward(&mesh)?.reshape((MESH_POINTS, 3))?;
+        let logit = self.face_logits_of_trunk(&x)?[0];
+        Ok((points, logit))
+    }
 
-        let flag = self.flag_block.forward(&x)?;
+    /// The face logits of a batch of inputs `[B, 3, 192, 192]`, without their points.
+    fn face_logits(&self, x: &Tensor) -> Result<Vec<f32>> {
+        self.face_logits_of_trunk(&self.trunk(x)?)
+    }
+
+    /// The stem and the trunk, which the points and the face flag share.
+    fn trunk(&self, x: &Tensor) -> Result<Tensor> {
+        let mut x = self.stem_activation.forward(&self.stem.forward(x)?)?;
+        for block in &self.trunk {
+            x = block.forward(&x)?;
+        }
+        Ok(x)
+    }
+
+    /// The face flag's branch: one logit per input of the batch.
+    fn face_logits_of_trunk(&self, trunk: &Tensor) -> Result<Vec<f32>> {
+        let flag = self.flag_block.forward(trunk)?;
         let flag = self
             .flag_narrow_activation
             .forward(&self.flag_narrow.forward(&flag)?)?;
         let flag = self.flag_last_block.forward(&flag)?;
-        let logit = self
+        Ok(self
             .flag_out
             .forward(&flag)?
             .flatten_all()?
-            .to_vec1::<f32>()?[0];
-        Ok((points, logit))
+            .to_vec1::<f32>()?)
     }
 }
 
@@ -268,27 +290,7 @@ impl FaceLandmarker {
 
     /// [`Self::landmarks_in_roi`] for the crop's prepared network input.
     fn landmarks_of_input(&self, input: &Tensor, roi: &FaceRoi) -> Result<Landmarks468> {
-        let output = self.run_tensor(input)?;
-        let presence = 1.0 / (1.0 + (-output.face_logit).exp());
-        if presence < MIN_PRESENCE {
-            return Err(FaceError::LandmarksNotConfident {
-                confidence: presence,
-            });
-        }
-        let n = LANDMARKER_INPUT as f32;
-        let points = output
-            .points
-            .iter()
-            .map(|&[x, y, z]| {
-                let [px, py] = roi.tensor_to_image([x, y], n);
-                [px, py, z * roi.side / n]
-            })
-            .collect();
-        Ok(Landmarks468 {
-            points,
-            presence,
-            roi: *roi,
-        })
+        points_in_image(&self.run_tensor(input)?, roi)
     }
 
     /// The 468 points in `roi`, averaged with the points the network finds in the crop's
@@ -338,9 +340,67 @@ impl FaceLandmarker {
     }
 
     /// The 468 points of a detected face, in image pixels, cropping as MediaPipe does
-    /// ([`roi_from_detection`]).
+    /// ([`roi_from_detection`]) or, where the network is clearly surer of a face there, turned
+    /// from that crop by a whole number of quarter turns (by eighth turns too where no crop
+    /// holds a face clearly). The detector finds faces turned by up to a half turn (a sideways
+    /// or upside-down photo whose file does not say so) but places their eyes as if they were
+    /// nearly upright, and the network then finds an upright face's points in an upside-down
+    /// one with a presence near 1 too (though with a logit ten or more below the upright
+    /// crop's, on nine photos turned in steps of 30°). A turned crop must be clearly a face
+    /// (a presence of 0.9 or more): of eight tries, one can find some face in a box that holds
+    /// none, which the upright crop rejects. The turned crops go through the network's trunk and
+    /// face flag only, three (or seven) in one batch: about 50 ms more on two cores.
     pub fn landmarks(&self, image: &RgbImage, detection: &Detection) -> Result<Landmarks468> {
-        self.landmarks_in_roi(image, &roi_from_detection(detection))
+        let upright = roi_from_detection(detection);
+        let output = self.run_tensor(&self.input_tensor(image, &upright)?)?;
+        let quarter = std::f32::consts::FRAC_PI_2;
+        let mut surest = (upright, output.face_logit);
+        let quarters = self.surest_turn(image, &upright, (1..4).map(|k| k as f32 * quarter))?;
+        let clearer = |turned: (FaceRoi, f32), than: (FaceRoi, f32)| {
+            turned.1 >= CLEAR_FACE_LOGIT && turned.1 > than.1
+        };
+        if clearer(quarters, surest) {
+            surest = quarters;
+        }
+        if surest.1 < CLEAR_FACE_LOGIT {
+            let eighths =
+                self.surest_turn(image, &upright, (0..4).map(|k| (k as f32 + 0.5) * quarter))?;
+            if clearer(eighths, surest) {
+                surest = eighths;
+            }
+        }
+        if surest.0 == upright {
+            points_in_image(&output, &upright)
+        } else {
+            self.landmarks_in_roi(image, &surest.0)
+        }
+    }
+
+    /// Of the crops `upright` turned by each of `turns` (radians, clockwise), the one with the
+    /// highest face-presence logit, and that logit (the network's face flag only, for all the
+    /// crops at once).
+    fn surest_turn(
+        &self,
+        image: &RgbImage,
+        upright: &FaceRoi,
+        turns: impl Iterator<Item = f32>,
+    ) -> Result<(FaceRoi, f32)> {
+        let crops: Vec<FaceRoi> = turns
+            .map(|turn| FaceRoi {
+                rotation: upright.rotation + turn,
+                ..*upright
+            })
+            .collect();
+        let inputs = crops
+            .iter()
+            .map(|roi| self.input_tensor(image, roi))
+            .collect::<Result<Vec<_>>>()?;
+        let logits = self.net.face_logits(&Tensor::cat(&inputs, 0)?)?;
+        Ok(crops
+            .into_iter()
+            .zip(logits)
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .expect("at least one turn"))
     }
 
     /// The face `choice` picks in `image` with its 468 points, [refined](Self::refine). Where
@@ -396,4 +456,29 @@ impl FaceLandmarker {
             refined => refined,
         }
     }
+}
+
+/// The network's `output` for the crop `roi` as points in image pixels; fails with
+/// [`FaceError::LandmarksNotConfident`] when the network sees no face there.
+fn points_in_image(output: &MeshOutput, roi: &FaceRoi) -> Result<Landmarks468> {
+    let presence = 1.0 / (1.0 + (-output.face_logit).exp());
+    if presence < MIN_PRESENCE {
+        return Err(FaceError::LandmarksNotConfident {
+            confidence: presence,
+        });
+    }
+    let n = LANDMARKER_INPUT as f32;
+    let points = output
+        .points
+        .iter()
+        .map(|&[x, y, z]| {
+            let [px, py] = roi.tensor_to_image([x, y], n);
+            [px, py, z * roi.side / n]
+        })
+        .collect();
+    Ok(Landmarks468 {
+        points,
+        presence,
+        roi: *roi,
+    })
 }
