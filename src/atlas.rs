@@ -404,8 +404,37 @@ const HAIR_BACKDROP_MARGIN: f32 = 0.3;
 /// hairline, and the hair's volume lies outside it. The per-channel median of a band above the
 /// outline of `pixels` (the head's vertices projected into `photo`) over the middle half of its
 /// width; `None` where the band is off the photo or shows the backdrop (measured beside the
-/// band, which a backdrop's gradient from top to bottom does not fool).
-pub(crate) fn hair_colour(photo: &RgbImage, pixels: &[[f32; 2]]) -> Option<[f32; 3]> {
+/// band, which a backdrop's gradient from top to bottom does not fool). "Above" is towards the
+/// crown, which points `up` in the photo (image coordinates, any length): a photo whose head
+/// lies sideways or upside down is measured as turned upright by quarter turns.
+pub(crate) fn hair_colour(photo: &RgbImage, pixels: &[[f32; 2]], up: [f32; 2]) -> Option<[f32; 3]> {
+    let (width, height) = (photo.width() as f32, photo.height() as f32);
+    // Clockwise quarter turns of the crown from the photo's top.
+    let turned = (up[0].atan2(-up[1]) / std::f32::consts::FRAC_PI_2).round();
+    let (photo, pixels): (RgbImage, Vec<[f32; 2]>) = match (turned as i32).rem_euclid(4) {
+        1 => (
+            image::imageops::rotate270(photo),
+            pixels.iter().map(|&[x, y]| [y, width - 1.0 - x]).collect(),
+        ),
+        2 => (
+            image::imageops::rotate180(photo),
+            pixels
+                .iter()
+                .map(|&[x, y]| [width - 1.0 - x, height - 1.0 - y])
+                .collect(),
+        ),
+        3 => (
+            image::imageops::rotate90(photo),
+            pixels.iter().map(|&[x, y]| [height - 1.0 - y, x]).collect(),
+        ),
+        // Upright, or no direction (NaN): as the photo stands.
+        _ => return hair_colour_upright(photo, pixels),
+    };
+    hair_colour_upright(&photo, &pixels)
+}
+
+/// [`hair_colour`] for a head whose crown points to the photo's top.
+fn hair_colour_upright(photo: &RgbImage, pixels: &[[f32; 2]]) -> Option<[f32; 3]> {
     let (left, right) = pixels
         .iter()
         .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, r), p| {
@@ -881,7 +910,7 @@ mod tests {
     #[test]
     fn the_hair_is_the_colour_above_the_heads_outline() {
         let (photo, head) = head_photo(true);
-        let hair = hair_colour(&photo, &head).expect("hair above the head");
+        let hair = hair_colour(&photo, &head, UP).expect("hair above the head");
         for (measured, expected) in hair.iter().zip([90u8, 60, 30]) {
             assert!(
                 (measured - f32::from(expected) / 255.0).abs() < 0.02,
@@ -890,20 +919,60 @@ mod tests {
         }
     }
 
+    /// The crown's direction in an upright photo.
+    const UP: [f32; 2] = [0.0, -1.0];
+
+    #[test]
+    fn a_head_lying_sideways_or_upside_down_has_its_hair_above_its_crown() {
+        let (photo, head) = head_photo(true);
+        let upright = hair_colour(&photo, &head, UP).unwrap();
+        let (w, h) = (photo.width() as f32 - 1.0, photo.height() as f32 - 1.0);
+        // The photo turned clockwise by one, two and three quarter turns, the crown with it
+        // (a little off the exact direction).
+        type Turn = fn([f32; 2], f32, f32) -> [f32; 2];
+        let turns: [(RgbImage, Turn, [f32; 2]); 3] = [
+            (
+                image::imageops::rotate90(&photo),
+                |[x, y], _, h| [h - y, x],
+                [1.0, 0.2],
+            ),
+            (
+                image::imageops::rotate180(&photo),
+                |[x, y], w, h| [w - x, h - y],
+                [-0.2, 1.0],
+            ),
+            (
+                image::imageops::rotate270(&photo),
+                |[x, y], w, _| [y, w - x],
+                [-1.0, -0.2],
+            ),
+        ];
+        for (turned, turn, up) in turns {
+            let pixels: Vec<[f32; 2]> = head.iter().map(|&p| turn(p, w, h)).collect();
+            assert_eq!(
+                hair_colour(&turned, &pixels, up),
+                Some(upright),
+                "crown {up:?}"
+            );
+            // Read as if upright, the band above the head is the backdrop or off the photo.
+            assert_ne!(hair_colour(&turned, &pixels, UP), Some(upright));
+        }
+    }
+
     #[test]
     fn the_backdrop_above_a_bald_head_or_a_head_at_the_photos_top_is_no_hair() {
         let (photo, head) = head_photo(false);
-        assert_eq!(hair_colour(&photo, &head), None);
+        assert_eq!(hair_colour(&photo, &head, UP), None);
         let (photo, head) = head_photo(true);
         let raised: Vec<[f32; 2]> = head.iter().map(|p| [p[0], p[1] - 70.0]).collect();
-        assert_eq!(hair_colour(&photo, &raised), None);
-        assert_eq!(hair_colour(&photo, &[]), None);
+        assert_eq!(hair_colour(&photo, &raised, UP), None);
+        assert_eq!(hair_colour(&photo, &[], UP), None);
         // A backdrop darkening towards the top: the corners are far from the band's colour,
         // the backdrop beside the band is not.
         let gradient = |y: u32| image::Rgb([40 + y as u8, 40 + y as u8, 90 + y as u8 / 2]);
         let (photo, head) = head_photo_on(false, gradient);
-        assert_eq!(hair_colour(&photo, &head), None);
+        assert_eq!(hair_colour(&photo, &head, UP), None);
         let (photo, head) = head_photo_on(true, gradient);
-        assert!(hair_colour(&photo, &head).is_some());
+        assert!(hair_colour(&photo, &head, UP).is_some());
     }
 }

@@ -795,7 +795,16 @@ impl Fitter {
             Ok(skin) => skin.iter().map(|&v| pixels[v as usize]).collect(),
             Err(_) => pixels.clone(),
         };
-        let hair = hair_colour(image, &head_pixels);
+        // From the chin to the top of the nose's bridge (iBUG 8 and 27): the photo need not
+        // be upright.
+        let up = match observed.detected.as_slice() {
+            detected if detected.len() == 68 => {
+                let (chin, bridge) = (detected[8], detected[27]);
+                [bridge[0] - chin[0], bridge[1] - chin[1]]
+            }
+            _ => [0.0, -1.0],
+        };
+        let hair = hair_colour(image, &head_pixels, up);
         let off_face = crate::off_face::off_face_mask(image, &observed.detected, hair)
             .map(|mask| move |column, row| mask.contains(column, row));
         let projection = ganfit_optim::project_photo_with_view(
