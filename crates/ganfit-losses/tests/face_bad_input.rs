@@ -222,6 +222,65 @@ fn heic_photos_are_read_and_their_damage_reported() {
     }
 }
 
+/// A photo in a wider colour space than sRGB (a phone's Display P3) is converted to sRGB from
+/// its embedded profile, as a colour-managed viewer shows it, within two levels of the two
+/// spaces' published matrices; an sRGB profile, or one that cannot be read, leaves the pixels
+/// as they are.
+#[test]
+fn colours_are_converted_to_srgb_from_the_photos_profile() {
+    use image::ImageEncoder;
+    let rgb = RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
+    });
+    let png_with = |profile: Vec<u8>| {
+        let mut bytes = Vec::new();
+        let mut encoder = image::codecs::png::PngEncoder::new(&mut bytes);
+        encoder.set_icc_profile(profile).unwrap();
+        encoder
+            .write_image(rgb.as_raw(), 64, 64, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        bytes
+    };
+    let p3 = moxcms::ColorProfile::new_display_p3().encode().unwrap();
+    let converted = decode_rgb(&png_with(p3), "p3.png").unwrap();
+    // Linear Display P3 to linear sRGB (both D65, both with sRGB's transfer curve).
+    const P3_TO_SRGB: [[f64; 3]; 3] = [
+        [1.224_940, -0.224_940, 0.0],
+        [-0.042_057, 1.042_057, 0.0],
+        [-0.019_638, -0.078_636, 1.098_274],
+    ];
+    let linear = |v: f64| {
+        if v <= 0.04045 {
+            v / 12.92
+        } else {
+            ((v + 0.055) / 1.055).powf(2.4)
+        }
+    };
+    let encoded = |v: f64| {
+        let v = v.clamp(0.0, 1.0);
+        if v <= 0.003_130_8 {
+            v * 12.92
+        } else {
+            1.055 * v.powf(1.0 / 2.4) - 0.055
+        }
+    };
+    let mut worst = 0.0f64;
+    for (source, got) in rgb.pixels().zip(converted.pixels()) {
+        let l = source.0.map(|v| linear(f64::from(v) / 255.0));
+        for (row, &value) in P3_TO_SRGB.iter().zip(&got.0) {
+            let expected = encoded((0..3).map(|k| row[k] * l[k]).sum()) * 255.0;
+            worst = worst.max((f64::from(value) - expected).abs());
+        }
+    }
+    assert!(worst <= 2.0, "{worst} levels from the published conversion");
+    assert!(mean_abs_difference(&converted, &rgb) > 2.0);
+
+    let srgb = moxcms::ColorProfile::new_srgb().encode().unwrap();
+    assert_eq!(decode_rgb(&png_with(srgb), "srgb.png").unwrap(), rgb);
+    let damaged = png_with(b"not a colour profile".to_vec());
+    assert_eq!(decode_rgb(&damaged, "damaged.png").unwrap(), rgb);
+}
+
 #[test]
 fn alpha_is_dropped() {
     let rgb = astronaut();

@@ -1,12 +1,15 @@
 //! Reading photos into 8-bit RGB, whatever their format, bit depth, channels and EXIF orientation.
 //!
 //! The `image` crate reads the common formats; HEIC photos (an iPhone's default) are decoded by
-//! `heifer`, converted to sRGB from their colour profile and turned as their file says.
+//! `heifer` and turned as their file says. Colours are converted to sRGB from the photo's
+//! embedded profile (a phone's Display P3, a camera's Adobe RGB), as a colour-managed viewer
+//! shows them: the networks and the texture expect sRGB.
 
 use std::io::Cursor;
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage};
+use rayon::prelude::*;
 
 use super::{FaceError, Result};
 
@@ -32,7 +35,8 @@ pub fn check_pixel_count(width: u32, height: u32, origin: &str) -> Result<()> {
 /// Reads an image file as upright 8-bit RGB.
 ///
 /// Grayscale is replicated to three channels, alpha is dropped, 16-bit and float samples are
-/// scaled to 8 bits, CMYK JPEGs are converted to RGB, HEIC's wide-gamut colours to sRGB, and the
+/// scaled to 8 bits, CMYK JPEGs are converted to RGB, colours to sRGB from the photo's embedded
+/// ICC profile (HEIC's too), and the
 /// EXIF orientation (HEIC: the file's rotation and mirroring) is applied so the face is upright
 /// as a viewer shows it.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
@@ -219,9 +223,52 @@ pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
     let (width, height) = decoder.dimensions();
     check_pixel_count(width, height, origin)?;
     let orientation = decoder.orientation().map_err(to_face_error)?;
+    // A damaged profile is no reason to refuse the photo: its pixels are taken as sRGB.
+    let profile = decoder.icc_profile().ok().flatten();
     let mut image = DynamicImage::from_decoder(decoder).map_err(to_face_error)?;
     image.apply_orientation(orientation);
-    Ok(image.into_rgb8())
+    let mut rgb = image.into_rgb8();
+    if let Some(profile) = profile {
+        convert_to_srgb(&mut rgb, &profile);
+    }
+    Ok(rgb)
+}
+
+/// Converts `rgb` from the RGB colour space the ICC `profile` describes to sRGB. Profiles of
+/// sRGB's primaries (most photos that carry a profile), of other colour spaces (a grey or CMYK
+/// photo's, whose pixels are RGB by now), and ones that cannot be read leave the pixels as
+/// they are.
+fn convert_to_srgb(rgb: &mut RgbImage, profile: &[u8]) {
+    use moxcms::{ColorProfile, DataColorSpace, Layout, TransformOptions};
+    let Ok(source) = ColorProfile::new_from_slice(profile) else {
+        return;
+    };
+    let srgb = ColorProfile::new_srgb();
+    let primaries = |p: &ColorProfile| {
+        [p.red_colorant, p.green_colorant, p.blue_colorant].map(|c| [c.x, c.y, c.z])
+    };
+    let (theirs, ours) = (primaries(&source), primaries(&srgb));
+    let same_primaries = theirs
+        .iter()
+        .flatten()
+        .zip(ours.iter().flatten())
+        .all(|(a, b)| (a - b).abs() < 2e-3);
+    if source.color_space != DataColorSpace::Rgb || same_primaries {
+        return;
+    }
+    let Ok(transform) =
+        source.create_transform_8bit(Layout::Rgb, &srgb, Layout::Rgb, TransformOptions::default())
+    else {
+        return;
+    };
+    let row = rgb.width() as usize * 3;
+    // Rows in blocks across the cores; a block the transform refuses stays as it was.
+    rgb.par_chunks_mut(row * 64).for_each(|block| {
+        let original = block.to_vec();
+        if transform.transform(&original, block).is_err() {
+            block.copy_from_slice(&original);
+        }
+    });
 }
 
 /// Whether the JPEG's segments and scans run on to its end-of-image marker (`FF D9`) before
