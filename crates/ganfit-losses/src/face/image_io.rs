@@ -36,9 +36,8 @@ pub fn check_pixel_count(width: u32, height: u32, origin: &str) -> Result<()> {
 ///
 /// Grayscale is replicated to three channels, alpha is dropped, 16-bit and float samples are
 /// scaled to 8 bits, CMYK JPEGs are converted to RGB, colours to sRGB from the photo's embedded
-/// ICC profile (HEIC's too), and the
-/// EXIF orientation (HEIC: the file's rotation and mirroring) is applied so the face is upright
-/// as a viewer shows it.
+/// ICC profile (HEIC's too), and the EXIF orientation (HEIC: the file's rotation and mirroring)
+/// is applied so the face is upright as a viewer shows it.
 pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     let path = path.as_ref();
     let bytes = std::fs::read(path).map_err(|source| FaceError::Io {
@@ -261,9 +260,9 @@ fn convert_to_srgb(rgb: &mut RgbImage, profile: &[u8]) {
     else {
         return;
     };
-    let row = rgb.width() as usize * 3;
     // Rows in blocks across the cores; a block the transform refuses stays as it was.
-    rgb.par_chunks_mut(row * 64).for_each(|block| {
+    let block_len = (rgb.width() as usize * 3 * 64).max(1);
+    rgb.par_chunks_mut(block_len).for_each(|block| {
         let original = block.to_vec();
         if transform.transform(&original, block).is_err() {
             block.copy_from_slice(&original);
