@@ -310,7 +310,8 @@ fn expand_folders(photos: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
             .collect();
         if inside.is_empty() {
             anyhow::bail!(
-                "the folder {} holds no photos (PNG, JPEG, HEIC, TIFF, WebP, BMP, GIF or PNM files)",
+                "the folder {} holds no photos (PNG, JPEG, HEIC, TIFF, WebP, BMP, GIF, PNM, TGA, ICO or \
+                 QOI files)",
                 path.display()
             );
         }

@@ -281,6 +281,42 @@ fn colours_are_converted_to_srgb_from_the_photos_profile() {
     assert_eq!(decode_rgb(&damaged, "damaged.png").unwrap(), rgb);
 }
 
+/// TGA, ICO and QOI photos are read too; a TGA file carries no signature, so its name says what
+/// it is (the same bytes without a name are no image ganfit can tell).
+#[test]
+fn tga_ico_and_qoi_photos_are_read() {
+    let rgb = astronaut();
+    // An icon holds at most 256 × 256 pixels.
+    let small = resize(&rgb, 256, 256, FilterType::Triangle);
+    let dir = tempfile::tempdir().unwrap();
+    for (image, format, name) in [
+        (&rgb, ImageFormat::Tga, "photo.tga"),
+        (&small, ImageFormat::Ico, "photo.ico"),
+        (&rgb, ImageFormat::Qoi, "photo.qoi"),
+    ] {
+        // Icons hold RGBA (the decoder refuses an RGB one's PNG).
+        let source = match format {
+            ImageFormat::Ico => {
+                DynamicImage::ImageRgba8(DynamicImage::ImageRgb8(image.clone()).into_rgba8())
+            }
+            _ => DynamicImage::ImageRgb8(image.clone()),
+        };
+        let bytes = encode(&source, format);
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(&load_rgb(&path).unwrap(), image, "{name}");
+        assert_eq!(probe_image(&path).unwrap(), image.dimensions(), "{name}");
+        assert!(is_photo_name(&path), "{name}");
+        if format == ImageFormat::Tga {
+            let error = decode_rgb(&bytes, "unnamed bytes").unwrap_err();
+            assert!(
+                matches!(error, FaceError::UnsupportedImage { .. }),
+                "{error}"
+            );
+        }
+    }
+}
+
 #[test]
 fn alpha_is_dropped() {
     let rgb = astronaut();

@@ -15,7 +15,7 @@ pub enum FaceError {
     /// The bytes are not in an image format ganfit reads.
     #[error(
         "{origin} is not an image ganfit can read ({reason}); save it as PNG or JPEG \
-         (HEIC, TIFF, WebP, BMP, GIF and PNM also work)"
+         (HEIC, TIFF, WebP, BMP, GIF, PNM, TGA, ICO and QOI also work)"
     )]
     UnsupportedImage {
         /// The file, or a description of the bytes.

@@ -44,7 +44,7 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
         path: path.to_path_buf(),
         source,
     })?;
-    decode_rgb(&bytes, &path.display().to_string())
+    decode_rgb_named(&bytes, &path.display().to_string(), path)
 }
 
 /// Whether `path`'s extension names a format [`load_rgb`] reads (which reads a file by its
@@ -194,12 +194,21 @@ fn decode_error(origin: &str, error: ImageError) -> FaceError {
 /// Decodes an in-memory image file as upright 8-bit RGB; see [`load_rgb`]. `origin` names the
 /// bytes in error messages.
 pub fn decode_rgb(bytes: &[u8], origin: &str) -> Result<RgbImage> {
+    decode_rgb_named(bytes, origin, Path::new(""))
+}
+
+/// [`decode_rgb`] of a file at `path`, whose extension says the format where the bytes carry no
+/// signature to tell it by (TGA).
+fn decode_rgb_named(bytes: &[u8], origin: &str, path: &Path) -> Result<RgbImage> {
     if is_heif(bytes) {
         return decode_heif(bytes, origin);
     }
-    let reader = ImageReader::new(Cursor::new(bytes))
+    let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| unsupported(origin, e.to_string()))?;
+    if reader.format().is_none() && ImageFormat::from_path(path).ok() == Some(ImageFormat::Tga) {
+        reader.set_format(ImageFormat::Tga);
+    }
     match reader.format() {
         None => {
             return Err(unsupported(
