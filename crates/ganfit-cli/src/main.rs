@@ -39,8 +39,8 @@ struct Cli {
 enum Command {
     /// Fit a 3D face to one or more photos of one person and write meshes, textures and renders.
     Fit {
-        /// Photos (PNG, JPEG, TIFF, WebP, BMP, GIF or PNM, at most 150 megapixels), or folders
-        /// of them (their photos by name).
+        /// Photos (PNG, JPEG, HEIC, TIFF, WebP, BMP, GIF, PNM, TGA, ICO or QOI, at most 150
+        /// megapixels), or folders of them (their photos by name).
         #[arg(required = true)]
         photos: Vec<PathBuf>,
         /// Folder the results are written to (one sub-folder per photo when there are several).
