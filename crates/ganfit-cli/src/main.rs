@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
-use ganfit::losses::face::{FaceChoice, is_photo_name, load_rgb, probe_image};
+use ganfit::losses::face::{FaceChoice, OTHER_PHOTO_FORMATS, is_photo_name, load_rgb, probe_image};
 use ganfit::losses::identity::FaceRecognitionNet;
 use ganfit::morphable::export;
 use ganfit::{FitResult, Fitter, Progress, ViewStyle};
@@ -310,8 +310,7 @@ fn expand_folders(photos: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
             .collect();
         if inside.is_empty() {
             anyhow::bail!(
-                "the folder {} holds no photos (PNG, JPEG, HEIC, TIFF, WebP, BMP, GIF, PNM, TGA, ICO or \
-                 QOI files)",
+                "the folder {} holds no photos (PNG, JPEG, {OTHER_PHOTO_FORMATS} files)",
                 path.display()
             );
         }

@@ -15,7 +15,8 @@ pub enum FaceError {
     /// The bytes are not in an image format ganfit reads.
     #[error(
         "{origin} is not an image ganfit can read ({reason}); save it as PNG or JPEG \
-         (HEIC, TIFF, WebP, BMP, GIF, PNM, TGA, ICO and QOI also work)"
+         ({} also work)",
+        super::OTHER_PHOTO_FORMATS
     )]
     UnsupportedImage {
         /// The file, or a description of the bytes.

@@ -47,6 +47,9 @@ pub fn load_rgb(path: impl AsRef<Path>) -> Result<RgbImage> {
     decode_rgb_named(&bytes, &path.display().to_string(), path)
 }
 
+/// The formats [`load_rgb`] reads besides PNG and JPEG, for messages that name them.
+pub const OTHER_PHOTO_FORMATS: &str = "HEIC, TIFF, WebP, BMP, GIF, PNM, TGA, ICO and QOI";
+
 /// Whether `path`'s extension names a format [`load_rgb`] reads (which reads a file by its
 /// contents, whatever its name: this is for picking the photos out of a folder).
 pub fn is_photo_name(path: impl AsRef<Path>) -> bool {

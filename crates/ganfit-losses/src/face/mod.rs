@@ -39,7 +39,8 @@ pub use ict::{
     ICT_VERTEX_FROM_MESH, ICT_VERTEX_FROM_MESH_AT_YAW, MESH_POINT_ERROR_AT_YAW, MESH_TABLE_YAWS_DEG,
 };
 pub use image_io::{
-    MAX_IMAGE_PIXELS, check_pixel_count, decode_rgb, is_photo_name, load_rgb, probe_image,
+    MAX_IMAGE_PIXELS, OTHER_PHOTO_FORMATS, check_pixel_count, decode_rgb, is_photo_name, load_rgb,
+    probe_image,
 };
 pub use landmarker::{
     FaceLandmarker, LANDMARKER_ASSET, LANDMARKER_INPUT, Landmarks468, MESH_POINTS, MeshOutput,
