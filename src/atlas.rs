@@ -396,15 +396,20 @@ const HAIR_BAND_HEIGHT: f32 = 0.12;
 /// showing above a bald or close-cropped head, not hair.
 const MIN_HAIR_BACKGROUND_DISTANCE: f32 = 0.1;
 
+/// The share of the band above the head that must stand apart from the backdrop for it to
+/// hold hair rather than the backdrop above a bald head.
+const MIN_HAIR_SHARE: f32 = 0.5;
+
 /// How far beside the fitted head, as a fraction of its width, [`hair_colour`] samples the
 /// backdrop (in a strip 15 % of the width wide): beyond most hair that stands out sideways.
 const HAIR_BACKDROP_MARGIN: f32 = 0.3;
 
 /// The colour of the hair above the fitted head in the photo: the mesh ends at about the
-/// hairline, and the hair's volume lies outside it. The per-channel median of a band above the
-/// outline of `pixels` (the head's vertices projected into `photo`) over the middle half of its
-/// width; `None` where the band is off the photo or shows the backdrop (measured beside the
-/// band, which a backdrop's gradient from top to bottom does not fool). "Above" is towards the
+/// hairline, and the hair's volume lies outside it. The per-channel median of the pixels of a
+/// band above the outline of `pixels` (the head's vertices projected into `photo`), over the
+/// middle half of its width, that differ from the backdrop (measured beside the band, which a
+/// backdrop's gradient from top to bottom does not fool); `None` where the band is off the
+/// photo or shows mostly the backdrop. "Above" is towards the
 /// crown, which points `up` in the photo (image coordinates, any length): a photo whose head
 /// lies sideways or upside down is measured as turned upright by quarter turns.
 pub(crate) fn hair_colour(photo: &RgbImage, pixels: &[[f32; 2]], up: [f32; 2]) -> Option<[f32; 3]> {
@@ -469,7 +474,6 @@ fn hair_colour_upright(photo: &RgbImage, pixels: &[[f32; 2]]) -> Option<[f32; 3]
     if band.len() < MIN_EYE_PIXELS {
         return None;
     }
-    let hair = channel_medians(&band);
     // The backdrop beside the band, in its rows, clear of hair that stands out sideways; the
     // photo's top corners where the head leaves no room beside it.
     let beside = |from: f32, to: f32| {
@@ -496,11 +500,17 @@ fn hair_colour_upright(photo: &RgbImage, pixels: &[[f32; 2]]) -> Option<[f32; 3]
             .collect();
     }
     let backdrop = channel_medians(&backdrop);
-    let distance = (0..3)
-        .map(|c| (hair[c] - backdrop[c]).powi(2))
-        .sum::<f32>()
-        .sqrt();
-    (distance >= MIN_HAIR_BACKGROUND_DISTANCE).then_some(hair)
+    // Close-cropped hair leaves backdrop in the band's upper rows, and a per-channel median
+    // over both mixes a colour that is in neither (brown hair on a blue backdrop gave green).
+    let band_len = band.len();
+    band.retain(|colour| {
+        let distance = (0..3)
+            .map(|c| (colour[c] - backdrop[c]).powi(2))
+            .sum::<f32>()
+            .sqrt();
+        distance >= MIN_HAIR_BACKGROUND_DISTANCE
+    });
+    (band.len() as f32 >= MIN_HAIR_SHARE * band_len as f32).then(|| channel_medians(&band))
 }
 
 /// How far below the chin landmark (on the mean face) the neck starts, millimetres: the
@@ -879,14 +889,16 @@ mod tests {
     }
 
     /// A blue backdrop, a round head of skin-coloured pixels centred at (100, 120) with radius
-    /// 50, and above it, if `hair`, a brown band 30 pixels high.
+    /// 50, and above it, if `hair`, a band of brown hair 30 pixels high.
     fn head_photo(hair: bool) -> (RgbImage, Vec<[f32; 2]>) {
-        head_photo_on(hair, |_| image::Rgb([60, 90, 160]))
+        head_photo_on(if hair { 30.0 } else { 0.0 }, |_| image::Rgb([60, 90, 160]))
     }
 
-    /// [`head_photo`] with the backdrop's colour given per row.
+    /// [`head_photo`] with hair `hair_height` pixels high, whose brown (median (90, 60, 30))
+    /// lightens and darkens from column to column as strands do, and the backdrop's colour
+    /// given per row.
     fn head_photo_on(
-        hair: bool,
+        hair_height: f32,
         backdrop: impl Fn(u32) -> image::Rgb<u8>,
     ) -> (RgbImage, Vec<[f32; 2]>) {
         let (centre, radius) = ([100.0f32, 120.0], 50.0);
@@ -894,8 +906,9 @@ mod tests {
             let (dx, dy) = (x as f32 - centre[0], y as f32 - centre[1]);
             if dx.hypot(dy) <= radius {
                 image::Rgb([200, 150, 120])
-            } else if hair && dx.abs() < radius && dy < 0.0 && dx.hypot(dy) <= radius + 30.0 {
-                image::Rgb([90, 60, 30])
+            } else if dx.abs() < radius && dy < 0.0 && dx.hypot(dy) <= radius + hair_height {
+                let strand = (x % 9) as u8 * 5;
+                image::Rgb([70 + strand, 40 + strand, 10 + strand])
             } else {
                 backdrop(y)
             }
@@ -914,6 +927,20 @@ mod tests {
         for (measured, expected) in hair.iter().zip([90u8, 60, 30]) {
             assert!(
                 (measured - f32::from(expected) / 255.0).abs() < 0.02,
+                "{hair:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn close_cropped_hair_is_not_mixed_with_the_backdrop_above_it() {
+        // Hair 9 pixels high: the band above the head (2 to 14 pixels above its outline) shows
+        // the backdrop in its upper third.
+        let (photo, head) = head_photo_on(9.0, |_| image::Rgb([60, 90, 160]));
+        let hair = hair_colour(&photo, &head, UP).expect("hair above the head");
+        for (measured, expected) in hair.iter().zip([90u8, 60, 30]) {
+            assert!(
+                (measured - f32::from(expected) / 255.0).abs() < 0.03,
                 "{hair:?}"
             );
         }
@@ -970,9 +997,9 @@ mod tests {
         // A backdrop darkening towards the top: the corners are far from the band's colour,
         // the backdrop beside the band is not.
         let gradient = |y: u32| image::Rgb([40 + y as u8, 40 + y as u8, 90 + y as u8 / 2]);
-        let (photo, head) = head_photo_on(false, gradient);
+        let (photo, head) = head_photo_on(0.0, gradient);
         assert_eq!(hair_colour(&photo, &head, UP), None);
-        let (photo, head) = head_photo_on(true, gradient);
+        let (photo, head) = head_photo_on(30.0, gradient);
         assert!(hair_colour(&photo, &head, UP).is_some());
     }
 }
