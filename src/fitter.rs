@@ -299,6 +299,8 @@ impl FitterBuilder {
 
 /// Fits a morphable model to photos. Build one with [`Fitter::builder`], then call
 /// [`Fitter::fit`] for each photo, or [`Fitter::fit_many`] for several photos of one person.
+/// A fitter is `Send` and `Sync`: threads may share one (its models load once) and fit at
+/// once, each fit giving what it gives alone.
 #[derive(Debug)]
 pub struct Fitter {
     model: MorphableModel,

@@ -267,11 +267,15 @@ fn astronaut() -> image::RgbImage {
     .unwrap()
 }
 
+/// Two fits of one photo give the same result to the bit, here run at once on two threads
+/// sharing one `Fitter` (as an application's worker threads would: it is `Send` and `Sync`).
 #[test]
 fn the_same_photo_gives_bit_identical_fits() {
     let photo = astronaut();
-    let a = fitter().fit(&photo).unwrap();
-    let b = fitter().fit(&photo).unwrap();
+    let (a, b) = std::thread::scope(|scope| {
+        let [a, b] = [(); 2].map(|_| scope.spawn(|| fitter().fit(&photo).unwrap()));
+        (a.join().unwrap(), b.join().unwrap())
+    });
     let values = |t: &candle_core::Tensor| t.to_vec1::<f32>().unwrap();
     assert_eq!(values(&a.params.shape), values(&b.params.shape));
     assert_eq!(values(&a.params.expression), values(&b.params.expression));
