@@ -409,9 +409,9 @@ const HAIR_BACKDROP_MARGIN: f32 = 0.3;
 /// band above the outline of `pixels` (the head's vertices projected into `photo`), over the
 /// middle half of its width, that differ from the backdrop (measured beside the band, which a
 /// backdrop's gradient from top to bottom does not fool); `None` where the band is off the
-/// photo or shows mostly the backdrop. "Above" is towards the
-/// crown, which points `up` in the photo (image coordinates, any length): a photo whose head
-/// lies sideways or upside down is measured as turned upright by quarter turns.
+/// photo or shows mostly the backdrop. "Above" is towards the crown, which points `up` in the
+/// photo (image coordinates, any length): a photo whose head lies sideways or upside down is
+/// measured as turned upright by quarter turns.
 pub(crate) fn hair_colour(photo: &RgbImage, pixels: &[[f32; 2]], up: [f32; 2]) -> Option<[f32; 3]> {
     let (width, height) = (photo.width() as f32, photo.height() as f32);
     // Clockwise quarter turns of the crown from the photo's top.
