@@ -385,10 +385,17 @@ fn fit(
             }
             Err(error) => return Err(error.into()),
         };
+        let mut warnings: Vec<String> = names
+            .iter()
+            .zip(&images)
+            .zip(&results)
+            .filter_map(|((name, image), result)| cut_off_face(name, image, result))
+            .collect();
         if same_person {
-            for warning in different_people(&fitter, &names, &images, &results)? {
-                bar.suspend(|| eprintln!("warning: {warning}"));
-            }
+            warnings.extend(different_people(&fitter, &names, &images, &results)?);
+        }
+        for warning in warnings {
+            bar.suspend(|| eprintln!("warning: {warning}"));
         }
         for (((photo, dir), image), result) in paths.iter().zip(&images).zip(&results) {
             let name = photo.file_name().unwrap_or_default().to_string_lossy();
@@ -419,6 +426,25 @@ fn fit(
 
 /// dlib's same-person threshold on its descriptor distance.
 const SAME_PERSON_DISTANCE: f64 = 0.6;
+
+/// A warning when the edges of the photo `name` cut off part of its face: the landmarker
+/// guessed the points beyond them, and the fit rests there mostly on the model's prior.
+fn cut_off_face(name: &str, image: &RgbImage, result: &FitResult) -> Option<String> {
+    let (width, height) = (image.width() as f32, image.height() as f32);
+    let landmarks = &result.detected_landmarks;
+    let beyond = landmarks
+        .iter()
+        .filter(|[x, y]| !((0.0..width).contains(x) && (0.0..height).contains(y)))
+        .count();
+    (beyond > 0).then(|| {
+        format!(
+            "{name}: the photo's edge cuts off part of the face ({beyond} of {} landmarks lie \
+             beyond it), which the fit completes mostly from the model's average face; a \
+             photo showing the whole face fits better",
+            landmarks.len()
+        )
+    })
+}
 
 /// A warning for each pair of photos fitted as one person's whose faces dlib takes for two
 /// people (none when the fit had no identity network to ask).

@@ -340,6 +340,43 @@ fn photos_of_two_people_fitted_as_one_are_warned_about() {
 }
 
 #[test]
+fn a_face_cut_off_by_the_photos_edge_is_fitted_and_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = image::open(astronaut()).unwrap().to_rgb8();
+    // Cut below her mouth: the lower jaw's landmarks lie beyond the photo.
+    let cut = dir.path().join("cut.png");
+    image::imageops::crop_imm(&whole, 0, 0, 512, 150)
+        .to_image()
+        .save(&cut)
+        .unwrap();
+    let out = dir.path().join("out");
+    let output = landmark_fit()
+        .arg("--out")
+        .arg(&out)
+        .arg(&cut)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "warning: {}: the photo's edge cuts off",
+            cut.display()
+        )) && stderr.contains("of 68 landmarks lie beyond it"),
+        "{stderr}"
+    );
+    assert!(out.join("mesh.obj").exists());
+    // The whole photo: no warning.
+    let output = landmark_fit()
+        .arg("--out")
+        .arg(dir.path().join("whole"))
+        .arg(astronaut())
+        .output()
+        .unwrap();
+    assert!(output.status.success() && output.stderr.is_empty());
+}
+
+#[test]
 fn an_output_folder_that_is_a_file_fails_before_the_fit() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("results");
