@@ -427,6 +427,23 @@ impl FitResult {
             .collect();
         errors.iter().sum::<f64>() / errors.len() as f64 / distance(left, right)
     }
+
+    /// How many of [`FitResult::detected_landmarks`] lie beyond the photo's edges: guesses of
+    /// the landmarker on a face the frame cuts off, which the fit counts a tenth as much as
+    /// the points it sees (its dense points there not at all), leaving that part of the face
+    /// mostly to the model's prior.
+    pub fn landmarks_beyond_photo(&self) -> usize {
+        let (width, height) = self.render.dimensions();
+        let detected = self.detected_landmarks.iter();
+        detected
+            .filter(|&&point| !in_photo(point, width, height))
+            .count()
+    }
+}
+
+/// Whether `point` (pixels) lies on a `width` × `height` photo.
+fn in_photo([x, y]: [f32; 2], width: u32, height: u32) -> bool {
+    (0.0..width as f32).contains(&x) && (0.0..height as f32).contains(&y)
 }
 
 /// How much a landmark the landmarker places beyond the photo's edges (on a face the frame
@@ -535,35 +552,31 @@ impl Fitter {
             );
             // Points the landmarker places beyond the photo's edges, on a face the frame cuts
             // off, are its guesses (see `BEYOND_PHOTO_WEIGHT`).
-            let in_photo = |[x, y]: [f64; 2]| {
-                (0.0..f64::from(image.width())).contains(&x)
-                    && (0.0..f64::from(image.height())).contains(&y)
+            let on_photo = |point: [f32; 2]| in_photo(point, image.width(), image.height());
+            let weight = |point| {
+                if on_photo(point) {
+                    1.0
+                } else {
+                    BEYOND_PHOTO_WEIGHT
+                }
             };
-            let points: Vec<[f64; 2]> = detected
-                .iter()
-                .map(|p| [f64::from(p[0]), f64::from(p[1])])
-                .collect();
             let landmarks = ImageLandmarks {
                 vertices: correspondence.map(|c| c.landmark_vertices()),
                 weights: Some(
                     correspondence
-                        .map_or_else(|| vec![1.0; points.len()], |c| c.landmark_weights())
+                        .map_or_else(|| vec![1.0; detected.len()], |c| c.landmark_weights())
                         .into_iter()
-                        .zip(&points)
-                        .map(|(weight, &point)| {
-                            weight
-                                * if in_photo(point) {
-                                    1.0
-                                } else {
-                                    BEYOND_PHOTO_WEIGHT
-                                }
-                        })
+                        .zip(&detected)
+                        .map(|(base, &point)| base * weight(point))
                         .collect(),
                 ),
-                points: points.into_iter().map(Some).collect(),
+                points: detected
+                    .iter()
+                    .map(|p| Some([f64::from(p[0]), f64::from(p[1])]))
+                    .collect(),
                 dense: correspondence.map_or_else(Vec::new, |c| {
                     let mut dense = c.observations(&mesh_points);
-                    dense.retain(|observation| in_photo(observation.pixel));
+                    dense.retain(|seen| on_photo(seen.pixel.map(|v| v as f32)));
                     dense
                 }),
                 width: image.width(),

@@ -811,7 +811,13 @@ fn a_face_cut_off_by_the_frame_is_fitted_from_the_points_inside_it() {
                 .collect(),
             landmarks: Reconstruction::of_model(model, &whole_rows).landmarks,
         };
-        let fitted = Reconstruction::of_model(model, &rows(&fitter.fit(&cut).unwrap()));
+        let fit = fitter.fit(&cut).unwrap();
+        assert_eq!(whole.landmarks_beyond_photo(), 0);
+        assert!(
+            fit.landmarks_beyond_photo() > 0,
+            "{name}: no landmark cut off"
+        );
+        let fitted = Reconstruction::of_model(model, &rows(&fit));
         let error = reconstruction_error(&truth, &fitted, &MetricConfig::default())
             .unwrap()
             .mean_mm;

@@ -387,9 +387,8 @@ fn fit(
         };
         let mut warnings: Vec<String> = names
             .iter()
-            .zip(&images)
             .zip(&results)
-            .filter_map(|((name, image), result)| cut_off_face(name, image, result))
+            .filter_map(|(name, result)| cut_off_face(name, result))
             .collect();
         if same_person {
             warnings.extend(different_people(&fitter, &names, &images, &results)?);
@@ -429,19 +428,14 @@ const SAME_PERSON_DISTANCE: f64 = 0.6;
 
 /// A warning when the edges of the photo `name` cut off part of its face: the landmarker
 /// guessed the points beyond them, and the fit rests there mostly on the model's prior.
-fn cut_off_face(name: &str, image: &RgbImage, result: &FitResult) -> Option<String> {
-    let (width, height) = (image.width() as f32, image.height() as f32);
-    let landmarks = &result.detected_landmarks;
-    let beyond = landmarks
-        .iter()
-        .filter(|[x, y]| !((0.0..width).contains(x) && (0.0..height).contains(y)))
-        .count();
+fn cut_off_face(name: &str, result: &FitResult) -> Option<String> {
+    let beyond = result.landmarks_beyond_photo();
     (beyond > 0).then(|| {
         format!(
             "{name}: the photo's edge cuts off part of the face ({beyond} of {} landmarks lie \
              beyond it), which the fit completes mostly from the model's average face; a \
              photo showing the whole face fits better",
-            landmarks.len()
+            result.detected_landmarks.len()
         )
     })
 }
