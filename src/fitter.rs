@@ -9,7 +9,7 @@ use ganfit_losses::identity::FaceRecognitionNet;
 use ganfit_morphable::{MorphableModel, TexturedMesh};
 use ganfit_optim::{
     AlignmentConfig, FitParams, ImageLandmarks, Intrinsics, LossWeights, PhotoView, Projection,
-    RefineConfig, StageReport, TextureSource, UvTexture,
+    RefineConfig, StageReport, TextureSource, UvTexture, surface_distances,
 };
 use ganfit_render::{Appearance, Lighting, PhongLight, RenderOptions, Renderer, Scene, WrapMode};
 use ganfit_texture::TextureModel;
@@ -508,8 +508,9 @@ impl Fitter {
     /// expression, camera and light. Returns one result per photo, in order. The identity is
     /// shared from the landmark alignment on ([`ganfit_optim::align_one_person`]), so every
     /// photo's landmarks shape it; the texture of the mesh and the frontal render is merged
-    /// from every photo ([`ganfit_optim::Projection::fuse`]), while each render in its photo's
-    /// view keeps that photo's colours.
+    /// from every photo ([`ganfit_optim::Projection::fuse`]; where several saw a texel, those
+    /// whose fitted expression moved it least count the most), while each render in its
+    /// photo's view keeps that photo's colours.
     pub fn fit_many(&self, images: &[RgbImage]) -> Result<Vec<FitResult>> {
         self.fit_many_with_progress(images, |_| {})
     }
@@ -658,10 +659,31 @@ impl Fitter {
             .map(|((params, observed), image)| self.posed(params, observed, image))
             .collect::<Result<Vec<_>>>()?;
         // Several photos of one person: one texture merged from all of them for the views
-        // that are no photo's own (the frontal render, the exported mesh).
+        // that are no photo's own (the frontal render, the exported mesh), which show the
+        // face without expression: where several photos saw a texel, those whose expression
+        // moved it least count the most.
         let merged = if posed.len() > 1 {
+            let model = self.host_model();
             let on_face: Vec<Projection> = posed.iter().map(|p| p.projection.on_face()).collect();
-            Some(Projection::fuse(&on_face.iter().collect::<Vec<_>>())?)
+            let moved = posed
+                .iter()
+                .map(|p| {
+                    let neutral =
+                        model.instance(&p.params.shape, &p.params.expression.zeros_like()?)?;
+                    Ok(surface_distances(
+                        model,
+                        &p.vertices,
+                        &neutral,
+                        self.texture_size,
+                    )?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let photos: Vec<(&Projection, &[f32])> = on_face
+                .iter()
+                .zip(&moved)
+                .map(|(projection, moved)| (projection, moved.as_slice()))
+                .collect();
+            Some(Projection::fuse(&photos)?)
         } else {
             None
         };

@@ -30,8 +30,8 @@ pub use stage::{
     StopReason, run_stage,
 };
 pub use unwrap::{
-    Projection, UvTexture, project_photo, project_photo_with_view, rasterize_uv_layout,
-    skin_triangles, unwrap_photo,
+    EXPRESSION_FUSE_MM, EXPRESSION_FUSE_TOLERANCE_MM, Projection, UvTexture, project_photo,
+    project_photo_with_view, rasterize_uv_layout, skin_triangles, surface_distances, unwrap_photo,
 };
 
 /// Nearest and farthest depth, millimetres, that the fit's cameras draw. A face is more than

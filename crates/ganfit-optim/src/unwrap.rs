@@ -233,6 +233,37 @@ pub fn project_photo_with_view(
 /// distance from the camera too to 0.262.
 const FUSE_DETAIL_POWER: i32 = 4;
 
+/// How much further a photo's expression may move a texel's surface than the most neutral
+/// photo's, in millimetres, and still count fully in [`Projection::fuse`]: the fitted
+/// expressions of photos that all look neutral differ by about this much.
+pub const EXPRESSION_FUSE_TOLERANCE_MM: f32 = 1.0;
+
+/// Each millimetre beyond [`EXPRESSION_FUSE_TOLERANCE_MM`] that a photo's expression moved a
+/// texel's surface further than the most neutral photo's divides its weight in
+/// [`Projection::fuse`] by e: a smile, which moves the lips and cheeks by several
+/// millimetres, gives way to a neutral photo there.
+pub const EXPRESSION_FUSE_MM: f32 = 1.0;
+
+/// Per texel of the model's UV layout at `size × size` (as [`project_photo`] lays it out), the
+/// distance between the surface point of posing `a` and of posing `b` (each `[N, 3]`, the
+/// model's vertices, millimetres), 0 where the layout has no surface: e.g. how far a fitted
+/// expression moved the face from its neutral posing, for [`Projection::fuse`].
+pub fn surface_distances(
+    model: &MorphableModel,
+    a: &Tensor,
+    b: &Tensor,
+    size: usize,
+) -> Result<Vec<f32>, OptimError> {
+    let (skin, skin_uv) = skin_triangles(model);
+    let triangles = Triangles::new(skin, model.n_vertices())?;
+    let skin_uv = Triangles::new(skin_uv, model.uvs().len())?;
+    let uv_rast = rasterize_uv_layout(model.uvs(), &skin_uv, size)?;
+    let offsets = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.to_device(&Device::Cpu)?;
+    let lengths = offsets.sqr()?.sum_keepdim(1)?.sqrt()?;
+    let per_texel = interpolate(&lengths, &uv_rast, &triangles)?;
+    Ok(per_texel.flatten_all()?.to_vec1()?)
+}
+
 impl Projection {
     /// This projection without the texels the photo saw off the face
     /// ([`Projection::off_face`]), for views away from the photo's camera, which should not
@@ -247,40 +278,63 @@ impl Projection {
         on_face
     }
 
-    /// One texture from the projections of several photos of one face, all at one size: each
-    /// texel the weighted mean of the colours the photos saw there, weighted by the fourth
-    /// power of the detail they saw ([`Projection::pixels_per_mm`]), so the far side of a
-    /// turned head comes from the photo that faced it and a face seen close outweighs one seen
-    /// from afar. Each photo's colours are first scaled per channel to the first
-    /// photo's brightness where both saw the face, so differently exposed photos meet without
-    /// seams. Texels no photo saw stay unobserved.
-    pub fn fuse(projections: &[&Projection]) -> Result<UvTexture, OptimError> {
-        let Some(&first) = projections.first() else {
+    /// One texture from the projections of several photos of one face, all at one size, for
+    /// views of the face without expression: each texel the weighted mean of the colours the
+    /// photos saw there, weighted by the fourth power of the detail they saw
+    /// ([`Projection::pixels_per_mm`]), so the far side of a turned head comes from the photo
+    /// that faced it and a face seen close outweighs one seen from afar, and by how little
+    /// each photo's expression moved the surface there: each projection comes with that
+    /// movement per texel in millimetres (see [`surface_distances`]), and every
+    /// [`EXPRESSION_FUSE_MM`] more than the least among the photos that saw the texel, beyond
+    /// [`EXPRESSION_FUSE_TOLERANCE_MM`], divides its weight by e, so a smiling photo's teeth
+    /// and creases do not show through a neutral photo's closed lips while both count alike
+    /// where the smile moved nothing. Each photo's colours are first scaled per channel to the
+    /// first photo's brightness where both saw the face, so differently exposed photos meet
+    /// without seams. Texels no photo saw stay unobserved.
+    pub fn fuse(photos: &[(&Projection, &[f32])]) -> Result<UvTexture, OptimError> {
+        let Some(&(first, _)) = photos.first() else {
             return Err(OptimError::InvalidInput(
                 "fusing textures needs at least one projection".to_string(),
             ));
         };
         let size = first.texture.size;
-        if let Some(other) = projections.iter().find(|p| p.texture.size != size) {
+        if let Some((other, _)) = photos.iter().find(|(p, _)| p.texture.size != size) {
             return Err(OptimError::InvalidInput(format!(
                 "fused projections must share one size; got {size} and {}",
                 other.texture.size
             )));
         }
-        let gains: Vec<[f32; 3]> = projections
-            .iter()
-            .map(|p| p.brightness_relative_to(first))
-            .collect();
         let texels = size * size;
+        if let Some((_, moved)) = photos.iter().find(|(_, moved)| {
+            moved.len() != texels || moved.iter().any(|m| !(*m >= 0.0 && m.is_finite()))
+        }) {
+            return Err(OptimError::InvalidInput(format!(
+                "the expression's movement of a fused photo needs one finite distance of 0 or \
+                 more per texel, {texels}; got {} values",
+                moved.len()
+            )));
+        }
+        let gains: Vec<[f32; 3]> = photos
+            .iter()
+            .map(|(p, _)| p.brightness_relative_to(first))
+            .collect();
         let mut rgb = vec![0.0f32; texels * 3];
         let mut observed = vec![0.0f32; texels];
         rgb.par_chunks_exact_mut(3)
             .zip(observed.par_iter_mut())
             .enumerate()
             .for_each(|(texel, (colour, observed))| {
+                let least_moved = photos
+                    .iter()
+                    .filter(|(p, _)| p.pixels_per_mm[texel] > 0.0)
+                    .map(|(_, moved)| moved[texel])
+                    .fold(f32::INFINITY, f32::min);
                 let mut total = 0.0f32;
-                for (projection, gain) in projections.iter().zip(&gains) {
-                    let weight = projection.pixels_per_mm[texel].powi(FUSE_DETAIL_POWER);
+                for ((projection, moved), gain) in photos.iter().zip(&gains) {
+                    let detail = projection.pixels_per_mm[texel].powi(FUSE_DETAIL_POWER);
+                    let beyond = moved[texel] - least_moved - EXPRESSION_FUSE_TOLERANCE_MM;
+                    let neutral = (-beyond.max(0.0) / EXPRESSION_FUSE_MM).exp();
+                    let weight = detail * neutral;
                     if weight > 0.0 {
                         let seen = &projection.texture.rgb[texel * 3..][..3];
                         for c in 0..3 {
@@ -1030,7 +1084,7 @@ mod tests {
         right.texture.rgb[(5 * 30 + 15) * 3..][..3].copy_from_slice(&[1.0, 0.0, 0.0]);
         let mut left = left;
         left.pixels_per_mm[5 * 30 + 15] = 0.45;
-        let fused = Projection::fuse(&[&left, &right]).unwrap();
+        let fused = Projection::fuse(&[(&left, &still(30)), (&right, &still(30))]).unwrap();
         assert!(
             fused.observed.iter().all(|&o| o == 1.0),
             "every texel was seen"
@@ -1059,7 +1113,7 @@ mod tests {
             [0.4, 0.6, 0.8],
             |_, column| if column >= 4 { 1.0 } else { 0.0 },
         );
-        let fused = Projection::fuse(&[&dim, &bright]).unwrap();
+        let fused = Projection::fuse(&[(&dim, &still(16)), (&bright, &still(16))]).unwrap();
         for column in [0, 8, 15] {
             for (got, want) in rgb_at(&fused, 3, column).iter().zip([0.2, 0.3, 0.4]) {
                 assert!(
@@ -1074,18 +1128,62 @@ mod tests {
             [0.2, 0.3, 0.4],
             |_, column| if column < 8 { 1.0 } else { 0.0 },
         );
-        let fused = Projection::fuse(&[&edge, &edge]).unwrap();
+        let fused = Projection::fuse(&[(&edge, &still(16)), (&edge, &still(16))]).unwrap();
         assert_eq!(fused.observed[3 * 16 + 12], 0.0);
     }
 
     #[test]
     fn fusing_nothing_or_mixed_sizes_is_an_error() {
         assert!(Projection::fuse(&[]).is_err());
-        let error = Projection::fuse(&[
-            &projection(8, [0.5; 3], |_, _| 1.0),
-            &projection(16, [0.5; 3], |_, _| 1.0),
-        ])
-        .unwrap_err();
+        let (small, large) = (
+            projection(8, [0.5; 3], |_, _| 1.0),
+            projection(16, [0.5; 3], |_, _| 1.0),
+        );
+        let error = Projection::fuse(&[(&small, &still(8)), (&large, &still(16))]).unwrap_err();
         assert!(error.to_string().contains("one size"), "{error}");
+        for moved in [vec![0.0; 8], vec![-1.0; 64], vec![f32::NAN; 64]] {
+            let error = Projection::fuse(&[(&small, &still(8)), (&small, &moved)]).unwrap_err();
+            assert!(error.to_string().contains("per texel"), "{error}");
+        }
+    }
+
+    /// No movement by the expression at any texel of a `size × size` map.
+    fn still(size: usize) -> Vec<f32> {
+        vec![0.0; size * size]
+    }
+
+    #[test]
+    fn a_photo_whose_expression_moved_the_surface_gives_way_where_others_saw_it_too() {
+        // Both photos saw the left half alike, only the second the right half.
+        let neutral = projection(
+            16,
+            [0.4, 0.4, 0.4],
+            |_, column| {
+                if column < 8 { 1.0 } else { 0.0 }
+            },
+        );
+        let mut smiling = projection(16, [0.4, 0.4, 0.4], |_, _| 1.0);
+        // Teeth where the first photo shows closed lips, on the side only it saw, and on a
+        // cheek that both photos' expressions left nearly alike.
+        for texel in [3 * 16 + 4, 3 * 16 + 12, 10 * 16 + 2] {
+            smiling.texture.rgb[texel * 3..][..3].copy_from_slice(&[0.9, 0.9, 0.9]);
+        }
+        // The second photo's expression moved the lips by ln 4 = 1.39 mm more than the first's
+        // (which moved them too, by 0.5 mm) beyond the tolerance, the side only it saw by
+        // 3 mm, and the rest by less than the tolerance more.
+        let neutral_moved = vec![0.5; 16 * 16];
+        let mut smiling_moved = vec![0.5 + 0.9 * EXPRESSION_FUSE_TOLERANCE_MM; 16 * 16];
+        smiling_moved[3 * 16 + 4] =
+            0.5 + EXPRESSION_FUSE_TOLERANCE_MM + 4f32.ln() * EXPRESSION_FUSE_MM;
+        smiling_moved[3 * 16 + 12] = 3.0;
+        let fused =
+            Projection::fuse(&[(&neutral, &neutral_moved), (&smiling, &smiling_moved)]).unwrap();
+        // The lips 0.4 · 1/1.25 + 0.9 · 0.25/1.25; beside them, however far its expression
+        // moved it, all the second photo's colour; the cheek the mean of both. (The light
+        // texels, darkened into the first photo's brightness, move each by about 2 %.)
+        for (row, column, want) in [(3, 4, 0.5), (3, 12, 0.9), (10, 2, 0.65)] {
+            let got = rgb_at(&fused, row, column);
+            assert!(got.iter().all(|&v| (v - want).abs() < 0.025), "{got:?}");
+        }
     }
 }
