@@ -665,19 +665,16 @@ impl Fitter {
         let merged = if posed.len() > 1 {
             let model = self.host_model();
             let on_face: Vec<Projection> = posed.iter().map(|p| p.projection.on_face()).collect();
-            let moved = posed
+            let neutral = posed
                 .iter()
                 .map(|p| {
-                    let neutral =
-                        model.instance(&p.params.shape, &p.params.expression.zeros_like()?)?;
-                    Ok(surface_distances(
-                        model,
-                        &p.vertices,
-                        &neutral,
-                        self.texture_size,
-                    )?)
+                    let still = p.params.expression.zeros_like()?;
+                    Ok(model.instance(&p.params.shape, &still)?)
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let posings: Vec<(&Tensor, &Tensor)> =
+                posed.iter().map(|p| &p.vertices).zip(&neutral).collect();
+            let moved = surface_distances(model, &posings, self.texture_size)?;
             let photos: Vec<(&Projection, &[f32])> = on_face
                 .iter()
                 .zip(&moved)

@@ -174,13 +174,11 @@ fn two_photos_of_one_person_share_identity_and_texture_and_differ_in_expression(
             .unwrap()
     };
     let smile = &results[1].params.expression;
-    let moved = ganfit::optim::surface_distances(
-        model,
-        &posed(smile),
-        &posed(&smile.zeros_like().unwrap()),
-        results[1].uv_texture.width() as usize,
-    )
-    .unwrap();
+    let (smiling, neutral) = (posed(smile), posed(&smile.zeros_like().unwrap()));
+    let size = results[1].uv_texture.width() as usize;
+    let moved = ganfit::optim::surface_distances(model, &[(&smiling, &neutral)], size)
+        .unwrap()
+        .remove(0);
     let smiling_alone = fitter().fit(&photos[1]).unwrap();
     let difference_where_moved = |a: &image::RgbImage, b: &image::RgbImage| {
         let texels = moved.iter().enumerate().filter(|(_, m)| **m >= 2.0);

@@ -244,24 +244,40 @@ pub const EXPRESSION_FUSE_TOLERANCE_MM: f32 = 1.0;
 /// millimetres, gives way to a neutral photo there.
 pub const EXPRESSION_FUSE_MM: f32 = 1.0;
 
-/// Per texel of the model's UV layout at `size × size` (as [`project_photo`] lays it out), the
-/// distance between the surface point of posing `a` and of posing `b` (each `[N, 3]`, the
-/// model's vertices, millimetres), 0 where the layout has no surface: e.g. how far a fitted
-/// expression moved the face from its neutral posing, for [`Projection::fuse`].
+/// Per texel of the model's UV layout at `size × size` (as [`project_photo`] lays it out), for
+/// each pair of posings `(a, b)` (each `[N, 3]`, the model's vertices, millimetres), the
+/// distance between their surface points, 0 where the layout has no surface: e.g. how far each
+/// photo's fitted expression moved the face from its neutral posing, for [`Projection::fuse`].
+/// One map per pair, the layout rasterized once for all.
 pub fn surface_distances(
     model: &MorphableModel,
-    a: &Tensor,
-    b: &Tensor,
+    posings: &[(&Tensor, &Tensor)],
     size: usize,
-) -> Result<Vec<f32>, OptimError> {
+) -> Result<Vec<Vec<f32>>, OptimError> {
+    if posings.is_empty() {
+        return Ok(Vec::new());
+    }
     let (skin, skin_uv) = skin_triangles(model);
     let triangles = Triangles::new(skin, model.n_vertices())?;
     let skin_uv = Triangles::new(skin_uv, model.uvs().len())?;
     let uv_rast = rasterize_uv_layout(model.uvs(), &skin_uv, size)?;
-    let offsets = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.to_device(&Device::Cpu)?;
-    let lengths = offsets.sqr()?.sum_keepdim(1)?.sqrt()?;
-    let per_texel = interpolate(&lengths, &uv_rast, &triangles)?;
-    Ok(per_texel.flatten_all()?.to_vec1()?)
+    // One channel per pair: [V, pairs].
+    let lengths = posings
+        .iter()
+        .map(|(a, b)| {
+            let offsets = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?;
+            offsets
+                .to_device(&Device::Cpu)?
+                .sqr()?
+                .sum_keepdim(1)?
+                .sqrt()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let per_texel = interpolate(&Tensor::cat(&lengths, 1)?, &uv_rast, &triangles)?;
+    let per_texel = per_texel.squeeze(0)?.permute((2, 0, 1))?;
+    Ok((0..posings.len())
+        .map(|pair| per_texel.get(pair)?.flatten_all()?.to_vec1())
+        .collect::<candle_core::Result<_>>()?)
 }
 
 impl Projection {

@@ -1,10 +1,11 @@
 //! Projecting a photo onto the ICT face's UV layout with a mask of the pixels off the face:
 //! the texels that land on them are flagged, grazing ones included, and left out of the
-//! projection kept for views away from the photo.
+//! projection kept for views away from the photo. The distance between two posings of the
+//! face on the same layout.
 
 use candle_core::{DType, Device, Tensor};
 use ganfit_morphable::MorphableModel;
-use ganfit_optim::{FitParams, Intrinsics, project_photo_with_view};
+use ganfit_optim::{FitParams, Intrinsics, project_photo_with_view, surface_distances};
 
 const SIZE: usize = 160;
 const TEXTURE: usize = 128;
@@ -76,4 +77,27 @@ fn texels_on_pixels_off_the_face_are_flagged_and_left_out_of_the_face_only_proje
         assert_eq!(kept, seen(t) && !masked.off_face[t], "texel {t}");
         assert_eq!(on_face.pixels_per_mm[t] > 0.0, kept, "texel {t}'s detail");
     }
+}
+
+#[test]
+fn surface_distances_measure_each_pair_of_posings_on_the_uv_layout() {
+    let (model, _, _) = setup();
+    let mean = model.mean().clone();
+    let moved = Tensor::new(&[[3.0f32, 0.0, 4.0]], &Device::Cpu).unwrap();
+    let shifted = mean.broadcast_add(&moved).unwrap();
+    let pairs = [(&shifted, &mean), (&mean, &mean)];
+    let distances = surface_distances(&model, &pairs, TEXTURE).unwrap();
+    assert_eq!(distances.len(), 2);
+    // 5 mm wherever the layout has the face's surface, which moved by (3, 0, 4) mm; 0 off
+    // the layout and wherever the face stayed.
+    let on_layout = distances[0].iter().filter(|&&d| d > 0.0).count();
+    assert!(
+        on_layout > TEXTURE * TEXTURE / 4 && on_layout < TEXTURE * TEXTURE,
+        "{on_layout} texels on the layout"
+    );
+    for (&far, &still) in distances[0].iter().zip(&distances[1]) {
+        assert!(far == 0.0 || (far - 5.0).abs() < 1e-3, "{far}");
+        assert_eq!(still, 0.0);
+    }
+    assert!(surface_distances(&model, &[], TEXTURE).unwrap().is_empty());
 }
