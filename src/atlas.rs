@@ -1,8 +1,9 @@
-//! The whole head drawn with one texture: the skin's UV map on the left half of an atlas, a
-//! palette of solid colours for eyes, mouth and the head beyond the face's UV tile on the right.
+//! The whole head drawn with one texture: the skin's UV map on the left half of an atlas; on
+//! the right the eyeballs' texture ([`EyeTexture`]) above a palette of solid colours for the
+//! mouth and the head beyond the face's UV tile.
 //!
 //! ICT lays its UVs out in UDIM tiles: only the face's tile (`u` in `[0, 1]`) is in a UV map;
-//! the head, neck and ears beyond it, the eyeballs, teeth and mouth take palette colours.
+//! the head, neck and ears beyond it, the teeth and mouth take palette colours.
 
 use candle_core::{Device, Tensor};
 use ganfit_morphable::{MorphableModel, TexturedMesh};
@@ -10,12 +11,11 @@ use ganfit_render::{RenderError, Triangles};
 use image::RgbImage;
 use nalgebra::Vector3;
 
+use crate::eyes::{EyeLayout, EyeTexture, inset};
+
 /// What each vertex is coloured as: its palette row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Part {
-    Pupil,
-    Iris,
-    Sclera,
     EyeSocket,
     MouthSocket,
     Gums,
@@ -25,7 +25,7 @@ enum Part {
     Scalp,
 }
 
-const PARTS: usize = 9;
+const PARTS: usize = 6;
 
 /// Mesh parts that are transparent overlays in the ICT model (shadows, tear film, eyelashes):
 /// drawn opaque they would hide the eyes.
@@ -62,10 +62,6 @@ const MIN_EYE_PIXELS: usize = 16;
 /// closed ones below 0.1): between their lids there is only lash and skin.
 const MIN_EYE_OPENING: f32 = 0.15;
 
-/// How far towards its centre each eye outline is drawn in before measuring: the lids' edges,
-/// lashes and liner are darker than any iris.
-const EYE_OUTLINE_INSET: f32 = 0.2;
-
 impl EyeColours {
     /// Brown irises and an off-white sclera: for eyes whose colour is not known.
     pub const DEFAULT: EyeColours = EyeColours {
@@ -89,20 +85,7 @@ impl EyeColours {
             if opening.is_nan() || opening < MIN_EYE_OPENING {
                 continue;
             }
-            let centre = outline
-                .iter()
-                .fold([0.0, 0.0], |c, p| [c[0] + p[0] / 6.0, c[1] + p[1] / 6.0]);
-            let inset: Vec<[f32; 2]> = outline
-                .iter()
-                .map(|p| {
-                    let keep = 1.0 - EYE_OUTLINE_INSET;
-                    [
-                        centre[0] + keep * (p[0] - centre[0]),
-                        centre[1] + keep * (p[1] - centre[1]),
-                    ]
-                })
-                .collect();
-            for (x, y) in pixels_inside(photo, &inset) {
+            for (x, y) in pixels_inside(photo, &inset(outline)) {
                 let rgb = photo.get_pixel(x, y).0.map(|v| f32::from(v) / 255.0);
                 let luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2];
                 pixels.push((luma, rgb));
@@ -120,6 +103,38 @@ impl EyeColours {
             iris: channel_medians(&colours(&pixels[..n * 2 / 5])),
             sclera: channel_medians(&colours(&pixels[n * 4 / 5..])),
         }
+    }
+}
+
+impl EyeColours {
+    /// These colours with as little colour as `skin` has: a black-and-white or faded photo's
+    /// painted eyes are as grey as its skin (their saturation scaled by the skin's over 0.2,
+    /// at most 1; their luma kept).
+    pub fn toned_like(self, skin: [f32; 3]) -> EyeColours {
+        let tone = toned_like(skin);
+        EyeColours {
+            iris: tone(self.iris),
+            sclera: tone(self.sclera),
+        }
+    }
+}
+
+/// A black-and-white or faded photo's skin has little colour, and colours drawn beside it
+/// (the mouth, the eye corners, default eyes) should have as little: a colour's saturation
+/// scaled by the skin's over [`COLOURFUL_SKIN_SATURATION`] (at most 1), its luma kept.
+fn toned_like(skin: [f32; 3]) -> impl Fn([f32; 3]) -> [f32; 3] {
+    let (lightest, darkest) = skin
+        .iter()
+        .fold((0.0f32, 1.0f32), |(hi, lo), &v| (hi.max(v), lo.min(v)));
+    let skin_saturation = if lightest > 0.0 {
+        (lightest - darkest) / lightest
+    } else {
+        0.0
+    };
+    let saturation = (skin_saturation / COLOURFUL_SKIN_SATURATION).clamp(0.0, 1.0);
+    move |colour: [f32; 3]| {
+        let luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2];
+        colour.map(|v| luma + saturation * (v - luma))
     }
 }
 
@@ -172,7 +187,7 @@ pub(crate) fn inside(outline: &[[f32; 2]], point: [f32; 2]) -> bool {
 }
 
 /// The per-channel median of `colours`.
-fn channel_medians(colours: &[[f32; 3]]) -> [f32; 3] {
+pub(crate) fn channel_medians(colours: &[[f32; 3]]) -> [f32; 3] {
     [0, 1, 2].map(|c| {
         let mut values: Vec<f32> = colours.iter().map(|p| p[c]).collect();
         let middle = values.len() / 2;
@@ -207,6 +222,8 @@ pub(crate) struct HeadLayout {
     pub textured_skin: (Triangles, Triangles),
     /// Atlas coordinates `[Vt + V, 2]` (row 0 of the atlas at `v = 0`).
     pub uv: Tensor,
+    /// Where the eyeballs lie on their texture, for a model that has them.
+    pub eyes: Option<EyeLayout>,
 }
 
 impl HeadLayout {
@@ -261,8 +278,18 @@ impl HeadLayout {
             .iter()
             .flat_map(|&[u, v]| [0.5 * u, 1.0 - v])
             .collect();
-        for part in &parts {
-            uv.extend([0.75, (*part as usize as f32 + 0.5) / PARTS as f32]);
+        let eyes = EyeLayout::new(model, mean);
+        for (v, part) in parts.iter().enumerate() {
+            uv.extend(match &eyes {
+                Some(eyes) if eyes.on_eyeball[v] => {
+                    let [x, y] = eyes.places[v];
+                    [0.5 + 0.5 * x, 0.5 * y]
+                }
+                _ => [
+                    0.75,
+                    0.5 + (*part as usize as f32 + 0.5) / (2 * PARTS) as f32,
+                ],
+            });
         }
         let atlas_vertices = model.uvs().len() + n;
         Ok(HeadLayout {
@@ -282,6 +309,7 @@ impl HeadLayout {
                 Triangles::new(skin_uv_triangles, atlas_vertices)?,
             ),
             uv: Tensor::from_vec(uv, (atlas_vertices, 2), &Device::Cpu)?,
+            eyes,
         })
     }
 
@@ -319,7 +347,7 @@ impl HeadLayout {
         model: &MorphableModel,
         rgb: &[f32],
         side: usize,
-        eyes: EyeColours,
+        eyes: &EyeTexture,
         skin: [f32; 3],
         hair: [f32; 3],
     ) -> Result<Tensor, crate::Error> {
@@ -339,48 +367,48 @@ impl HeadLayout {
     }
 
     /// The atlas `[S, 2S, 3]` for a UV map `rgb` (`S × S × 3` in `[0, 1]`, image orientation)
-    /// with the given eye colours; the rest of the head takes the colour `skin`, but for the
-    /// scalp (above the eyes), which takes `hair`.
+    /// with the given eyes (in the right half's upper half, resampled to `S / 2` a square);
+    /// the rest of the head takes the colour `skin`, but for the scalp (above the eyes), which
+    /// takes `hair`.
     pub fn atlas(
         rgb: &[f32],
         side: usize,
-        eyes: EyeColours,
+        eyes: &EyeTexture,
         skin: [f32; 3],
         hair: [f32; 3],
     ) -> Result<Tensor, RenderError> {
-        // A black-and-white or faded photo's skin has little colour; the mouth, eye corners
-        // and default eyes drawn beside it should have as little.
-        let (lightest, darkest) = skin
-            .iter()
-            .fold((0.0f32, 1.0f32), |(hi, lo), &v| (hi.max(v), lo.min(v)));
-        let skin_saturation = if lightest > 0.0 {
-            (lightest - darkest) / lightest
-        } else {
-            0.0
-        };
-        let saturation = (skin_saturation / COLOURFUL_SKIN_SATURATION).clamp(0.0, 1.0);
-        let like_skin = |colour: [f32; 3]| {
-            let luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2];
-            colour.map(|v| luma + saturation * (v - luma))
-        };
+        let tone = toned_like(skin);
         let palette: [[f32; 3]; PARTS] = [
-            like_skin([0.03, 0.03, 0.03]),
-            like_skin(eyes.iris),
-            like_skin(eyes.sclera),
-            like_skin([0.55, 0.32, 0.3]),
-            like_skin([0.3, 0.08, 0.08]),
-            like_skin([0.7, 0.36, 0.36]),
-            like_skin([0.9, 0.87, 0.78]),
+            tone([0.55, 0.32, 0.3]),
+            tone([0.3, 0.08, 0.08]),
+            tone([0.7, 0.36, 0.36]),
+            tone([0.9, 0.87, 0.78]),
             skin,
             hair,
         ];
+        // The eyes' texel under an atlas texel's centre (the same texel at `eyes.side = S / 2`).
+        let eye_texel = |row: usize, column: usize| {
+            let at = |i: usize| (2 * i + 1) * eyes.side / side;
+            let (row, column) = (
+                at(row).min(eyes.side - 1),
+                at(column).min(2 * eyes.side - 1),
+            );
+            &eyes.rgb[(row * 2 * eyes.side + column) * 3..][..3]
+        };
         let mut atlas = vec![0.0f32; side * 2 * side * 3];
         for (row, chunk) in atlas.chunks_mut(2 * side * 3).enumerate() {
             let (left, right) = chunk.split_at_mut(side * 3);
             left.copy_from_slice(&rgb[row * side * 3..(row + 1) * side * 3]);
-            let colour = palette[(row * PARTS / side).min(PARTS - 1)];
-            for texel in right.chunks_mut(3) {
-                texel.copy_from_slice(&colour);
+            // Rows whose centres lie above the middle hold the eyes, the rest the palette.
+            if 2 * row < side {
+                for (column, texel) in right.chunks_mut(3).enumerate() {
+                    texel.copy_from_slice(eye_texel(row, column));
+                }
+            } else {
+                let part = ((2 * row + 1 - side) * PARTS / side).min(PARTS - 1);
+                for texel in right.chunks_mut(3) {
+                    texel.copy_from_slice(&palette[part]);
+                }
             }
         }
         Ok(Tensor::from_vec(atlas, (side, 2 * side, 3), &Device::Cpu)?)
@@ -661,8 +689,8 @@ pub(crate) fn cheek_colour(rgb: &[f32], side: usize) -> [f32; 3] {
     })
 }
 
-/// The part of each vertex: iris and pupil are the eyeball's vertices within 30° and 11° of
-/// its forward axis (the model's +z) seen from the eyeball's centre.
+/// The palette part of each vertex (the eyeballs' vertices, which [`EyeLayout`] places on the
+/// eyes' texture instead, are counted as the skin or scalp around them).
 fn vertex_parts(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<Part> {
     let mut parts = vec![Part::Skin; model.n_vertices()];
     let mut assign = |name: &str, part: Part| {
@@ -692,25 +720,6 @@ fn vertex_parts(model: &MorphableModel, mean: &[[f32; 3]]) -> Vec<Part> {
             }
         }
     }
-    for name in ["eyeball_left", "eyeball_right"] {
-        let ids = model.vertex_set(name).unwrap_or(&[]);
-        if ids.is_empty() {
-            continue;
-        }
-        let centre = ids
-            .iter()
-            .map(|&v| Vector3::from(mean[v as usize].map(f64::from)))
-            .sum::<Vector3<f64>>()
-            / ids.len() as f64;
-        for &v in ids {
-            let direction = (Vector3::from(mean[v as usize].map(f64::from)) - centre).normalize();
-            parts[v as usize] = match direction.z {
-                z if z > 11f64.to_radians().cos() => Part::Pupil,
-                z if z > 30f64.to_radians().cos() => Part::Iris,
-                _ => Part::Sclera,
-            };
-        }
-    }
     parts
 }
 
@@ -730,7 +739,14 @@ mod tests {
         let red = [1.0f32, 0.0, 0.0].repeat(side * side);
         let (blue, green) = ([0.0, 0.0, 1.0], [0.0, 1.0, 0.0]);
         let atlas = layout
-            .bare_neck_atlas(model, &red, side, EyeColours::DEFAULT, blue, green)
+            .bare_neck_atlas(
+                model,
+                &red,
+                side,
+                &EyeTexture::painted(EyeColours::DEFAULT, side / 2),
+                blue,
+                green,
+            )
             .unwrap();
         let rows: Vec<Vec<Vec<f32>>> = atlas.narrow(1, 0, side).unwrap().to_vec3().unwrap();
         let (mut neck, mut scalp, mut side_border) = (0, 0, 0);
@@ -804,33 +820,62 @@ mod tests {
 
     #[test]
     fn a_grey_photos_palette_is_grey_and_a_colour_photos_keeps_its_colours() {
-        let side = PARTS; // one atlas row per palette entry
+        let side = 2 * PARTS; // one atlas row per palette entry in the lower half
         let uv_map = vec![0.5f32; side * side * 3];
-        let palette = |skin: [f32; 3]| -> Vec<Vec<f32>> {
-            let atlas = HeadLayout::atlas(&uv_map, side, EyeColours::DEFAULT, skin, skin).unwrap();
+        let eyes = EyeTexture::painted(EyeColours::DEFAULT, PARTS);
+        let palette = |skin: [f32; 3], hair: [f32; 3]| -> Vec<[f32; 3]> {
+            let atlas = HeadLayout::atlas(&uv_map, side, &eyes, skin, hair).unwrap();
             let atlas: Vec<Vec<Vec<f32>>> = atlas.to_vec3().unwrap();
-            atlas.iter().map(|row| row[side].clone()).collect()
+            (0..PARTS)
+                .map(|part| [0, 1, 2].map(|c| atlas[PARTS + part][side][c]))
+                .collect()
         };
-        let colour = palette([0.8, 0.6, 0.5]);
-        assert_eq!(colour[Part::Iris as usize], EyeColours::DEFAULT.iris);
-        assert_eq!(colour[Part::Scalp as usize], [0.8, 0.6, 0.5]);
-        let hair = [0.2, 0.1, 0.05];
-        let atlas = HeadLayout::atlas(&uv_map, side, EyeColours::DEFAULT, [0.8, 0.6, 0.5], hair);
-        let atlas: Vec<Vec<Vec<f32>>> = atlas.unwrap().to_vec3().unwrap();
-        assert_eq!(atlas[Part::Scalp as usize][side], hair);
-        assert_eq!(atlas[Part::Skin as usize][side], [0.8, 0.6, 0.5]);
+        let (skin, hair) = ([0.8, 0.6, 0.5], [0.2, 0.1, 0.05]);
+        let colour = palette(skin, hair);
+        assert_eq!(colour[Part::Scalp as usize], hair);
+        assert_eq!(colour[Part::Skin as usize], skin);
         assert_eq!(colour[Part::EyeSocket as usize], [0.55, 0.32, 0.3]);
-        let grey = palette([0.4, 0.4, 0.4]);
-        for (part, entry) in grey.iter().enumerate() {
+        assert_eq!(EyeColours::DEFAULT.toned_like(skin), EyeColours::DEFAULT);
+        let grey_skin = [0.4, 0.4, 0.4];
+        let is_grey = |c: [f32; 3]| (c[0] - c[1]).abs() < 1e-6 && (c[1] - c[2]).abs() < 1e-6;
+        for (part, entry) in palette(grey_skin, grey_skin).iter().enumerate() {
             assert!(
-                (entry[0] - entry[1]).abs() < 1e-6 && (entry[1] - entry[2]).abs() < 1e-6,
+                is_grey(*entry),
                 "palette entry {part} of a grey photo: {entry:?}"
             );
         }
         // Brightness is kept: the grey iris is as light as the brown one.
-        let luma = |c: &[f32]| 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2];
-        let iris = Part::Iris as usize;
-        assert!((luma(&grey[iris]) - luma(&colour[iris])).abs() < 1e-6);
+        let luma = |c: [f32; 3]| 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2];
+        let grey_eyes = EyeColours::DEFAULT.toned_like(grey_skin);
+        assert!(is_grey(grey_eyes.iris) && is_grey(grey_eyes.sclera));
+        assert!((luma(grey_eyes.iris) - luma(EyeColours::DEFAULT.iris)).abs() < 1e-6);
+    }
+
+    /// The eyes' texture fills the right half's upper half, texel for texel at half the
+    /// atlas's side, and is resampled at any other size.
+    #[test]
+    fn the_eyes_lie_above_the_palette() {
+        let side = 16;
+        let uv_map = vec![0.5f32; side * side * 3];
+        let colours = EyeColours {
+            iris: [0.1, 0.5, 0.2],
+            sclera: [0.9, 0.9, 0.9],
+        };
+        for eye_side in [side / 2, 3] {
+            let eyes = EyeTexture::painted(colours, eye_side);
+            let atlas = HeadLayout::atlas(&uv_map, side, &eyes, [0.5; 3], [0.5; 3]).unwrap();
+            let atlas: Vec<Vec<Vec<f32>>> = atlas.to_vec3().unwrap();
+            for (row, texels) in atlas.iter().take(side / 2).enumerate() {
+                for (column, texel) in texels[side..].iter().enumerate() {
+                    let (r, c) = (
+                        (2 * row + 1) * eye_side / side,
+                        (2 * column + 1) * eye_side / side,
+                    );
+                    let at = (r * 2 * eye_side + c) * 3;
+                    assert_eq!(*texel, eyes.rgb[at..at + 3]);
+                }
+            }
+        }
     }
 
     #[test]

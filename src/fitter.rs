@@ -17,6 +17,7 @@ use image::{RgbImage, RgbaImage};
 
 use crate::atlas::{EyeColours, HeadLayout, cheek_colour, hair_colour};
 use crate::correspondence::MeshCorrespondence;
+use crate::eyes::EyeTexture;
 
 /// Everything that can go wrong while building a [`Fitter`] or fitting a photo.
 #[derive(Debug, thiserror::Error)]
@@ -363,8 +364,8 @@ pub struct FitResult {
     pub mesh: TexturedMesh,
     /// The texture of `mesh`, twice as wide as high: `uv_texture` on the left half (the neck
     /// below the chin fading into skin, as photos often show a collar there), on the right
-    /// solid colours for the eyes, the mouth's inside, the scalp (`hair_colour`) and the head
-    /// beyond the UV map (the skin's).
+    /// `eye_texture` above solid colours for the mouth's inside, the scalp (`hair_colour`) and
+    /// the head beyond the UV map (the skin's).
     pub mesh_texture: RgbImage,
     /// The UV texture (image orientation, row 0 at the top): the photo where it sees the
     /// face, the fitted albedo (scaled to the photo's brightness) elsewhere, and where the
@@ -387,9 +388,13 @@ pub struct FitResult {
     pub geometry_render: RgbaImage,
     /// The reconstruction with a neutral expression, seen from the front.
     pub frontal_render: RgbaImage,
-    /// The eye colours of the renders that show the eyeballs (the frontal render), measured in
-    /// the photo ([`EyeColours::measure`]).
+    /// The eye colours measured in the photo ([`EyeColours::measure`]), which paint what the
+    /// photo did not show of the eyeballs in `eye_texture`.
     pub eye_colours: EyeColours,
+    /// The eyeballs' texture ([`EyeTexture`]) of the renders that show them (the frontal
+    /// render, the exported head): the photo's pixels where it saw them between the lids,
+    /// painted eyes elsewhere; twice as wide as high. `mesh_texture` holds it too.
+    pub eye_texture: RgbImage,
     /// The colour of the frontal render's scalp: the photo's above the fitted head (the mesh
     /// ends at about the hairline; the hair's volume lies beyond it), `None` where that was the
     /// background (a bald or close-cropped head), which leaves the scalp the skin's colour.
@@ -471,6 +476,8 @@ struct Posed {
     pixels: Vec<[f32; 2]>,
     /// The hair's colour in the photo ([`hair_colour`]).
     hair: Option<[f32; 3]>,
+    /// What the photo shows of the eyeballs ([`EyeTexture::seen_in_photo`]).
+    eyes_seen: Option<Projection>,
 }
 
 impl Fitter {
@@ -684,6 +691,22 @@ impl Fitter {
         } else {
             None
         };
+        // And their eyes: each eyeball's texels mostly from the photo that saw them in most
+        // detail, so a photo with closed eyes borrows the others' (the eyeballs' surface does
+        // not move with the expression).
+        let merged_eyes = {
+            let seen: Vec<&Projection> =
+                posed.iter().filter_map(|p| p.eyes_seen.as_ref()).collect();
+            let still = seen.first().map(|p| vec![0.0; p.pixels_per_mm.len()]);
+            match still {
+                Some(still) if posed.len() > 1 => {
+                    let photos: Vec<(&Projection, &[f32])> =
+                        seen.iter().map(|p| (*p, still.as_slice())).collect();
+                    Some(Projection::fuse(&photos)?)
+                }
+                _ => None,
+            }
+        };
         // One albedo serves every photo: the fill's background for each of their textures.
         let albedo = refined.as_ref().map(|r| rgb_image(&r.albedo)).transpose()?;
         let background = albedo
@@ -724,6 +747,7 @@ impl Fitter {
                 background_elsewhere.as_deref().or(background.as_deref()),
                 eye_colours,
                 merged.as_ref(),
+                merged_eyes.as_ref(),
             )?;
             result.light = light;
             result.detected_landmarks = observed.detected;
@@ -837,11 +861,18 @@ impl Fitter {
             &result.params.shape.to_device(model.device())?,
             &expression.to_dtype(DType::F32)?.to_device(model.device())?,
         )?;
+        let eyes = EyeTexture::from_image(&result.eye_texture).ok_or_else(|| {
+            Error::Config(format!(
+                "the result's eye texture is {}×{}; fitted eye textures are twice as wide as high",
+                result.eye_texture.width(),
+                result.eye_texture.height()
+            ))
+        })?;
         let view = View::new(
             model,
             &self.head_layout,
             &texture,
-            result.eye_colours,
+            &eyes,
             result.hair_colour,
             Seen::FromFront,
         )?;
@@ -885,20 +916,33 @@ impl Fitter {
                 .as_ref()
                 .map(|mask| mask as &(dyn Fn(usize, usize) -> bool + Sync)),
         )?;
+        let eyes_seen = match &self.head_layout.eyes {
+            Some(eyes) => EyeTexture::seen_in_photo(
+                eyes,
+                self.head_layout.triangles.as_slice(),
+                &vertices,
+                &params,
+                &photo,
+                &observed.detected,
+                eye_side(self.texture_size),
+            )?,
+            None => None,
+        };
         Ok(Posed {
             params,
             vertices,
             projection,
             pixels,
             hair,
+            eyes_seen,
         })
     }
 
     /// Geometry, texture and renders of a fitted photo. `background` (the albedo at the
     /// texture's size) fills what the photo did not see in the render in its view,
     /// `background_elsewhere` (the same without what the photos saw off the face) in the views
-    /// away from its camera; `merged`, the texture of several photos of the person, stands for
-    /// the photo's own in those views.
+    /// away from its camera; `merged` and `merged_eyes`, the skin's and the eyeballs' textures
+    /// of several photos of the person, stand for the photo's own in those views.
     fn finish(
         &self,
         image: &RgbImage,
@@ -909,6 +953,7 @@ impl Fitter {
         background_elsewhere: Option<&[f32]>,
         eye_colours: EyeColours,
         merged: Option<&UvTexture>,
+        merged_eyes: Option<&UvTexture>,
     ) -> Result<FitResult> {
         let model = self.host_model();
         let Posed {
@@ -917,6 +962,7 @@ impl Fitter {
             projection,
             pixels,
             hair,
+            eyes_seen,
         } = posed;
         let fitted_landmarks = landmark_vertices
             .iter()
@@ -943,13 +989,21 @@ impl Fitter {
                 (in_photo, elsewhere)
             }
         };
+        let eyes = {
+            let colours = eye_colours.toned_like(cheek_colour(&texture.rgb, texture.size));
+            let side = eye_side(self.texture_size);
+            match merged_eyes.or(eyes_seen.as_ref().map(|p| &p.texture)) {
+                Some(seen) => EyeTexture::blended(seen, colours, side),
+                None => EyeTexture::painted(colours, side),
+            }
+        };
         let (photo_renders, from_front) = rayon::join(
             || -> Result<_> {
                 let view = View::new(
                     model,
                     &self.head_layout,
                     &in_photo,
-                    eye_colours,
+                    &eyes,
                     None,
                     Seen::InPhoto,
                 )?;
@@ -965,7 +1019,7 @@ impl Fitter {
                     model,
                     &self.head_layout,
                     &texture,
-                    eye_colours,
+                    &eyes,
                     hair,
                     Seen::FromFront,
                 )?;
@@ -998,6 +1052,7 @@ impl Fitter {
             geometry_render,
             frontal_render,
             eye_colours,
+            eye_texture: eyes.to_image(),
             hair_colour: hair,
             detected_landmarks: Vec::new(),
             fitted_landmarks,
@@ -1006,6 +1061,12 @@ impl Fitter {
             timings: Vec::new(),
         })
     }
+}
+
+/// Side of each eye's square in the eyes' texture that goes with a UV texture of
+/// `texture_size`: the atlas's right half holds the eyes in its upper half.
+fn eye_side(texture_size: usize) -> usize {
+    (texture_size / 2).max(1)
 }
 
 /// `[H, W, 3]` in `[0, 1]` → an RGB image.
@@ -1188,7 +1249,7 @@ impl<'a> View<'a> {
         model: &'a MorphableModel,
         layout: &'a HeadLayout,
         texture: &UvTexture,
-        eyes: EyeColours,
+        eyes: &EyeTexture,
         hair: Option<[f32; 3]>,
         seen: Seen,
     ) -> Result<Self> {

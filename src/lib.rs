@@ -9,6 +9,7 @@
 mod atlas;
 mod correspondence;
 pub mod evaluate;
+mod eyes;
 mod fitter;
 mod off_face;
 pub mod synthetic;
@@ -17,6 +18,7 @@ pub use atlas::EyeColours;
 pub use correspondence::{
     MeshCorrespondence, estimate_head_yaw_deg, head_yaw_deg, nearest_yaw_table,
 };
+pub use eyes::EyeTexture;
 pub use fitter::{
     Error, FitResult, Fitter, FitterBuilder, Progress, Result, ViewStyle, descriptor_distance,
     face_descriptor,

@@ -48,6 +48,7 @@ use rand_distr::{Distribution, StandardNormal};
 use crate::Fitter;
 use crate::atlas::{EyeColours, HeadLayout, mean_colour};
 use crate::evaluate::GroundTruth;
+use crate::eyes::EyeTexture;
 
 /// Why synthetic data could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -663,16 +664,13 @@ impl<'a> SyntheticGenerator<'a> {
         ];
         let iris = irises[rng.random_range(0..irises.len())];
         let skin = mean_colour(&rgb);
-        Ok(HeadLayout::atlas(
-            &rgb,
-            texture.width() as usize,
-            EyeColours {
-                iris,
-                ..EyeColours::DEFAULT
-            },
-            skin,
-            skin,
-        )?)
+        let colours = EyeColours {
+            iris,
+            ..EyeColours::DEFAULT
+        };
+        let side = texture.width() as usize;
+        let eyes = EyeTexture::painted(colours.toned_like(skin), (side / 2).max(1));
+        Ok(HeadLayout::atlas(&rgb, side, &eyes, skin, skin)?)
     }
 }
 

@@ -586,6 +586,89 @@ fn the_frontal_scalp_takes_the_hair_colour() {
     assert!(p[1] > 200 && p[0] < 60 && p[2] < 60, "the crown is {p:?}");
 }
 
+/// The frontal render's eyes are the photo's: with the inner part of each eye opening painted
+/// green on its left half and magenta on its right, the frontal render shows both colours,
+/// each on its own side of each eye (neither mirrored nor one solid colour per part, as a
+/// palette would paint them), and the eyes' texture holds them on the eyeballs' fronts.
+/// Fitted together with the unpainted photo, both results' eyes fuse the two photos'.
+#[test]
+fn the_frontal_render_shows_the_photos_own_eyes() {
+    let mut photo = astronaut();
+    let detected = fitter().fit(&photo).unwrap().detected_landmarks;
+    let (green, magenta) = ([0u8, 255, 0], [255u8, 0, 255]);
+    for outline in [&detected[36..42], &detected[42..48]] {
+        let centre = outline
+            .iter()
+            .fold([0.0f32; 2], |c, p| [c[0] + p[0] / 6.0, c[1] + p[1] / 6.0]);
+        // Corners and lids: a narrower almond inside the outline.
+        let (half_width, half_height) = (
+            (outline[3][0] - outline[0][0]).abs() / 2.0 * 0.7,
+            (outline[4][1] - outline[2][1]).abs().max(4.0) / 2.0 * 0.8,
+        );
+        for y in (centre[1] - half_height) as u32..=(centre[1] + half_height) as u32 {
+            for x in (centre[0] - half_width) as u32..=(centre[0] + half_width) as u32 {
+                let (dx, dy) = (x as f32 - centre[0], y as f32 - centre[1]);
+                if (dx / half_width).powi(2) + (dy / half_height).powi(2) <= 1.0 {
+                    let colour = if dx < 0.0 { green } else { magenta };
+                    photo.put_pixel(x, y, image::Rgb(colour));
+                }
+            }
+        }
+    }
+    let fit = fitter().fit(&photo).unwrap();
+    let like = |p: [u8; 3], c: [u8; 3]| p.iter().zip(&c).all(|(a, b)| a.abs_diff(*b) < 60);
+    // Per half of the frontal render (one eye each): the painted pixels' mean columns.
+    let frontal = &fit.frontal_render;
+    let middle = frontal.width() / 2;
+    for (eye, columns) in [(0, 0..middle), (1, middle..frontal.width())] {
+        let (mut green_x, mut magenta_x) = (Vec::new(), Vec::new());
+        for y in 0..frontal.height() {
+            for x in columns.clone() {
+                let p = frontal.get_pixel(x, y).0;
+                if like([p[0], p[1], p[2]], green) {
+                    green_x.push(x as f32);
+                } else if like([p[0], p[1], p[2]], magenta) {
+                    magenta_x.push(x as f32);
+                }
+            }
+        }
+        assert!(
+            green_x.len() > 20 && magenta_x.len() > 20,
+            "eye {eye}: {} green and {} magenta pixels",
+            green_x.len(),
+            magenta_x.len()
+        );
+        let mean = |xs: &[f32]| xs.iter().sum::<f32>() / xs.len() as f32;
+        assert!(
+            mean(&green_x) < mean(&magenta_x),
+            "eye {eye}: green at {}, magenta at {}",
+            mean(&green_x),
+            mean(&magenta_x)
+        );
+    }
+    let texture = &fit.eye_texture;
+    assert_eq!(texture.width(), 2 * texture.height());
+    let count = |c: [u8; 3]| texture.pixels().filter(|p| like(p.0, c)).count();
+    assert!(count(green) > 100 && count(magenta) > 100);
+
+    // Fitted with the unpainted photo as one person, both results' eyes are fused from both
+    // photos: the unpainted photo's brown eyes turn greenish where the painted one saw them.
+    let greenish = |texture: &image::RgbImage| {
+        texture
+            .pixels()
+            .filter(|p| p[1] > p[0].saturating_add(40) && p[1] > p[2].saturating_add(40))
+            .count()
+    };
+    assert_eq!(
+        greenish(&fitter().fit(&astronaut()).unwrap().eye_texture),
+        0
+    );
+    let both = fitter().fit_many(&[astronaut(), photo]).unwrap();
+    for result in &both {
+        assert!(greenish(&result.eye_texture) > 100);
+    }
+}
+
 /// A head turned about 45° away, in a wing collar and bow tie (an 1890s portrait): the
 /// texture completes the hidden cheek with the seen one's mirror image (shaded like the hidden
 /// side's seen texels), and the frontal render

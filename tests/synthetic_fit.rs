@@ -5,10 +5,11 @@
 //! neutral mean face is printed beside it: it is a strong baseline here (ICT's identity modes
 //! move the narrow face by only a millimetre or two, about what the landmark detector's own
 //! error is worth, and these faces are drawn from exactly the prior the fit assumes), and the
-//! fit only matches it (1.49 mm against 1.47 mm on these three faces, landmarks 3.94, 2.64 and
-//! 2.37 px off, the 51 inner ones without the jaw line 2.79, 1.62 and 2.19 px, on textures a
-//! fresh checkout unwraps; 3.85, 2.65 and 2.39 px before blendshape weights were kept at 0 or
-//! above; 3.92, 2.70 and 2.55 px with the identity
+//! fit only matches it (1.49 mm against 1.47 mm on these three faces, landmarks 3.90, 2.60 and
+//! 2.41 px off, the 51 inner ones without the jaw line 2.71, 1.67 and 2.24 px, on textures a
+//! fresh checkout unwraps; 3.94, 2.64 and 2.37 px before the synthetic faces' eyes were painted
+//! as eyes rather than polygons of one colour each; 3.85, 2.65 and 2.39 px before blendshape
+//! weights were kept at 0 or above; 3.92, 2.70 and 2.55 px with the identity
 //! term on the render in the photo's view, λ_id = 0.2; 3.84, 2.80 and 2.31 px before the
 //! rasterizer's depth fix on older textures; with one correspondence for every yaw 1.50 mm and
 //! 4.09, 3.30 and 2.36 px; 1.70 mm and 4.62, 4.87 and 3.47 px before the landmarker's
@@ -17,10 +18,10 @@
 //!
 //! The distance is the NoW protocol's (`ganfit::evaluate`: landmark similarity alignment, ICP,
 //! then point-to-surface over the narrow face). Two errors without any alignment are printed
-//! too and not asserted: in the model's frame (the fitted camera undoes the pose; 4.30, 3.70
-//! and 3.76 mm, the mean face 4.14, 2.93 and 4.25 mm: the fitted rotation trades against the
-//! face's shape, and the overall size is not observable), and in the camera's frame (34.0,
-//! 18.9 and 30.4 mm: a monocular fit's depth trades against the face's size, so it is
+//! too and not asserted: in the model's frame (the fitted camera undoes the pose; 4.33, 3.72
+//! and 3.51 mm, the mean face 4.14, 2.93 and 4.25 mm: the fitted rotation trades against the
+//! face's shape, and the overall size is not observable), and in the camera's frame (33.6,
+//! 18.0 and 25.4 mm: a monocular fit's depth trades against the face's size, so it is
 //! centimetres even with the true intrinsics).
 
 use ganfit::Fitter;

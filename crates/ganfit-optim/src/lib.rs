@@ -30,8 +30,9 @@ pub use stage::{
     StopReason, run_stage,
 };
 pub use unwrap::{
-    EXPRESSION_FUSE_MM, EXPRESSION_FUSE_TOLERANCE_MM, Projection, UvTexture, project_photo,
-    project_photo_with_view, rasterize_uv_layout, skin_triangles, surface_distances, unwrap_photo,
+    EXPRESSION_FUSE_MM, EXPRESSION_FUSE_TOLERANCE_MM, Projection, UvLayout, UvTexture,
+    project_photo, project_photo_onto, project_photo_with_view, rasterize_uv_layout,
+    skin_triangles, surface_distances, unwrap_photo,
 };
 
 /// Nearest and farthest depth, millimetres, that the fit's cameras draw. A face is more than

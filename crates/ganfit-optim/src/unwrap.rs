@@ -117,6 +117,39 @@ pub fn project_photo_with_view(
     size: usize,
     off_face: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
 ) -> Result<Projection, OptimError> {
+    let (skin, skin_uv) = skin_triangles(model);
+    let layout = UvLayout {
+        triangles: &skin,
+        uv_triangles: &skin_uv,
+        uvs: model.uvs(),
+        occluders: &skin,
+    };
+    project_photo_onto(&layout, vertices, params, photo, size, off_face)
+}
+
+/// A surface that a photo is projected onto ([`project_photo_onto`]).
+#[derive(Debug, Clone, Copy)]
+pub struct UvLayout<'a> {
+    /// The mesh triangles that carry the texture.
+    pub triangles: &'a [[u32; 3]],
+    /// Their UV triangles (parallel to `triangles`), into `uvs`.
+    pub uv_triangles: &'a [[u32; 3]],
+    /// UV coordinates in `[0, 1]²`, `v` up (OBJ's convention).
+    pub uvs: &'a [[f32; 2]],
+    /// The mesh triangles that can hide the textured ones from the camera (the textured ones
+    /// among them): the photo's depth is theirs.
+    pub occluders: &'a [[u32; 3]],
+}
+
+/// [`project_photo_with_view`] onto any [`UvLayout`] of the mesh `vertices` (`[N, 3]`).
+pub fn project_photo_onto(
+    layout: &UvLayout<'_>,
+    vertices: &Tensor,
+    params: &FitParams,
+    photo: &Tensor,
+    size: usize,
+    off_face: Option<&(dyn Fn(usize, usize) -> bool + Sync)>,
+) -> Result<Projection, OptimError> {
     let (height, width, channels) = photo.dims3()?;
     if channels != 3 || size == 0 {
         return Err(OptimError::InvalidInput(format!(
@@ -125,16 +158,16 @@ pub fn project_photo_with_view(
         )));
     }
     let cpu = Device::Cpu;
-    let (skin, skin_uv) = skin_triangles(model);
-    let triangles = Triangles::new(skin, model.n_vertices())?;
+    let n_vertices = vertices.dim(0)?;
+    let triangles = Triangles::new(layout.triangles.to_vec(), n_vertices)?;
     let camera_vertices = camera_from_world(
         &vertices.to_dtype(DType::F32)?.to_device(&cpu)?,
         &params.rotation.to_device(&cpu)?.unsqueeze(0)?,
         &params.translation.to_device(&cpu)?.unsqueeze(0)?,
     )?;
 
-    let skin_uv = Triangles::new(skin_uv, model.uvs().len())?;
-    let uv_rast = rasterize_uv_layout(model.uvs(), &skin_uv, size)?;
+    let uv_triangles = Triangles::new(layout.uv_triangles.to_vec(), layout.uvs.len())?;
+    let uv_rast = rasterize_uv_layout(layout.uvs, &uv_triangles, size)?;
     // The UV triangles are parallel to the mesh triangles, so each texel's barycentrics
     // interpolate the mesh's camera-space positions and normals too.
     let surface = interpolate(&camera_vertices, &uv_rast, &triangles)?;
@@ -149,8 +182,9 @@ pub fn project_photo_with_view(
     let (near, far) = crate::DEPTH_RANGE_MM;
     let camera = ganfit_render::Camera::new(k.fx, k.fy, k.cx, k.cy, width, height, near, far)?;
     let clip = camera.to_clip(&camera_vertices)?;
-    let photo_rast = rasterize(&clip, &triangles, height, width, RasterOptions::default())?;
-    let photo_depth = interpolate(&camera_vertices.narrow(2, 2, 1)?, &photo_rast, &triangles)?;
+    let occluders = Triangles::new(layout.occluders.to_vec(), n_vertices)?;
+    let photo_rast = rasterize(&clip, &occluders, height, width, RasterOptions::default())?;
+    let photo_depth = interpolate(&camera_vertices.narrow(2, 2, 1)?, &photo_rast, &occluders)?;
 
     let photo = photo.to_dtype(DType::F32)?.to_device(&cpu)?.contiguous()?;
     let borrowed =
@@ -455,6 +489,20 @@ fn bilinear(pixels: &[f32], width: usize, height: usize, x: f32, y: f32) -> [f32
 }
 
 impl UvTexture {
+    /// How deep inside the observed texels each texel lies, for blending them into something
+    /// else without a seam: 0 outside them and on their edge, rising to 1 at `radius` texels
+    /// in (twice a box blur's excess of the observed share over a half).
+    pub fn observed_interior(&self, radius: usize) -> Vec<f32> {
+        let mut share = self.observed.clone();
+        let mut scratch = vec![0.0; share.len()];
+        box_blur(&mut share, &mut scratch, self.size, 1, radius);
+        share
+            .iter()
+            .zip(&self.observed)
+            .map(|(&blurred, &observed)| observed * (2.0 * blurred - 1.0).clamp(0.0, 1.0))
+            .collect()
+    }
+
     /// Fills the texels the photo did not see: near seen ones with their average (a
     /// normalised convolution over a few texels, which closes the specks a depth test leaves),
     /// farther away with `background` (`size × size × 3`, e.g. a fitted albedo), scaled per
@@ -1043,6 +1091,20 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_observed_interior_rises_from_the_edge_to_one_inside() {
+        let seen = texture(20, |_, column| column >= 10);
+        let interior = seen.observed_interior(3);
+        let at = |column: usize| interior[5 * 20 + column];
+        assert_eq!(at(9), 0.0, "unobserved");
+        assert!(
+            at(10) < 0.5 && at(10) < at(11) && at(11) < at(12),
+            "{interior:?}"
+        );
+        assert_eq!(at(13), 1.0);
+        assert_eq!(at(19), 1.0);
     }
 
     #[test]
