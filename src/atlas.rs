@@ -11,7 +11,7 @@ use ganfit_render::{RenderError, Triangles};
 use image::RgbImage;
 use nalgebra::Vector3;
 
-use crate::eyes::{EyeLayout, EyeTexture, inset};
+use crate::eyes::{EyeLayout, EyeTexture, inset, luma, smoothstep};
 
 /// What each vertex is coloured as: its palette row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,8 +87,7 @@ impl EyeColours {
             }
             for (x, y) in pixels_inside(photo, &inset(outline)) {
                 let rgb = photo.get_pixel(x, y).0.map(|v| f32::from(v) / 255.0);
-                let luma = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2];
-                pixels.push((luma, rgb));
+                pixels.push((luma(&rgb), rgb));
             }
         }
         if pixels.len() < MIN_EYE_PIXELS {
@@ -133,7 +132,7 @@ fn toned_like(skin: [f32; 3]) -> impl Fn([f32; 3]) -> [f32; 3] {
     };
     let saturation = (skin_saturation / COLOURFUL_SKIN_SATURATION).clamp(0.0, 1.0);
     move |colour: [f32; 3]| {
-        let luma = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2];
+        let luma = luma(&colour);
         colour.map(|v| luma + saturation * (v - luma))
     }
 }
@@ -623,8 +622,7 @@ fn palette_shares(
                     nearest = nearest.min((b - p).norm_squared());
                 }
             }
-            let t = (1.0 - nearest.sqrt() / BORDER_FADE_MM).clamp(0.0, 1.0);
-            t * t * (3.0 - 2.0 * t)
+            smoothstep(BORDER_FADE_MM, 0.0, nearest.sqrt())
         })
         .collect();
     PaletteShares {
@@ -845,10 +843,9 @@ mod tests {
             );
         }
         // Brightness is kept: the grey iris is as light as the brown one.
-        let luma = |c: [f32; 3]| 0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2];
         let grey_eyes = EyeColours::DEFAULT.toned_like(grey_skin);
         assert!(is_grey(grey_eyes.iris) && is_grey(grey_eyes.sclera));
-        assert!((luma(grey_eyes.iris) - luma(EyeColours::DEFAULT.iris)).abs() < 1e-6);
+        assert!((luma(&grey_eyes.iris) - luma(&EyeColours::DEFAULT.iris)).abs() < 1e-6);
     }
 
     /// The eyes' texture fills the right half's upper half, texel for texel at half the

@@ -296,12 +296,14 @@ fn eye_colour(iris: &Iris, sclera: [f32; 3], [a, b]: [f32; 2]) -> [f32; 3] {
     })
 }
 
-fn smoothstep(from: f32, to: f32, x: f32) -> f32 {
+/// 0 at `from`, 1 at `to` (either way round), smooth in between.
+pub(crate) fn smoothstep(from: f32, to: f32, x: f32) -> f32 {
     let t = ((x - from) / (to - from)).clamp(0.0, 1.0);
     t * t * (3.0 - 2.0 * t)
 }
 
-fn luma(rgb: &[f32]) -> f32 {
+/// Rec. 601 luma of an RGB colour.
+pub(crate) fn luma(rgb: &[f32]) -> f32 {
     0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 }
 
