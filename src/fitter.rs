@@ -694,18 +694,16 @@ impl Fitter {
         // And their eyes: each eyeball's texels mostly from the photo that saw them in most
         // detail, so a photo with closed eyes borrows the others' (the eyeballs' surface does
         // not move with the expression).
-        let merged_eyes = {
-            let seen: Vec<&Projection> =
-                posed.iter().filter_map(|p| p.eyes_seen.as_ref()).collect();
-            let still = seen.first().map(|p| vec![0.0; p.pixels_per_mm.len()]);
-            match still {
-                Some(still) if posed.len() > 1 => {
-                    let photos: Vec<(&Projection, &[f32])> =
-                        seen.iter().map(|p| (*p, still.as_slice())).collect();
-                    Some(Projection::fuse(&photos)?)
-                }
-                _ => None,
+        let seen_eyes: Vec<&Projection> =
+            posed.iter().filter_map(|p| p.eyes_seen.as_ref()).collect();
+        let merged_eyes = match seen_eyes.first() {
+            Some(first) if posed.len() > 1 => {
+                let still = vec![0.0; first.pixels_per_mm.len()];
+                let photos: Vec<(&Projection, &[f32])> =
+                    seen_eyes.iter().map(|p| (*p, still.as_slice())).collect();
+                Some(Projection::fuse(&photos)?)
             }
+            _ => None,
         };
         // One albedo serves every photo: the fill's background for each of their textures.
         let albedo = refined.as_ref().map(|r| rgb_image(&r.albedo)).transpose()?;
